@@ -1,0 +1,179 @@
+"""Pure-PyTorch reference for the fused recurrent op, written from the equations.
+
+Same arguments and semantics as :func:`fastcells.functional.rnn` (and the
+``fastcells::rnn_forward`` op), computed with a plain per-step Python loop so
+that every line can be checked against the torch.nn documentation. Slow; meant
+for tests and for reading.
+
+Shape legend: ``T`` steps, ``B`` batch, ``N`` packed rows (sum of
+``batch_sizes``), ``I`` input size, ``H`` hidden size, ``P`` output size of a
+step (``proj_size`` if > 0 else ``H``), ``L`` layers, ``D`` directions (2 if
+bidirectional else 1).
+
+Equations (torch.nn gate order; ``W_i* x`` includes ``b_i*`` and ``W_h* h``
+includes ``b_h*`` when ``has_biases``)::
+
+    LSTM  i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of (W_ih x + W_hh h) chunks
+          c' = f * c + i * g
+          h' = o * tanh(c')            then h' = W_hr h' if proj_size > 0
+    GRU   r = sigmoid(W_ir x + W_hr h), z = sigmoid(W_iz x + W_hz h)
+          n = tanh(W_in x + r * (W_hn h))        (reset applied after the matmul)
+          h' = (1 - z) * n + z * h
+    RNN   h' = tanh or relu of (W_ih x + W_hh h)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["rnn_reference", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"]
+
+LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """(n, K) @ (M, K)^T (+ b (M)) -> (n, M)."""
+    y = x @ w.t()
+    return y if b is None else y + b
+
+
+def lstm_cell(
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step. x (n, I), h (n, P), c (n, H), w_ih (4H, I), w_hh (4H, P),
+    b_* (4H), w_hr (P, H) or None. Returns h' (n, P), c' (n, H)."""
+    gates = _linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, dim=1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(c_new)
+    if w_hr is not None:
+        h_new = h_new @ w_hr.t()
+    return h_new, c_new
+
+
+def gru_cell(
+    x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None, b_hh: Tensor | None,
+) -> Tensor:
+    """One GRU step. x (n, I), h (n, H), w_ih (3H, I), w_hh (3H, H), b_* (3H).
+    Returns h' (n, H)."""
+    xr, xz, xn = _linear(x, w_ih, b_ih).chunk(3, dim=1)
+    hr, hz, hn = _linear(h, w_hh, b_hh).chunk(3, dim=1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
+def rnn_tanh_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
+    """One Elman step with tanh. x (n, I), h (n, H) -> h' (n, H)."""
+    return torch.tanh(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+
+
+def rnn_relu_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
+    """One Elman step with relu. x (n, I), h (n, H) -> h' (n, H)."""
+    return torch.relu(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+
+
+def _layer_direction(
+    x: Tensor, batch_sizes: Sequence[int], reverse: bool, mode: int,
+    w: list[Tensor], has_biases: bool, proj_size: int, h0: Tensor, c0: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Run one layer in one direction over packed rows.
+
+    x (N, I) packed (step t owns rows offsets[t] : offsets[t] + batch_sizes[t]);
+    h0 (B, P); c0 (B, H) for LSTM. The rows active at step t are the first
+    batch_sizes[t] rows of the state; inactive rows keep their state, so the
+    forward direction ends each sequence at its own last step, and the reverse
+    direction (t = T-1 .. 0) starts each sequence from h0 at its own last step.
+    Returns out (N, P), h_n (B, P), c_n (B, H) or None.
+    """
+    w_ih, w_hh = w[0], w[1]
+    b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+    w_hr = w[-1] if proj_size > 0 else None
+    offsets = [0]
+    for bs in batch_sizes[:-1]:
+        offsets.append(offsets[-1] + bs)
+    steps = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
+    h, c = h0, c0
+    outs: list[Tensor | None] = [None] * len(batch_sizes)
+    for t in steps:
+        bs, off = batch_sizes[t], offsets[t]
+        xt, ht = x[off:off + bs], h[:bs]
+        if mode == LSTM:
+            h_new, c_new = lstm_cell(xt, ht, c[:bs], w_ih, w_hh, b_ih, b_hh, w_hr)
+            c = torch.cat([c_new, c[bs:]])
+        elif mode == GRU:
+            h_new = gru_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
+        elif mode == RNN_TANH:
+            h_new = rnn_tanh_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
+        else:
+            h_new = rnn_relu_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
+        h = torch.cat([h_new, h[bs:]])
+        outs[t] = h_new
+    out = torch.cat(outs) if outs else x.new_zeros(0, h0.shape[1])
+    return out, h, c
+
+
+def rnn_reference(
+    input: Tensor, weights: Sequence[Tensor], hx: Tensor, cx: Tensor | None,
+    batch_sizes: Sequence[int] | Tensor | None, mode: int, num_layers: int,
+    bidirectional: bool, has_biases: bool, proj_size: int,
+    dropout_masks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Multi-layer, optionally bidirectional recurrent net, step by step.
+
+    Args:
+        input: (T, B, I) time-major, or packed data (N, I) if batch_sizes is given.
+        weights: torch.nn ``_flat_weights`` order: per layer, per direction,
+            w_ih, w_hh, [b_ih, b_hh], [w_hr].
+        hx: (L*D, B, P) initial hidden state. cx: (L*D, B, H) for LSTM, else None.
+        batch_sizes: None for dense input, else the (T,) non-increasing
+            PackedSequence.batch_sizes (list or CPU tensor).
+        mode: 0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU.
+        dropout_masks: None, or (L-1, T, B, D*P) dense / (L-1, N, D*P) packed,
+            multiplied into the input of layers 1..L-1.
+
+    Returns:
+        output (T, B, D*P) or (N, D*P); hy (L*D, B, P); cy (L*D, B, H) for LSTM,
+        None otherwise. Layer l direction d is state index l*D + d.
+    """
+    if mode not in (LSTM, GRU, RNN_TANH, RNN_RELU):
+        raise ValueError(f"mode must be 0..3, got {mode}")
+    dense = batch_sizes is None
+    if dense:
+        sizes = [input.shape[1]] * input.shape[0]
+        x = input.reshape(input.shape[0] * input.shape[1], input.shape[2])
+    else:
+        sizes = [int(s) for s in batch_sizes]
+        x = input
+    D = 2 if bidirectional else 1
+    per = 2 + 2 * int(has_biases) + int(proj_size > 0)
+    if len(weights) != num_layers * D * per:
+        raise ValueError(f"weights: expected {num_layers * D * per} tensors, got {len(weights)}")
+    hy: list[Tensor] = []
+    cy: list[Tensor] = []
+    for layer in range(num_layers):
+        if layer > 0 and dropout_masks is not None:
+            x = x * dropout_masks[layer - 1].reshape(x.shape)
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w = list(weights[k * per:(k + 1) * per])
+            c0 = cx[k] if mode == LSTM else None
+            out, h_n, c_n = _layer_direction(x, sizes, d == 1, mode, w, has_biases,
+                                             proj_size, hx[k], c0)
+            outs.append(out)
+            hy.append(h_n)
+            if c_n is not None:
+                cy.append(c_n)
+        x = torch.cat(outs, dim=1)
+    output = x.reshape(input.shape[0], input.shape[1], x.shape[1]) if dense else x
+    return output, torch.stack(hy), (torch.stack(cy) if mode == LSTM else None)

@@ -1,0 +1,273 @@
+"""Shared helpers for the fastcells tests.
+
+Helpers are plain functions (``from conftest import ...``) so that test files
+can use them inside parametrised grids; fixtures are kept to a minimum.
+
+Tolerances (``TOL``): float64 compares to ~1e-10; float32 to the usual
+single-precision tolerance for a different summation order; bfloat16 is checked
+with the "no worse than 2x torch.nn's own error against float64" rule plus the
+loose absolute floor in ``TOL``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+# name -> (torch.nn class, op mode, extra constructor kwargs)
+MODES: dict[str, tuple[type, int, dict]] = {
+    "LSTM": (nn.LSTM, 0, {}),
+    "GRU": (nn.GRU, 1, {}),
+    "RNN_TANH": (nn.RNN, 2, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (nn.RNN, 3, {"nonlinearity": "relu"}),
+}
+MODE_NAMES = list(MODES)
+
+TOL: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10},
+    torch.float32: {"atol": 2e-5, "rtol": 1e-4},
+    torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
+}
+
+SLOW = os.environ.get("FASTCELLS_SLOW", "") not in ("", "0")
+
+try:  # the compiled extension may be missing while only the reference is tested
+    import fastcells  # noqa: F401
+
+    HAVE_FASTCELLS = hasattr(fastcells, "LSTM")
+except ImportError:  # pragma: no cover - depends on the build
+    HAVE_FASTCELLS = False
+
+needs_fastcells = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension not built")
+
+
+def mode_of(module: nn.Module) -> int:
+    """Op mode (0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU) of an nn.LSTM/GRU/RNN-like module."""
+    name = type(module).__name__
+    if name == "LSTM":
+        return 0
+    if name == "GRU":
+        return 1
+    return 2 if module.nonlinearity == "tanh" else 3
+
+
+def make_nn(mode_name: str, input_size: int, hidden_size: int, dtype: torch.dtype = torch.float64,
+            seed: int = 0, **kwargs) -> nn.Module:
+    """A seeded torch.nn recurrent module of the given mode."""
+    cls, _, extra = MODES[mode_name]
+    torch.manual_seed(seed)
+    return cls(input_size, hidden_size, dtype=dtype, **extra, **kwargs)
+
+
+def make_fastcells_like(ref: nn.Module) -> nn.Module:
+    """The fastcells module with the same constructor arguments and weights as ``ref``."""
+    import fastcells
+
+    name = type(ref).__name__
+    kwargs = dict(num_layers=ref.num_layers, bias=ref.bias, batch_first=ref.batch_first,
+                  dropout=ref.dropout, bidirectional=ref.bidirectional,
+                  dtype=ref.weight_ih_l0.dtype)
+    if name == "LSTM":
+        kwargs["proj_size"] = ref.proj_size
+    if name == "RNN":
+        kwargs["nonlinearity"] = ref.nonlinearity
+    mod = getattr(fastcells, name)(ref.input_size, ref.hidden_size, **kwargs)
+    mod.load_state_dict(ref.state_dict())
+    mod.train(ref.training)
+    return mod
+
+
+def packed_lengths(T: int, B: int) -> list[int]:
+    """Unsorted lengths in [1, T] with max T (B >= 2 gives a non-sorted order)."""
+    desc = [max(1, T - k) for k in (0, 2, 3, 1, 4, 5, 6, 7)]
+    desc = (desc * (B // len(desc) + 1))[:B]
+    return desc[1:2] + desc[:1] + desc[2:] if B >= 2 else desc
+
+
+def make_input(kind: str, T: int, B: int, I: int, dtype: torch.dtype, batch_first: bool = False,
+               seed: int = 1) -> tuple[Tensor, object]:
+    """Returns (leaf tensor that requires grad, module input).
+
+    kind: "dense" (T, B, I) or (B, T, I) if batch_first, "unbatched" (T, I), or
+    "packed": a PackedSequence (enforce_sorted=False) built from a padded leaf.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if kind == "unbatched":
+        leaf = torch.randn(T, I, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        return leaf, leaf
+    shape = (B, T, I) if batch_first else (T, B, I)
+    leaf = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    if kind == "dense":
+        return leaf, leaf
+    lengths = torch.tensor(packed_lengths(T, B))
+    return leaf, pack_padded_sequence(leaf, lengths, batch_first=batch_first, enforce_sorted=False)
+
+
+def make_hx(module: nn.Module, B: int | None, dtype: torch.dtype, seed: int = 2):
+    """Random initial state(s) that require grad; B None means unbatched."""
+    g = torch.Generator().manual_seed(seed)
+    D = 2 if module.bidirectional else 1
+    H = module.hidden_size
+    P = getattr(module, "proj_size", 0) or H
+    lead = (module.num_layers * D,) if B is None else (module.num_layers * D, B)
+    h = torch.randn(*lead, P, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    if mode_of(module) != 0:
+        return h
+    c = torch.randn(*lead, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return (h, c)
+
+
+def run_functional(fn: Callable, module: nn.Module, input, hx=None,
+                   dropout_masks: Tensor | None = None):
+    """Run torch.nn's RNNBase.forward logic around a functional ``fn`` with the
+    signature of fastcells.functional.rnn (e.g. reference.rnn_reference).
+
+    Returns what the module would: (output, h_n) or (output, (h_n, c_n)).
+    """
+    mode = mode_of(module)
+    D = 2 if module.bidirectional else 1
+    H = module.hidden_size
+    P = getattr(module, "proj_size", 0) or H
+    L = module.num_layers
+    packed = isinstance(input, PackedSequence)
+    batched = True
+    if packed:
+        data, batch_sizes, sorted_idx, unsorted_idx = input
+        B = int(batch_sizes[0])
+        sizes = [int(s) for s in batch_sizes]
+    else:
+        batched = input.dim() == 3
+        data = input if batched else input.unsqueeze(1)
+        if module.batch_first and batched:
+            data = data.transpose(0, 1)
+        B, sizes, sorted_idx, unsorted_idx = data.shape[1], None, None, None
+    if hx is None:
+        z = torch.zeros(L * D, B, P, dtype=data.dtype)
+        h0, c0 = z, (torch.zeros(L * D, B, H, dtype=data.dtype) if mode == 0 else None)
+    else:
+        h0, c0 = hx if mode == 0 else (hx, None)
+        if not batched:
+            h0 = h0.unsqueeze(1)
+            c0 = c0.unsqueeze(1) if c0 is not None else None
+        if sorted_idx is not None:
+            h0 = h0.index_select(1, sorted_idx)
+            c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
+    out, hy, cy = fn(data, list(module._flat_weights), h0, c0, sizes, mode, L, module.bidirectional,
+                     module.bias, getattr(module, "proj_size", 0), dropout_masks)
+    if packed:
+        out = PackedSequence(out, input.batch_sizes, sorted_idx, unsorted_idx)
+        hy = hy.index_select(1, unsorted_idx)
+        cy = cy.index_select(1, unsorted_idx) if mode == 0 else None
+    else:
+        if module.batch_first and batched:
+            out = out.transpose(0, 1)
+        if not batched:
+            out, hy = out.squeeze(1), hy.squeeze(1)
+            cy = cy.squeeze(1) if mode == 0 else None
+    return (out, (hy, cy)) if mode == 0 else (out, hy)
+
+
+def flatten_result(result) -> list[Tensor]:
+    """(output, h) / (output, (h, c)) with output maybe a PackedSequence -> list of tensors."""
+    out, state = result
+    data = out.data if isinstance(out, PackedSequence) else out
+    states = list(state) if isinstance(state, tuple) else [state]
+    return [data] + states
+
+
+def weighted_loss(tensors: Sequence[Tensor], seed: int = 3) -> Tensor:
+    """sum_i <t_i, r_i> with fixed random r_i, so every output element gets its own gradient."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0
+    for t in tensors:
+        r = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+        total = total + (t * r).sum()
+    return total
+
+
+def grads_of(tensors: Sequence[Tensor]) -> list[Tensor | None]:
+    out = []
+    for t in tensors:
+        out.append(None if t.grad is None else t.grad.clone())
+        t.grad = None
+    return out
+
+
+def assert_close_list(actual: Sequence, expected: Sequence, dtype: torch.dtype,
+                      names: Sequence[str] | None = None, **override) -> None:
+    """assert_close over two lists with the per-dtype tolerance; names label failures."""
+    tol = {**TOL[dtype], **override}
+    assert len(actual) == len(expected)
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        label = names[k] if names is not None else str(k)
+        if e is None or a is None:
+            assert a is None and e is None, f"{label}: one side has no value/gradient"
+            continue
+        torch.testing.assert_close(a, e, **tol, equal_nan=True, msg=lambda m, label=label: f"{label}: {m}")
+
+
+def pairwise(factors: dict[str, Sequence], valid: Callable[[dict], bool] = lambda row: True,
+             seed: int = 0, base: Sequence[str] = ()) -> list[dict]:
+    """A small set of rows covering every valid pair of factor values (greedy).
+
+    ``base`` names factors whose full cartesian product is included; the other
+    factors are chosen greedily so that every pair of values appears in some
+    row. ``valid`` rejects impossible rows (e.g. proj_size for a GRU).
+    """
+    rng = random.Random(seed)
+    names = list(factors)
+    def pairs_of(row):
+        return {(a, row[a], b, row[b]) for a, b in itertools.combinations(names, 2)}
+    # All pairs that occur in at least one valid row.
+    all_rows = [dict(zip(names, vals)) for vals in itertools.product(*factors.values())]
+    all_rows = [r for r in all_rows if valid(r)]
+    uncovered = set().union(*(pairs_of(r) for r in all_rows))
+    rows: list[dict] = []
+    base_vals = itertools.product(*(factors[b] for b in base)) if base else [()]
+    for bv in base_vals:
+        fixed = dict(zip(base, bv))
+        cands = [r for r in all_rows if all(r[k] == v for k, v in fixed.items())]
+        if not cands:
+            continue
+        rng.shuffle(cands)
+        best = max(cands, key=lambda r: len(pairs_of(r) & uncovered))
+        rows.append(best)
+        uncovered -= pairs_of(best)
+    while uncovered:
+        rng.shuffle(all_rows)
+        best = max(all_rows, key=lambda r: len(pairs_of(r) & uncovered))
+        rows.append(best)
+        uncovered -= pairs_of(best)
+    return rows
+
+
+def row_id(row: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in row.items())
+
+
+SHAPES = {"T5B3": (5, 3), "T1B3": (1, 3), "T5B1": (5, 1), "T4B4": (4, 4)}
+
+
+def module_grid(seed: int = 0) -> list[dict]:
+    """Pairwise grid over every module option, with the full product of
+    (mode, input kind, bidirectional) so each cell type sees packed reverse etc."""
+    factors = {
+        "mode": MODE_NAMES,
+        "kind": ["dense", "unbatched", "packed"],
+        "bidirectional": [False, True],
+        "num_layers": [1, 2, 3],
+        "batch_first": [False, True],
+        "proj_size": [0, 2],
+        "bias": [True, False],
+        "hx": [False, True],
+        "shape": list(SHAPES),
+    }
+    return pairwise(factors, valid=lambda r: r["mode"] == "LSTM" or r["proj_size"] == 0,
+                    seed=seed, base=("mode", "kind", "bidirectional"))
