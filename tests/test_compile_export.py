@@ -1,0 +1,311 @@
+"""Compiler stack: torch.compile(fullgraph=True), torch.export and opcheck.
+
+fastcells registers its ops with TORCH_LIBRARY schemas, fake kernels and
+autograd formulas, so a model built from fastcells modules must trace into a
+single graph (no graph breaks, unlike torch.nn's RNNs), give the eager result,
+and train the same way.  Sizes are tiny: compilation dominates the run time on
+a 2-core CPU, so only a few models are compiled.  FASTCELLS_SLOW=1 adds the
+inductor backend for GRU and RNN and more opcheck configurations.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+fastcells = pytest.importorskip("fastcells")
+
+SLOW = os.environ.get("FASTCELLS_SLOW", "0") == "1"
+slow = pytest.mark.skipif(not SLOW, reason="set FASTCELLS_SLOW=1 to run")
+
+MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+
+
+class Forecaster(nn.Module):
+    """The seed's model shape: recurrent stack + Linear head on every step."""
+
+    def __init__(self, kind: str, input_size: int = 3, hidden: int = 6, layers: int = 2,
+                 **kwargs) -> None:
+        super().__init__()
+        self.rnn = getattr(fastcells, kind)(input_size, hidden, layers, **kwargs)
+        out = hidden * (2 if kwargs.get("bidirectional") else 1)
+        self.head = nn.Linear(out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out)
+
+
+class StateForecaster(nn.Module):
+    """Uses the returned final state too (h_n of the last layer), batch_first."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.rnn = getattr(fastcells, kind)(4, 5, 1, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        _, h = self.rnn(x, h0)
+        if isinstance(h, tuple):
+            h = h[0]
+        return self.head(h[-1])
+
+
+def _torch_nn_twin(model: Forecaster) -> nn.Module:
+    """The same model with torch.nn's recurrent module and identical weights."""
+    twin = copy.deepcopy(model)
+    r = model.rnn
+    cls = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}[type(r).__name__]
+    kwargs = {}
+    if cls is nn.RNN:
+        kwargs["nonlinearity"] = r.nonlinearity
+    twin.rnn = cls(r.input_size, r.hidden_size, r.num_layers, bias=r.bias,
+                   batch_first=r.batch_first, bidirectional=r.bidirectional, **kwargs)
+    twin.rnn.load_state_dict(r.state_dict())
+    return twin
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_matches_eager(kind: str, backend: str) -> None:
+    torch.manual_seed(0)
+    model = Forecaster(kind)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, backend=backend)
+    x = torch.randn(9, 2, 3)
+    y = torch.randn(9, 2, 1)
+
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    for _ in range(2):  # second step runs the compiled graph on updated weights
+        pe = eager(x)
+        pc = compiled(x)
+        torch.testing.assert_close(pc, pe, rtol=1e-5, atol=1e-6)
+        le = F.mse_loss(pe, y)
+        lc = F.mse_loss(pc, y)
+        opt_e.zero_grad()
+        opt_c.zero_grad()
+        le.backward()
+        lc.backward()
+        for (name, pe_), (_, pc_) in zip(eager.named_parameters(), compiled.named_parameters()):
+            assert pc_.grad is not None, name
+            torch.testing.assert_close(pc_.grad, pe_.grad, rtol=1e-5, atol=1e-6, msg=name)
+        opt_e.step()
+        opt_c.step()
+    for (name, pe_), (_, pc_) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(pc_, pe_, rtol=1e-5, atol=1e-6, msg=name)
+
+    # The eager fastcells model is itself torch.nn's model.
+    twin = _torch_nn_twin(eager)
+    torch.testing.assert_close(eager(x), twin(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_compile_fullgraph_training_step_aot_eager(kind):
+    """fullgraph=True traces forward and (via AOTAutograd) backward with no break."""
+    _compiled_matches_eager(kind, "aot_eager")
+
+
+def test_compile_fullgraph_training_step_inductor_lstm():
+    """The default backend (inductor: generated C++ for the Linear head + loss)."""
+    _compiled_matches_eager("LSTM", "inductor")
+
+
+@slow
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_compile_fullgraph_training_step_inductor_slow(kind):
+    _compiled_matches_eager(kind, "inductor")
+
+
+def test_compile_fullgraph_state_output_and_hx():
+    """batch_first, explicit h0/c0 and use of the final state, in one graph."""
+    torch.manual_seed(1)
+    for kind in ("LSTM", "GRU"):
+        torch._dynamo.reset()
+        model = StateForecaster(kind)
+        x = torch.randn(3, 7, 4)
+        h0 = torch.randn(1, 3, 5)
+        if kind == "LSTM":
+            h0 = (h0, torch.randn(1, 3, 5))
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, h0), model(x, h0), rtol=1e-6, atol=1e-6)
+
+
+def test_compile_counts_one_graph():
+    """A graph break would show up as more than one captured graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(2)
+    model = Forecaster("GRU", bidirectional=True)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert counter.frame_count == 1
+    ops = [str(n.target) for g in counter.graphs for n in g.graph.nodes
+           if n.op == "call_function"]
+    assert any("fastcells" in o for o in ops), ops
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_export_forecaster_runs_and_matches(kind):
+    torch.manual_seed(3)
+    model = Forecaster(kind).eval()
+    x = torch.randn(12, 1, 3)
+    ep = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert any("fastcells" in t for t in targets), targets
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+    # A new input of the same shape.
+    x2 = torch.randn(12, 1, 3)
+    torch.testing.assert_close(ep.module()(x2), model(x2), rtol=0, atol=0)
+
+
+def test_export_dynamic_sequence_length():
+    """Export once with a symbolic time dimension, run at other lengths."""
+    torch.manual_seed(4)
+    model = Forecaster("LSTM").eval()
+    T = torch.export.Dim("T", min=2, max=1024)
+    ep = torch.export.export(model, (torch.randn(12, 1, 3),), dynamic_shapes={"x": {0: T}})
+    for steps in (2, 5, 40):
+        x = torch.randn(steps, 1, 3)
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_export_save_load_roundtrip(tmp_path):
+    torch.manual_seed(5)
+    model = Forecaster("GRU").eval()
+    x = torch.randn(6, 2, 3)
+    ep = torch.export.export(model, (x,))
+    path = tmp_path / "forecaster.pt2"
+    torch.export.save(ep, str(path))
+    loaded = torch.export.load(str(path))
+    torch.testing.assert_close(loaded.module()(x), model(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- opcheck
+
+def _op_args(mode: int, layers: int, bidirectional: bool, bias: bool, proj: int,
+             packed: bool, masks: bool, dtype: torch.dtype = torch.float64,
+             requires_grad: bool = True):
+    """Arguments for fastcells::rnn_forward built from a torch.nn module."""
+    torch.manual_seed(10 + mode + 3 * layers)
+    I, H, B, T = 3, 4, 3, 5
+    P = proj or H
+    D = 2 if bidirectional else 1
+    if mode == 0:
+        ref = nn.LSTM(I, H, layers, bias=bias, bidirectional=bidirectional, proj_size=proj)
+    elif mode == 1:
+        ref = nn.GRU(I, H, layers, bias=bias, bidirectional=bidirectional)
+    else:
+        ref = nn.RNN(I, H, layers, bias=bias, bidirectional=bidirectional,
+                     nonlinearity="tanh" if mode == 2 else "relu")
+    ref = ref.to(dtype)
+    weights = [w.detach().clone().requires_grad_(requires_grad) for w in ref._flat_weights]
+    if packed:
+        lengths = torch.tensor([5, 3, 2])
+        seq = nn.utils.rnn.pack_padded_sequence(torch.randn(T, B, I, dtype=dtype), lengths)
+        x = seq.data
+        batch_sizes = [int(b) for b in seq.batch_sizes]
+        rows = x.shape[0]
+    else:
+        x = torch.randn(T, B, I, dtype=dtype)
+        batch_sizes = None
+        rows = None
+    x.requires_grad_(requires_grad)
+    hx = torch.randn(layers * D, B, P, dtype=dtype, requires_grad=requires_grad)
+    cx = (torch.randn(layers * D, B, H, dtype=dtype, requires_grad=requires_grad)
+          if mode == 0 else None)
+    dropout_masks = None
+    if masks and layers > 1:
+        shape = (layers - 1, rows, D * P) if packed else (layers - 1, T, B, D * P)
+        dropout_masks = (torch.rand(shape) > 0.3).to(dtype) / 0.7
+    return (x, weights, hx, cx, batch_sizes, mode, layers, bidirectional, bias, proj,
+            dropout_masks)
+
+
+FORWARD_CASES = [
+    # mode, layers, bidirectional, bias, proj, packed, masks
+    pytest.param((0, 2, False, True, 0, False, False), id="lstm-2l"),
+    pytest.param((0, 2, True, True, 2, True, True), id="lstm-bi-proj-packed-masks"),
+    pytest.param((1, 1, True, False, 0, False, False), id="gru-bi-nobias"),
+    pytest.param((1, 2, False, True, 0, True, True), id="gru-packed-masks"),
+    pytest.param((2, 1, False, True, 0, False, False), id="rnn-tanh"),
+]
+SLOW_FORWARD_CASES = [
+    pytest.param((3, 3, True, True, 0, True, True), id="rnn-relu-3l-bi-packed-masks"),
+    pytest.param((0, 1, False, False, 3, False, False), id="lstm-proj-nobias"),
+    pytest.param((1, 3, True, True, 0, False, True), id="gru-3l-bi-masks"),
+]
+
+
+def _opcheck(op, args):
+    result = torch.library.opcheck(op, args, test_utils=(
+        "test_schema", "test_autograd_registration", "test_faketensor",
+        "test_aot_dispatch_dynamic"))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_opcheck_rnn_forward(case):
+    _opcheck(torch.ops.fastcells.rnn_forward.default, _op_args(*case))
+
+
+@slow
+@pytest.mark.parametrize("case", SLOW_FORWARD_CASES)
+def test_opcheck_rnn_forward_slow(case):
+    _opcheck(torch.ops.fastcells.rnn_forward.default, _op_args(*case))
+
+
+def test_opcheck_rnn_forward_bfloat16_fake():
+    """The fake kernel must give reserve's float32 dtype for bf16 inputs."""
+    args = _op_args(0, 2, False, True, 0, False, False, dtype=torch.bfloat16,
+                    requires_grad=False)
+    result = torch.library.opcheck(torch.ops.fastcells.rnn_forward.default, args,
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def _backward_args(case, grads_require_grad: bool):
+    fwd = _op_args(*case, requires_grad=False)
+    (x, weights, hx, cx, batch_sizes, mode, layers, bidirectional, bias, proj, masks) = fwd
+    output, hy, cy, reserve = torch.ops.fastcells.rnn_forward(*fwd)
+    g = torch.Generator().manual_seed(99)
+    grad_output = torch.randn(output.shape, dtype=output.dtype, generator=g)
+    grad_hy = torch.randn(hy.shape, dtype=hy.dtype, generator=g)
+    grad_cy = torch.randn(cy.shape, dtype=cy.dtype, generator=g) if mode == 0 else None
+    for t in (grad_output, grad_hy, grad_cy):
+        if t is not None:
+            t.requires_grad_(grads_require_grad)
+    return (x, weights, hx, cx, batch_sizes, mode, layers, bidirectional, bias, proj, masks,
+            output, reserve, grad_output, grad_hy, grad_cy)
+
+
+BACKWARD_CASES = [
+    pytest.param((0, 2, True, True, 2, True, True), id="lstm-bi-proj-packed-masks"),
+    pytest.param((1, 2, False, True, 0, False, False), id="gru-2l"),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_opcheck_rnn_backward(case):
+    """rnn_backward: schema, fake kernel, and a clean compile; it is the
+    backward formula of rnn_forward, so its own autograd is only checked to be
+    registered correctly (no silently-differentiable CPU kernel)."""
+    op = torch.ops.fastcells.rnn_backward.default
+    args = _backward_args(case, grads_require_grad=False)
+    result = torch.library.opcheck(op, args, test_utils=(
+        "test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    assert set(result.values()) == {"SUCCESS"}, result
+    args = _backward_args(case, grads_require_grad=True)
+    result = torch.library.opcheck(op, args, test_utils=("test_autograd_registration",))
+    assert set(result.values()) == {"SUCCESS"}, result

@@ -1,0 +1,302 @@
+"""Property-based fuzzing with hypothesis.
+
+Each example draws a random recurrent configuration (cell type, layers 1-3,
+directions, sizes down to 1, bias, batch_first, proj_size, dense / unbatched /
+packed with random unsorted lengths, float64 / float32, hx given or not,
+train / eval, dropout) and checks outputs, final states and the gradients of
+the input, the initial state and every parameter:
+
+* module level: ``fastcells.X`` against ``torch.nn.X`` loaded with the same
+  state_dict (train mode uses dropout 0 there, so the two are deterministic);
+* op level: ``fastcells.functional.rnn`` against the pure-PyTorch
+  ``fastcells.reference.rnn_reference``, with random explicit dropout masks
+  between layers (the masks make training-mode dropout deterministic).
+
+Examples are derandomized (CI reproducibility) and there is no per-example
+deadline. ``FASTCELLS_FUZZ_EXAMPLES`` sets the number of examples per test
+(default 200 for the sequence modules; the cell test runs a quarter of it).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+fastcells = pytest.importorskip("fastcells")
+try:
+    from fastcells.reference import rnn_reference
+except ImportError:  # pragma: no cover - the reference is part of the package
+    rnn_reference = None
+
+EXAMPLES = int(os.environ.get("FASTCELLS_FUZZ_EXAMPLES", "200"))
+
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+CELL_FUZZ = settings(FUZZ, max_examples=max(10, EXAMPLES // 4))
+
+MODE = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=2e-5),
+}
+
+
+@st.composite
+def rnn_configs(draw):
+    kind = draw(st.sampled_from(list(MODE)))
+    hidden = draw(st.integers(1, 6))
+    proj = 0
+    if kind == "LSTM" and hidden > 1 and draw(st.booleans()):
+        proj = draw(st.integers(1, hidden - 1))
+    layers = draw(st.integers(1, 3))
+    steps = draw(st.integers(1, 6))
+    batch = draw(st.integers(1, 4))
+    layout = draw(st.sampled_from(["dense", "unbatched", "packed"]))
+    lengths = None
+    if layout == "packed":
+        lengths = draw(st.lists(st.integers(1, steps), min_size=batch, max_size=batch))
+    train = draw(st.booleans())
+    # Dropout is random in training mode; module-level comparisons use it only
+    # in eval mode, where torch.nn and fastcells both ignore it.
+    dropout = 0.0 if (train or layers == 1) else draw(st.sampled_from([0.0, 0.4]))
+    return dict(
+        kind=kind,
+        input_size=draw(st.integers(1, 5)),
+        hidden=hidden,
+        proj=proj,
+        layers=layers,
+        bidirectional=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        steps=steps,
+        batch=batch,
+        layout=layout,
+        lengths=lengths,
+        dtype=draw(st.sampled_from([torch.float64, torch.float32])),
+        give_hx=draw(st.booleans()),
+        train=train,
+        dropout=dropout,
+        masks=layers > 1 and draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _make_pair(cfg):
+    """(torch.nn module, fastcells module) with identical weights."""
+    kind = cfg["kind"]
+    kwargs = dict(num_layers=cfg["layers"], bias=cfg["bias"], batch_first=cfg["batch_first"],
+                  dropout=cfg["dropout"], bidirectional=cfg["bidirectional"])
+    if kind == "LSTM":
+        kwargs["proj_size"] = cfg["proj"]
+        names = ("LSTM", "LSTM")
+    elif kind == "GRU":
+        names = ("GRU", "GRU")
+    else:
+        kwargs["nonlinearity"] = "tanh" if kind == "RNN_TANH" else "relu"
+        names = ("RNN", "RNN")
+    torch.manual_seed(cfg["seed"])
+    ref = getattr(nn, names[0])(cfg["input_size"], cfg["hidden"], **kwargs).to(cfg["dtype"])
+    fc = getattr(fastcells, names[1])(cfg["input_size"], cfg["hidden"], **kwargs).to(cfg["dtype"])
+    fc.load_state_dict(ref.state_dict())
+    ref.train(cfg["train"])
+    fc.train(cfg["train"])
+    return ref, fc
+
+
+def _flatten(result):
+    """Module output -> list of tensors (PackedSequence data, h, c)."""
+    out, state = result
+    tensors = [out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out]
+    tensors += list(state) if isinstance(state, tuple) else [state]
+    return tensors
+
+
+def _assert_close_list(actual, expected, tol, what):
+    assert len(actual) == len(expected), what
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        if e is None:
+            assert a is None, f"{what}[{k}]: expected no gradient"
+            continue
+        assert a is not None, f"{what}[{k}]: missing gradient"
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{what}[{k}]: {m}")
+
+
+def _cotangents(tensors, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.shape, dtype=t.dtype, generator=g) for t in tensors]
+
+
+@FUZZ
+@given(cfg=rnn_configs())
+def test_module_matches_torch_nn(cfg):
+    ref, fc = _make_pair(cfg)
+    dtype, L, B, T = cfg["dtype"], cfg["layers"], cfg["batch"], cfg["steps"]
+    D = 2 if cfg["bidirectional"] else 1
+    P = cfg["proj"] or cfg["hidden"]
+    g = torch.Generator().manual_seed(cfg["seed"] + 1)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, generator=g)
+
+    unbatched = cfg["layout"] == "unbatched"
+    if unbatched:
+        x = rand(T, cfg["input_size"])
+    elif cfg["batch_first"]:
+        x = rand(B, T, cfg["input_size"])
+    else:
+        x = rand(T, B, cfg["input_size"])
+    x.requires_grad_(True)
+    leaves = [x]
+
+    hx = None
+    if cfg["give_hx"]:
+        hshape = (L * D, P) if unbatched else (L * D, B, P)
+        h0 = rand(*hshape).requires_grad_(True)
+        leaves.append(h0)
+        hx = h0
+        if cfg["kind"] == "LSTM":
+            cshape = (L * D, cfg["hidden"]) if unbatched else (L * D, B, cfg["hidden"])
+            c0 = rand(*cshape).requires_grad_(True)
+            leaves.append(c0)
+            hx = (h0, c0)
+
+    def run(module):
+        inp = x
+        if cfg["layout"] == "packed":
+            inp = nn.utils.rnn.pack_padded_sequence(
+                x, torch.tensor(cfg["lengths"]), batch_first=cfg["batch_first"],
+                enforce_sorted=False)
+        result = module(inp, hx)
+        if cfg["layout"] == "packed":
+            out = result[0]
+            ref_packed = inp
+            assert torch.equal(out.batch_sizes, ref_packed.batch_sizes)
+            assert torch.equal(out.sorted_indices, ref_packed.sorted_indices)
+            assert torch.equal(out.unsorted_indices, ref_packed.unsorted_indices)
+        return _flatten(result)
+
+    expected = run(ref)
+    actual = run(fc)
+    tol = TOL[dtype]
+    assert [t.shape for t in actual] == [t.shape for t in expected]
+    assert all(t.dtype == dtype for t in actual)
+    _assert_close_list(actual, expected, tol, "outputs")
+
+    cot = _cotangents(expected, cfg["seed"] + 2)
+    ref_params = list(ref.parameters())
+    fc_params = list(fc.parameters())
+    ge = torch.autograd.grad(expected, leaves + ref_params, cot, allow_unused=True)
+    ga = torch.autograd.grad(actual, leaves + fc_params, cot, allow_unused=True)
+    _assert_close_list(ga, ge, tol, "grads")
+
+
+@FUZZ
+@given(cfg=rnn_configs())
+def test_functional_matches_reference(cfg):
+    if rnn_reference is None:
+        pytest.skip("fastcells.reference.rnn_reference is not available")
+    from fastcells.functional import rnn
+
+    ref, _ = _make_pair(cfg)
+    dtype, L, B, T = cfg["dtype"], cfg["layers"], cfg["batch"], cfg["steps"]
+    D = 2 if cfg["bidirectional"] else 1
+    P = cfg["proj"] or cfg["hidden"]
+    g = torch.Generator().manual_seed(cfg["seed"] + 3)
+
+    weights = [w.detach().clone().requires_grad_(True) for w in ref._flat_weights]
+    x = torch.randn(T, B, cfg["input_size"], dtype=dtype, generator=g)
+    batch_sizes = None
+    if cfg["layout"] == "packed":
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor(cfg["lengths"]),
+                                                   enforce_sorted=False)
+        x = packed.data
+        batch_sizes = [int(b) for b in packed.batch_sizes]
+    x.requires_grad_(True)
+    hx = torch.randn(L * D, B, P, dtype=dtype, generator=g)
+    if not cfg["give_hx"]:
+        hx = torch.zeros_like(hx)
+    hx.requires_grad_(True)
+    cx = None
+    if cfg["kind"] == "LSTM":
+        cx = torch.randn(L * D, B, cfg["hidden"], dtype=dtype, generator=g).requires_grad_(True)
+    masks = None
+    if cfg["masks"]:
+        rows = (x.shape[0],) if batch_sizes is not None else (T, B)
+        keep = torch.rand((L - 1, *rows, D * P), generator=g) > 0.4
+        masks = keep.to(dtype) / 0.6
+
+    args = (batch_sizes, MODE[cfg["kind"]], L, cfg["bidirectional"], cfg["bias"],
+            cfg["proj"], masks)
+    expected = rnn_reference(x, weights, hx, cx, *args)
+    actual = rnn(x, weights, hx, cx, *args)
+
+    def present(ts):
+        return [t for t in ts if t is not None and t.numel() > 0]
+
+    expected, actual = present(expected), present(actual)
+    tol = TOL[dtype]
+    _assert_close_list(actual, expected, tol, "outputs")
+    leaves = [x, hx] + ([cx] if cx is not None else []) + weights
+    cot = _cotangents(expected, cfg["seed"] + 4)
+    ge = torch.autograd.grad(expected, leaves, cot, allow_unused=True)
+    ga = torch.autograd.grad(actual, leaves, cot, allow_unused=True)
+    _assert_close_list(ga, ge, tol, "grads")
+
+
+@CELL_FUZZ
+@given(
+    kind=st.sampled_from(["LSTMCell", "GRUCell", "RNNCell-tanh", "RNNCell-relu"]),
+    input_size=st.integers(1, 5),
+    hidden=st.integers(1, 6),
+    batch=st.integers(0, 4),  # 0: unbatched
+    bias=st.booleans(),
+    give_hx=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cells_match_torch_nn(kind, input_size, hidden, batch, bias, give_hx, dtype, seed):
+    name, _, nonlin = kind.partition("-")
+    kwargs = dict(bias=bias)
+    if nonlin:
+        kwargs["nonlinearity"] = nonlin
+    torch.manual_seed(seed)
+    ref = getattr(nn, name)(input_size, hidden, **kwargs).to(dtype)
+    fc = getattr(fastcells, name)(input_size, hidden, **kwargs).to(dtype)
+    fc.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(seed + 1)
+    lead = () if batch == 0 else (batch,)
+    x = torch.randn(*lead, input_size, dtype=dtype, generator=g).requires_grad_(True)
+    leaves = [x]
+    hx = None
+    if give_hx:
+        h0 = torch.randn(*lead, hidden, dtype=dtype, generator=g).requires_grad_(True)
+        leaves.append(h0)
+        hx = h0
+        if name == "LSTMCell":
+            c0 = torch.randn(*lead, hidden, dtype=dtype, generator=g).requires_grad_(True)
+            leaves.append(c0)
+            hx = (h0, c0)
+
+    def run(module):
+        out = module(x, hx)
+        return list(out) if isinstance(out, tuple) else [out]
+
+    expected, actual = run(ref), run(fc)
+    tol = TOL[dtype]
+    _assert_close_list(actual, expected, tol, "outputs")
+    cot = _cotangents(expected, seed + 2)
+    ge = torch.autograd.grad(expected, leaves + list(ref.parameters()), cot, allow_unused=True)
+    ga = torch.autograd.grad(actual, leaves + list(fc.parameters()), cot, allow_unused=True)
+    _assert_close_list(ga, ge, tol, "grads")
