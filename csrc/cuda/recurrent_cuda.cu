@@ -1,0 +1,1077 @@
+// CUDA backend of the recurrent loop of one layer in one direction.
+//
+// Shape legend (see csrc/kernels/cells.h): T steps, B batch, H hidden size,
+// P recurrent/output size (proj_size or H), G gates (4 LSTM, 3 GRU, 1 RNN),
+// GH = G*H, N packed rows. Semantics: csrc/kernels/params.h.
+//
+// Torch-free: only the CUDA runtime and csrc/kernels. The gate equations come
+// from cells.h; this file only arranges the loop.
+//
+// Two ways to run the loop:
+//
+//  * persistent (small H): one launch for the whole sequence. Batch rows are
+//    independent in the recurrence, so each thread block owns a group of RB
+//    rows, keeps their state (h, c, dh, dc) in shared memory and loops over all
+//    T steps itself; no grid-wide barrier is needed. W_hh (and W_hr) sit in
+//    shared memory when they fit, else they are streamed from global memory
+//    (L2) each step. Per step: one small matrix product per row group with the
+//    weight element loaded once and reused for 4 rows in registers, then the
+//    pointwise cell, separated by __syncthreads().
+//
+//  * stepwise (large H): per step a tiled GEMM kernel for the recurrent
+//    product and a fused pointwise kernel (plus a GEMM for the projection),
+//    with the state double-buffered in the workspace.
+//
+// Both are deterministic (fixed summation order, no atomics), run on the
+// caller's stream, allocate nothing and never synchronise with the host, so
+// they can be captured into a CUDA graph. The environment variable
+// FASTCELLS_CUDA_RECURRENT = auto | persistent | persistent_global | stepwise
+// forces a path (tests use it to cover both on small shapes).
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "../kernels/cells.h"
+#include "../kernels/params.h"
+#include "recurrent_cuda.h"
+
+namespace fastcells {
+namespace cuda {
+namespace {
+
+using kernels::LayerBackwardParams;
+using kernels::LayerForwardParams;
+using kernels::kGRU;
+using kernels::kLSTM;
+
+// ------------------------------------------------------------------ helpers
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastcells CUDA: ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+void check_call(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastcells CUDA: ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+// Rows active at step t and where they start, from device arrays or dense.
+__device__ __forceinline__ void step_rows_dev(const int64_t* bs_dev, const int64_t* off_dev,
+                                              int t, int B, int& bs, int64_t& off) {
+  if (bs_dev != nullptr) {
+    bs = static_cast<int>(bs_dev[t]);
+    off = off_dev[t];
+  } else {
+    bs = B;
+    off = static_cast<int64_t>(t) * B;
+  }
+}
+
+void step_rows_host(const int64_t* bs_host, const int64_t* off_host, int t, int B, int& bs,
+                    int64_t& off) {
+  if (bs_host != nullptr) {
+    bs = static_cast<int>(bs_host[t]);
+    off = off_host[t];
+  } else {
+    bs = B;
+    off = static_cast<int64_t>(t) * B;
+  }
+}
+
+constexpr size_t kAlign = 256;
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// Carves consecutive aligned buffers out of the caller's workspace.
+struct Carver {
+  char* base;
+  size_t used = 0;
+  template <typename T>
+  T* take(size_t count) {
+    T* ptr = base ? reinterpret_cast<T*>(base + used) : nullptr;
+    used += align_up(count * sizeof(T));
+    return ptr;
+  }
+};
+
+enum class Path { kPersistentSmem, kPersistentGlobal, kStepwise };
+
+// Largest hidden size for which the persistent kernel streams weights from
+// global memory instead of falling back to per-step kernels.
+constexpr int kPersistentGlobalMaxH = 256;
+
+int forced_path() {
+  const char* env = std::getenv("FASTCELLS_CUDA_RECURRENT");
+  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return -1;
+  if (std::strcmp(env, "persistent") == 0) return 0;
+  if (std::strcmp(env, "persistent_global") == 0) return 1;
+  if (std::strcmp(env, "stepwise") == 0) return 2;
+  throw std::runtime_error(
+      std::string("fastcells CUDA: FASTCELLS_CUDA_RECURRENT must be auto, persistent, "
+                  "persistent_global or stepwise, got '") +
+      env + "'");
+}
+
+struct DeviceInfo {
+  int sms;
+  int max_smem;  // opt-in dynamic shared memory per block, bytes
+};
+
+DeviceInfo device_info() {
+  int dev = 0;
+  check_call(cudaGetDevice(&dev), "cudaGetDevice");
+  DeviceInfo info{};
+  check_call(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev),
+             "cudaDeviceGetAttribute(MultiProcessorCount)");
+  check_call(
+      cudaDeviceGetAttribute(&info.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+      "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return info;
+}
+
+int round_up(int x, int m) { return (x + m - 1) / m * m; }
+__host__ __device__ __forceinline__ int pad4(int x) { return (x + 3) & ~3; }
+
+// ------------------------------------------------------- shared memory plans
+// Element offsets into the dynamic shared memory of the persistent kernels;
+// the same function runs on the host (to size the launch) and on the device.
+struct FwdSmem {
+  int w, wr, h, c, hh, r, total;
+};
+
+__host__ __device__ __forceinline__ FwdSmem fwd_smem(int GH, int H, int P, int RB, bool proj,
+                                                     bool lstm, bool wsmem) {
+  FwdSmem L;
+  int o = 0;
+  L.w = o;
+  if (wsmem) o += GH * P;             // W_hh^T (P, GH)
+  L.wr = o;
+  if (wsmem && proj) o += H * P;      // W_hr^T (H, P)
+  L.h = o;
+  o += pad4(RB) * P;                  // h (RB4, P), rows past RB zero
+  L.c = o;
+  if (lstm) o += RB * H;              // c (RB, H)
+  L.hh = o;
+  o += RB * GH;                       // h W_hh^T (RB, GH)
+  L.r = o;
+  if (proj) o += pad4(RB) * H;        // r = o*tanh(c) (RB4, H)
+  L.total = o;
+  return L;
+}
+
+struct BwdSmem {
+  int w, wr, dh, dht, dr, dc, dg, direct, total;
+};
+
+__host__ __device__ __forceinline__ BwdSmem bwd_smem(int GH, int H, int P, int RB, bool proj,
+                                                     bool lstm, bool gru, bool wsmem) {
+  BwdSmem L;
+  int o = 0;
+  L.w = o;
+  if (wsmem) o += GH * P;             // W_hh (GH, P)
+  L.wr = o;
+  if (wsmem && proj) o += P * H;      // W_hr (P, H)
+  L.dh = o;
+  o += RB * P;                        // dL/dh carried to the previous step (RB, P)
+  L.dht = o;
+  o += pad4(RB) * P;                  // dL/dh_t incl. grad_out (RB4, P)
+  L.dr = o;
+  if (proj) o += RB * H;              // dL/dr (RB, H)
+  L.dc = o;
+  if (lstm) o += RB * H;              // dL/dc (RB, H)
+  L.dg = o;
+  o += pad4(RB) * GH;                 // recurrent-side gate grads (RB4, GH)
+  L.direct = o;
+  if (gru) o += RB * P;               // GRU z*dh path (RB, P)
+  L.total = o;
+  return L;
+}
+
+// ------------------------------------------------------------ small kernels
+
+// dst (rows, cols) = src^T where src is (cols, rows) row-major.
+template <typename T>
+__global__ void transpose_kernel(const T* __restrict__ src, T* __restrict__ dst, int rows,
+                                 int cols) {
+  __shared__ T tile[32][33];
+  const int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int c = c0 + i, r = r0 + threadIdx.x;
+    if (c < cols && r < rows) tile[i][threadIdx.x] = src[static_cast<int64_t>(c) * rows + r];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+    const int r = r0 + i, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) dst[static_cast<int64_t>(r) * cols + c] = tile[threadIdx.x][i];
+  }
+}
+
+template <typename T>
+void launch_transpose(const T* src, T* dst, int rows, int cols, cudaStream_t stream) {
+  const dim3 block(32, 8);
+  const dim3 grid((cols + 31) / 32, (rows + 31) / 32);
+  transpose_kernel<T><<<grid, block, 0, stream>>>(src, dst, rows, cols);
+  check_launch("transpose kernel launch");
+}
+
+// C[m, n] = sum_k A[m, k] B[k, n] (+ D[m, n]), written to C and, if given, C2.
+// Row-major with leading dimensions; 64x64 tiles, 256 threads, 4x4 outputs
+// per thread, fixed summation order.
+constexpr int kTM = 64, kTN = 64, kTK = 16;
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+    gemm_kernel(int M, int N, int K, const T* __restrict__ A, int64_t lda,
+                const T* __restrict__ Bm, int64_t ldb, const T* __restrict__ D, int64_t ldd,
+                T* __restrict__ C, int64_t ldc, T* __restrict__ C2, int64_t ldc2) {
+  __shared__ T As[kTK][kTM + 1];
+  __shared__ T Bs[kTK][kTN];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int m0 = blockIdx.y * kTM, n0 = blockIdx.x * kTN;
+  T acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
+
+  for (int k0 = 0; k0 < K; k0 += kTK) {
+#pragma unroll
+    for (int l = 0; l < (kTM * kTK) / 256; ++l) {
+      const int idx = threadIdx.x + l * 256;
+      const int mm = idx / kTK, kk = idx % kTK;
+      const int m = m0 + mm, k = k0 + kk;
+      As[kk][mm] = (m < M && k < K) ? A[static_cast<int64_t>(m) * lda + k] : T(0);
+    }
+#pragma unroll
+    for (int l = 0; l < (kTK * kTN) / 256; ++l) {
+      const int idx = threadIdx.x + l * 256;
+      const int kk = idx / kTN, nn = idx % kTN;
+      const int k = k0 + kk, n = n0 + nn;
+      Bs[kk][nn] = (k < K && n < N) ? Bm[static_cast<int64_t>(k) * ldb + n] : T(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTK; ++kk) {
+      T a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = m0 + ty + 16 * i;
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = n0 + tx + 16 * j;
+      if (n >= N) continue;
+      T v = acc[i][j];
+      if (D != nullptr) v += D[static_cast<int64_t>(m) * ldd + n];
+      C[static_cast<int64_t>(m) * ldc + n] = v;
+      if (C2 != nullptr) C2[static_cast<int64_t>(m) * ldc2 + n] = v;
+    }
+  }
+}
+
+template <typename T>
+void launch_gemm(int M, int N, int K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
+                 const T* D, int64_t ldd, T* C, int64_t ldc, T* C2, int64_t ldc2,
+                 cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return;
+  const dim3 grid((N + kTN - 1) / kTN, (M + kTM - 1) / kTM);
+  gemm_kernel<T><<<grid, 256, 0, stream>>>(M, N, K, A, lda, Bm, ldb, D, ldd, C, ldc, C2, ldc2);
+  check_launch("recurrent GEMM kernel launch");
+}
+
+// dst[i] = src ? src[i] : 0
+template <typename T>
+void copy_or_zero(T* dst, const T* src, size_t count, cudaStream_t stream, const char* what) {
+  if (count == 0 || dst == nullptr) return;
+  if (src != nullptr) {
+    check_call(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToDevice, stream),
+               what);
+  } else {
+    check_call(cudaMemsetAsync(dst, 0, count * sizeof(T), stream), what);
+  }
+}
+
+// ------------------------------------------------------------ forward: cell
+// One (row, unit) element of the forward cell. `gin` is the row of `gates`
+// (pre-activations in, activations out), `hh` the row of h W_hh^T, `c` and
+// `h` point at this element's state. Returns the new r (LSTM) / h (others).
+template <typename T>
+__device__ __forceinline__ T forward_cell(int mode, int H, int u, T* gin, const T* hh,
+                                          const T* b_hn, T* extra_elem, T* c, T h_prev) {
+  if (mode == kLSTM) {
+    const auto s = kernels::lstm_forward<T>(gin[u] + hh[u], gin[H + u] + hh[H + u],
+                                            gin[2 * H + u] + hh[2 * H + u],
+                                            gin[3 * H + u] + hh[3 * H + u], *c);
+    gin[u] = s.i;
+    gin[H + u] = s.f;
+    gin[2 * H + u] = s.g;
+    gin[3 * H + u] = s.o;
+    *extra_elem = s.c;
+    *c = s.c;
+    return s.r;
+  }
+  if (mode == kGRU) {
+    const T hn = hh[2 * H + u] + (b_hn != nullptr ? b_hn[u] : T(0));
+    const auto s = kernels::gru_forward<T>(gin[u], gin[H + u], gin[2 * H + u], hh[u],
+                                           hh[H + u], hn, h_prev);
+    gin[u] = s.r;
+    gin[H + u] = s.z;
+    gin[2 * H + u] = s.n;
+    *extra_elem = hn;
+    return s.h;
+  }
+  const T h = kernels::rnn_forward<T>(mode, gin[u] + hh[u]);
+  gin[u] = h;
+  return h;
+}
+
+// ------------------------------------------------------- forward: persistent
+// grid.x = ceil(B / RB) row groups; block loops over all T steps.
+// wt / wrt: transposed weights in global memory (persistent_global), or null
+// when the weights are staged into shared memory from p.w_hh / p.w_hr.
+template <typename T>
+__global__ void __launch_bounds__(1024) forward_persistent_kernel(const LayerForwardParams<T> p, const T* wt,
+                                          const T* wrt, int RB) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sm = reinterpret_cast<T*>(smem_raw);
+  const int mode = p.mode, H = p.H, P = p.P, B = p.B, T_ = p.T;
+  const int GH = kernels::num_gates(mode) * H;
+  const bool proj = p.w_hr != nullptr;
+  const bool lstm = mode == kLSTM;
+  const bool wsmem = wt == nullptr;
+  const FwdSmem L = fwd_smem(GH, H, P, RB, proj, lstm, wsmem);
+  const int b0 = blockIdx.x * RB;
+  const int nrows = min(RB, B - b0);
+  const int tid = threadIdx.x, nt = blockDim.x;
+
+  // Stage weights (transposing) and the initial state.
+  const T* W = wt;
+  const T* Wr = wrt;
+  if (wsmem) {
+    for (int idx = tid; idx < GH * P; idx += nt) {
+      const int j = idx / P, k = idx - j * P;
+      sm[L.w + k * GH + j] = p.w_hh[idx];
+    }
+    W = sm + L.w;
+    if (proj) {
+      for (int idx = tid; idx < P * H; idx += nt) {
+        const int q = idx / H, u = idx - q * H;
+        sm[L.wr + u * P + q] = p.w_hr[idx];
+      }
+      Wr = sm + L.wr;
+    }
+  }
+  T* sh = sm + L.h;
+  T* sc = sm + L.c;
+  T* shh = sm + L.hh;
+  T* sr = sm + L.r;
+  for (int idx = tid; idx < pad4(RB) * P; idx += nt) {
+    const int b = idx / P;
+    sh[idx] = b < nrows ? p.h0[static_cast<int64_t>(b0) * P + idx] : T(0);
+  }
+  if (lstm) {
+    for (int idx = tid; idx < nrows * H; idx += nt)
+      sc[idx] = p.c0 != nullptr ? p.c0[static_cast<int64_t>(b0) * H + idx] : T(0);
+  }
+  if (proj) {
+    for (int idx = tid; idx < pad4(RB) * H; idx += nt) sr[idx] = T(0);
+  }
+  __syncthreads();
+
+  int bs_next = 0;
+  int64_t off_next = 0;
+  if (T_ > 0) step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, p.reverse ? T_ - 1 : 0, B,
+                            bs_next, off_next);
+  for (int s = 0; s < T_; ++s) {
+    const int bs = bs_next;
+    const int64_t off = off_next;
+    if (s + 1 < T_) {
+      step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, p.reverse ? T_ - 2 - s : s + 1, B,
+                    bs_next, off_next);
+    }
+    const int na = min(nrows, bs - b0);  // active rows of this group (a prefix)
+    if (na <= 0) continue;               // uniform across the block
+
+    // hh (na, GH) = h W_hh^T; each weight element feeds 4 rows.
+    for (int j = tid; j < GH; j += nt) {
+      for (int rb = 0; rb < na; rb += 4) {
+        const T* h = sh + rb * P;
+        T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
+#pragma unroll 4
+        for (int k = 0; k < P; ++k) {
+          const T w = W[k * GH + j];
+          a0 += h[k] * w;
+          a1 += h[P + k] * w;
+          a2 += h[2 * P + k] * w;
+          a3 += h[3 * P + k] * w;
+        }
+        T* o = shh + rb * GH + j;
+        o[0] = a0;
+        if (rb + 1 < na) o[GH] = a1;
+        if (rb + 2 < na) o[2 * GH] = a2;
+        if (rb + 3 < na) o[3 * GH] = a3;
+      }
+    }
+    __syncthreads();
+
+    // Pointwise cell.
+    for (int idx = tid; idx < na * H; idx += nt) {
+      const int b = idx / H, u = idx - b * H;
+      const int64_t row = off + b0 + b;
+      T* gin = p.gates + row * GH;
+      T* extra = p.extra != nullptr ? p.extra + row * H + u : nullptr;
+      T dummy;
+      const T h_prev = mode == kGRU ? sh[b * P + u] : T(0);
+      const T v = forward_cell<T>(mode, H, u, gin, shh + b * GH, p.b_hn,
+                                  extra != nullptr ? extra : &dummy, sc + b * H + u, h_prev);
+      if (proj) {
+        sr[b * H + u] = v;
+      } else {
+        sh[b * P + u] = v;
+        p.out[row * p.ld_out + u] = v;
+      }
+    }
+    __syncthreads();
+
+    if (proj) {
+      // h (na, P) = r W_hr^T
+      for (int q = tid; q < P; q += nt) {
+        for (int rb = 0; rb < na; rb += 4) {
+          const T* r = sr + rb * H;
+          T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
+#pragma unroll 4
+          for (int u = 0; u < H; ++u) {
+            const T w = Wr[u * P + q];
+            a0 += r[u] * w;
+            a1 += r[H + u] * w;
+            a2 += r[2 * H + u] * w;
+            a3 += r[3 * H + u] * w;
+          }
+          const T a[4] = {a0, a1, a2, a3};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (rb + i < na) {
+              sh[(rb + i) * P + q] = a[i];
+              p.out[(off + b0 + rb + i) * p.ld_out + q] = a[i];
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  for (int idx = tid; idx < nrows * P; idx += nt) p.hy[static_cast<int64_t>(b0) * P + idx] = sh[idx];
+  if (lstm && p.cy != nullptr) {
+    for (int idx = tid; idx < nrows * H; idx += nt)
+      p.cy[static_cast<int64_t>(b0) * H + idx] = sc[idx];
+  }
+}
+
+// --------------------------------------------------------- forward: stepwise
+// One step for all rows: active rows (b < bs) run the cell on hh (bs, GH);
+// inactive rows carry h over into the next buffer.
+template <typename T>
+__global__ void forward_step_pointwise_kernel(const LayerForwardParams<T> p, int bs,
+                                              int64_t off, const T* __restrict__ hh,
+                                              const T* __restrict__ h_cur,
+                                              T* __restrict__ h_next, T* __restrict__ c,
+                                              T* __restrict__ r) {
+  const int H = p.H, P = p.P, mode = p.mode;
+  const int GH = kernels::num_gates(mode) * H;
+  const bool proj = p.w_hr != nullptr;
+  const int64_t total = static_cast<int64_t>(p.B) * H;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int b = static_cast<int>(idx / H), u = static_cast<int>(idx - static_cast<int64_t>(b) * H);
+    if (b >= bs) {
+      if (u < P) h_next[b * static_cast<int64_t>(P) + u] = h_cur[b * static_cast<int64_t>(P) + u];
+      continue;
+    }
+    const int64_t row = off + b;
+    T* gin = p.gates + row * GH;
+    T dummy;
+    T* extra = p.extra != nullptr ? p.extra + row * H + u : &dummy;
+    T* cel = c != nullptr ? c + idx : &dummy;
+    const T h_prev = mode == kGRU ? h_cur[b * static_cast<int64_t>(P) + u] : T(0);
+    const T v = forward_cell<T>(mode, H, u, gin, hh + static_cast<int64_t>(b) * GH, p.b_hn,
+                                extra, cel, h_prev);
+    if (proj) {
+      r[idx] = v;
+    } else {
+      h_next[b * static_cast<int64_t>(P) + u] = v;
+      p.out[row * p.ld_out + u] = v;
+    }
+  }
+}
+
+// ----------------------------------------------------------- backward: cell
+// One (row, unit) element of the backward cell. Writes the input-side and
+// recurrent-side gate gradients to the output rows and the recurrent side to
+// `dg` (the row of the buffer multiplied by W_hh); returns the GRU direct
+// term z*dh (0 otherwise). `dc` is this element's dL/dc, updated in place.
+template <typename T>
+__device__ __forceinline__ T backward_cell(const LayerBackwardParams<T>& p, int u, int64_t row,
+                                           T dr, T* dc, T c_prev, T h_prev, T* dg) {
+  const int H = p.H, mode = p.mode;
+  const int GH = kernels::num_gates(mode) * H;
+  const T* g = p.gates + row * GH;
+  T* dx = p.dgates_x + row * GH;
+  if (mode == kLSTM) {
+    const T i = g[u], f = g[H + u], gg = g[2 * H + u], o = g[3 * H + u];
+    const T c = p.extra[row * H + u];
+    const auto d = kernels::lstm_backward<T>(i, f, gg, o, c, c_prev, dr, *dc);
+    dx[u] = d.di;
+    dx[H + u] = d.df;
+    dx[2 * H + u] = d.dg;
+    dx[3 * H + u] = d.do_;
+    dg[u] = d.di;
+    dg[H + u] = d.df;
+    dg[2 * H + u] = d.dg;
+    dg[3 * H + u] = d.do_;
+    *dc = d.dc_prev;
+    if (p.r_all != nullptr) p.r_all[row * H + u] = o * kernels::fc_tanh(c);
+    return T(0);
+  }
+  if (mode == kGRU) {
+    const T r = g[u], z = g[H + u], n = g[2 * H + u];
+    const T hh_n = p.extra[row * H + u];
+    const auto d = kernels::gru_backward<T>(r, z, n, hh_n, h_prev, dr);
+    dx[u] = d.dx_r;
+    dx[H + u] = d.dx_z;
+    dx[2 * H + u] = d.dx_n;
+    if (p.dgates_h != nullptr) {
+      T* dh = p.dgates_h + row * GH;
+      dh[u] = d.dx_r;
+      dh[H + u] = d.dx_z;
+      dh[2 * H + u] = d.dhh_n;
+    }
+    dg[u] = d.dx_r;
+    dg[H + u] = d.dx_z;
+    dg[2 * H + u] = d.dhh_n;
+    return d.dh_prev_direct;
+  }
+  const T da = kernels::rnn_backward<T>(mode, g[u], dr);
+  dx[u] = da;
+  dg[u] = da;
+  return T(0);
+}
+
+// ------------------------------------------------------ backward: persistent
+// Walks the steps in the opposite order of forward. W_hh (GH, P) and
+// W_hr (P, H) are used untransposed (the products here run along their rows).
+template <typename T>
+__global__ void __launch_bounds__(1024) backward_persistent_kernel(const LayerBackwardParams<T> p, bool wsmem, int RB) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sm = reinterpret_cast<T*>(smem_raw);
+  const int mode = p.mode, H = p.H, P = p.P, B = p.B, T_ = p.T;
+  const int GH = kernels::num_gates(mode) * H;
+  const bool proj = p.w_hr != nullptr;
+  const bool lstm = mode == kLSTM, gru = mode == kGRU;
+  const BwdSmem L = bwd_smem(GH, H, P, RB, proj, lstm, gru, wsmem);
+  const int b0 = blockIdx.x * RB;
+  const int nrows = min(RB, B - b0);
+  const int tid = threadIdx.x, nt = blockDim.x;
+
+  const T* W = p.w_hh;
+  const T* Wr = p.w_hr;
+  if (wsmem) {
+    for (int idx = tid; idx < GH * P; idx += nt) sm[L.w + idx] = p.w_hh[idx];
+    W = sm + L.w;
+    if (proj) {
+      for (int idx = tid; idx < P * H; idx += nt) sm[L.wr + idx] = p.w_hr[idx];
+      Wr = sm + L.wr;
+    }
+  }
+  T* sdh = sm + L.dh;
+  T* sdht = sm + L.dht;
+  T* sdr = sm + L.dr;
+  T* sdc = sm + L.dc;
+  T* sdg = sm + L.dg;
+  T* sdirect = sm + L.direct;
+  for (int idx = tid; idx < nrows * P; idx += nt)
+    sdh[idx] = p.grad_hy != nullptr ? p.grad_hy[static_cast<int64_t>(b0) * P + idx] : T(0);
+  for (int idx = tid; idx < pad4(RB) * P; idx += nt) sdht[idx] = T(0);
+  for (int idx = tid; idx < pad4(RB) * GH; idx += nt) sdg[idx] = T(0);
+  if (lstm) {
+    for (int idx = tid; idx < nrows * H; idx += nt)
+      sdc[idx] = p.grad_cy != nullptr ? p.grad_cy[static_cast<int64_t>(b0) * H + idx] : T(0);
+  }
+  __syncthreads();
+
+  for (int s = 0; s < T_; ++s) {
+    const int t = p.reverse ? s : T_ - 1 - s;
+    int bs;
+    int64_t off;
+    step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, t, B, bs, off);
+    const int na = min(nrows, bs - b0);
+    if (na <= 0) continue;  // uniform across the block
+    // Where each row's previous state came from in forward.
+    const int tp = p.reverse ? t + 1 : t - 1;
+    int bsp = 0;
+    int64_t offp = 0;
+    if (tp >= 0 && tp < T_) step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, tp, B, bsp, offp);
+
+    // dh_t = carried dh + grad_out; record h_{t-1} and dh_t.
+    for (int idx = tid; idx < na * P; idx += nt) {
+      const int b = idx / P, q = idx - b * P;
+      const int64_t row = off + b0 + b;
+      T v = sdh[idx];
+      if (p.grad_out != nullptr) v += p.grad_out[row * p.ld_gout + q];
+      sdht[idx] = v;
+      if (p.dh_all != nullptr) p.dh_all[row * P + q] = v;
+      if (p.h_prev != nullptr) {
+        p.h_prev[row * P + q] = (b0 + b < bsp) ? p.out[(offp + b0 + b) * p.ld_out + q]
+                                               : p.h0[static_cast<int64_t>(b0 + b) * P + q];
+      }
+    }
+    __syncthreads();
+
+    if (proj) {
+      // dr (na, H) = dh_t W_hr
+      for (int u = tid; u < H; u += nt) {
+        for (int rb = 0; rb < na; rb += 4) {
+          const T* d = sdht + rb * P;
+          T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
+#pragma unroll 4
+          for (int q = 0; q < P; ++q) {
+            const T w = Wr[q * H + u];
+            a0 += d[q] * w;
+            a1 += d[P + q] * w;
+            a2 += d[2 * P + q] * w;
+            a3 += d[3 * P + q] * w;
+          }
+          const T a[4] = {a0, a1, a2, a3};
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            if (rb + i < na) sdr[(rb + i) * H + u] = a[i];
+        }
+      }
+      __syncthreads();
+    }
+
+    // Pointwise cell backward.
+    for (int idx = tid; idx < na * H; idx += nt) {
+      const int b = idx / H, u = idx - b * H;
+      const int64_t row = off + b0 + b;
+      const bool prev_active = b0 + b < bsp;
+      T c_prev = T(0), h_prev = T(0);
+      if (lstm) {
+        c_prev = prev_active ? p.extra[(offp + b0 + b) * H + u]
+                             : (p.c0 != nullptr ? p.c0[static_cast<int64_t>(b0 + b) * H + u] : T(0));
+      } else if (gru) {
+        h_prev = prev_active ? p.out[(offp + b0 + b) * p.ld_out + u]
+                             : p.h0[static_cast<int64_t>(b0 + b) * P + u];
+      }
+      const T dr = proj ? sdr[b * H + u] : sdht[b * P + u];
+      T dummy = T(0);
+      const T direct = backward_cell<T>(p, u, row, dr, lstm ? sdc + b * H + u : &dummy, c_prev,
+                                        h_prev, sdg + b * GH);
+      if (gru) sdirect[b * P + u] = direct;
+    }
+    __syncthreads();
+
+    // dh_{t-1} (na, P) = dg W_hh (+ z*dh for GRU)
+    for (int q = tid; q < P; q += nt) {
+      for (int rb = 0; rb < na; rb += 4) {
+        const T* d = sdg + rb * GH;
+        T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
+#pragma unroll 4
+        for (int j = 0; j < GH; ++j) {
+          const T w = W[j * P + q];
+          a0 += d[j] * w;
+          a1 += d[GH + j] * w;
+          a2 += d[2 * GH + j] * w;
+          a3 += d[3 * GH + j] * w;
+        }
+        const T a[4] = {a0, a1, a2, a3};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (rb + i < na) {
+            sdh[(rb + i) * P + q] = a[i] + (gru ? sdirect[(rb + i) * P + q] : T(0));
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  if (p.dh0 != nullptr) {
+    for (int idx = tid; idx < nrows * P; idx += nt) p.dh0[static_cast<int64_t>(b0) * P + idx] = sdh[idx];
+  }
+  if (lstm && p.dc0 != nullptr) {
+    for (int idx = tid; idx < nrows * H; idx += nt) p.dc0[static_cast<int64_t>(b0) * H + idx] = sdc[idx];
+  }
+}
+
+// -------------------------------------------------------- backward: stepwise
+// dh_t = dh_cur + grad_out for active rows (also recorded in dh_all), h_prev
+// recorded; inactive rows carry dh_cur into dh_next.
+template <typename T>
+__global__ void backward_step_prep_kernel(const LayerBackwardParams<T> p, int bs, int64_t off,
+                                          int bsp, int64_t offp, const T* __restrict__ dh_cur,
+                                          T* __restrict__ dh_next, T* __restrict__ dht) {
+  const int P = p.P;
+  const int64_t total = static_cast<int64_t>(p.B) * P;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int b = static_cast<int>(idx / P), q = static_cast<int>(idx - static_cast<int64_t>(b) * P);
+    if (b >= bs) {
+      dh_next[idx] = dh_cur[idx];
+      continue;
+    }
+    const int64_t row = off + b;
+    T v = dh_cur[idx];
+    if (p.grad_out != nullptr) v += p.grad_out[row * p.ld_gout + q];
+    dht[idx] = v;
+    if (p.dh_all != nullptr) p.dh_all[row * P + q] = v;
+    if (p.h_prev != nullptr) {
+      p.h_prev[row * P + q] = b < bsp ? p.out[(offp + b) * p.ld_out + q] : p.h0[idx];
+    }
+  }
+}
+
+// Pointwise backward for the bs active rows. The recurrent-side gradients go
+// to dgates_h (GRU) or dgates_x (others), which then feed the dh GEMM.
+template <typename T>
+__global__ void backward_step_pointwise_kernel(const LayerBackwardParams<T> p, int bs,
+                                               int64_t off, int bsp, int64_t offp,
+                                               const T* __restrict__ dr_buf,
+                                               T* __restrict__ dc, T* __restrict__ direct,
+                                               T* __restrict__ dg_scratch) {
+  const int H = p.H, P = p.P, mode = p.mode;
+  const int GH = kernels::num_gates(mode) * H;
+  const bool lstm = mode == kLSTM, gru = mode == kGRU;
+  const int64_t total = static_cast<int64_t>(bs) * H;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int b = static_cast<int>(idx / H), u = static_cast<int>(idx - static_cast<int64_t>(b) * H);
+    const int64_t row = off + b;
+    const bool prev_active = b < bsp;
+    T c_prev = T(0), h_prev = T(0);
+    if (lstm) {
+      c_prev = prev_active ? p.extra[(offp + b) * H + u]
+                           : (p.c0 != nullptr ? p.c0[static_cast<int64_t>(b) * H + u] : T(0));
+    } else if (gru) {
+      h_prev = prev_active ? p.out[(offp + b) * p.ld_out + u] : p.h0[static_cast<int64_t>(b) * P + u];
+    }
+    const T dr = dr_buf[static_cast<int64_t>(b) * (p.w_hr != nullptr ? H : P) + u];
+    T dummy = T(0);
+    // dg_scratch: the row's recurrent-side gradients; for GRU that is
+    // dgates_h when given, else a workspace row.
+    T* dg = dg_scratch + static_cast<int64_t>(b) * GH;
+    const T d = backward_cell<T>(p, u, row, dr, lstm ? dc + idx : &dummy, c_prev, h_prev, dg);
+    if (gru) direct[static_cast<int64_t>(b) * P + u] = d;
+  }
+}
+
+int pointwise_blocks(int64_t total) {
+  const int64_t blocks = (total + 255) / 256;
+  return static_cast<int>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+// ------------------------------------------------------------ path choosing
+
+// Threads of a persistent block: enough for one output per thread in the
+// widest phase (GH gate columns, RB*H cell elements, RB*P state elements).
+int choose_threads(int GH, int H, int P, int RB) {
+  int n = GH;
+  if (RB * H > n) n = RB * H;
+  if (RB * P > n) n = RB * P;
+  n = round_up(n, 32);
+  return n > 1024 ? 1024 : n;
+}
+
+struct Plan {
+  Path path;
+  int RB;
+  size_t smem;
+};
+
+// Picks the loop implementation for one layer-direction.
+template <typename T>
+Plan plan_loop(int mode, int B, int H, int P, bool proj, bool backward) {
+  const DeviceInfo dev = device_info();
+  const int GH = kernels::num_gates(mode) * H;
+  const bool lstm = mode == kLSTM, gru = mode == kGRU;
+  auto bytes = [&](int RB, bool wsmem) -> size_t {
+    const int elems = backward ? bwd_smem(GH, H, P, RB, proj, lstm, gru, wsmem).total
+                               : fwd_smem(GH, H, P, RB, proj, lstm, wsmem).total;
+    return static_cast<size_t>(elems) * sizeof(T);
+  };
+  const int forced = forced_path();
+  int RB = (B + dev.sms - 1) / dev.sms;
+  if (RB < 1) RB = 1;
+
+  const size_t cap = static_cast<size_t>(dev.max_smem);
+  if (forced == 2) return Plan{Path::kStepwise, 0, 0};
+  if (forced != 1 && bytes(1, true) <= cap) {
+    // Weights in shared memory; smaller row groups (more blocks, possibly in
+    // several waves) when the state of RB rows does not fit beside them.
+    while (RB > 1 && bytes(RB, true) > cap) --RB;
+    return Plan{Path::kPersistentSmem, RB, bytes(RB, true)};
+  }
+  if (forced == 1 || H <= kPersistentGlobalMaxH) {
+    // Weights from L2: larger row groups amortise the weight traffic.
+    if (forced != 1 && RB < 4) RB = B < 4 ? B : 4;
+    while (RB > 1 && bytes(RB, false) > cap) --RB;
+    if (bytes(RB, false) <= cap) {
+      return Plan{Path::kPersistentGlobal, RB, bytes(RB, false)};
+    }
+  }
+  return Plan{Path::kStepwise, 0, 0};
+}
+
+template <typename K>
+void set_smem(K kernel, size_t smem) {
+  if (smem > 48 * 1024) {
+    check_call(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+}
+
+// Workspace layout (shared by the size query and the run).
+template <typename T>
+struct FwdWork {
+  T* wt;      // (P, GH) W_hh^T
+  T* wrt;     // (H, P) W_hr^T
+  T* h[2];    // (B, P) double-buffered state
+  T* c;       // (B, H)
+  T* hh;      // (B, GH) h W_hh^T of one step
+  T* r;       // (B, H) LSTM r before projection
+  size_t bytes;
+};
+
+template <typename T>
+FwdWork<T> carve_forward(const LayerForwardParams<T>& p, void* workspace) {
+  Carver cv{static_cast<char*>(workspace)};
+  const size_t GH = static_cast<size_t>(kernels::num_gates(p.mode)) * p.H;
+  const size_t B = p.B, H = p.H, P = p.P;
+  const bool proj = p.w_hr != nullptr;
+  FwdWork<T> w;
+  w.wt = cv.take<T>(GH * P);
+  w.wrt = proj ? cv.take<T>(H * P) : nullptr;
+  w.h[0] = cv.take<T>(B * P);
+  w.h[1] = cv.take<T>(B * P);
+  w.c = p.mode == kLSTM ? cv.take<T>(B * H) : nullptr;
+  w.hh = cv.take<T>(B * GH);
+  w.r = proj ? cv.take<T>(B * H) : nullptr;
+  w.bytes = cv.used;
+  return w;
+}
+
+template <typename T>
+struct BwdWork {
+  T* dh[2];   // (B, P) double-buffered dL/dh
+  T* dht;     // (B, P) dL/dh_t of one step
+  T* dr;      // (B, H) dL/dr (projection)
+  T* dc;      // (B, H) dL/dc (LSTM)
+  T* direct;  // (B, P) GRU z*dh
+  T* dg;      // (B, GH) GRU recurrent-side grads when dgates_h is null
+  size_t bytes;
+};
+
+template <typename T>
+BwdWork<T> carve_backward(const LayerBackwardParams<T>& p, void* workspace) {
+  Carver cv{static_cast<char*>(workspace)};
+  const size_t GH = static_cast<size_t>(kernels::num_gates(p.mode)) * p.H;
+  const size_t B = p.B, H = p.H, P = p.P;
+  BwdWork<T> w;
+  w.dh[0] = cv.take<T>(B * P);
+  w.dh[1] = cv.take<T>(B * P);
+  w.dht = cv.take<T>(B * P);
+  w.dr = p.w_hr != nullptr ? cv.take<T>(B * H) : nullptr;
+  w.dc = p.mode == kLSTM ? cv.take<T>(B * H) : nullptr;
+  w.direct = p.mode == kGRU ? cv.take<T>(B * P) : nullptr;
+  w.dg = p.mode == kGRU ? cv.take<T>(B * GH) : nullptr;
+  w.bytes = cv.used;
+  return w;
+}
+
+void check_mode(int mode, int H, int P, bool proj) {
+  if (mode < kernels::kLSTM || mode > kernels::kRNN_RELU) {
+    throw std::runtime_error("fastcells CUDA: mode must be 0..3, got " + std::to_string(mode));
+  }
+  if (proj && mode != kLSTM) throw std::runtime_error("fastcells CUDA: w_hr is LSTM-only");
+  if (!proj && P != H) {
+    throw std::runtime_error("fastcells CUDA: P must equal H without a projection (H=" +
+                             std::to_string(H) + ", P=" + std::to_string(P) + ")");
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ forward
+
+template <typename scalar_t>
+size_t forward_workspace_bytes(const kernels::LayerForwardParams<scalar_t>& p) {
+  return carve_forward<scalar_t>(p, nullptr).bytes;
+}
+
+template <typename scalar_t>
+void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p, void* workspace,
+                       void* stream_ptr) {
+  using T = scalar_t;
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const bool proj = p.w_hr != nullptr;
+  check_mode(p.mode, p.H, p.P, proj);
+  if (p.B <= 0) return;
+  const int GH = kernels::num_gates(p.mode) * p.H;
+  const FwdWork<T> w = carve_forward<T>(p, workspace);
+  const Plan plan = plan_loop<T>(p.mode, p.B, p.H, p.P, proj, /*backward=*/false);
+
+  if (plan.path != Path::kStepwise) {
+    const bool global = plan.path == Path::kPersistentGlobal;
+    if (global) {
+      launch_transpose<T>(p.w_hh, w.wt, p.P, GH, stream);
+      if (proj) launch_transpose<T>(p.w_hr, w.wrt, p.H, p.P, stream);
+    }
+    set_smem(forward_persistent_kernel<T>, plan.smem);
+    const int threads = choose_threads(GH, p.H, p.P, plan.RB);
+    const int blocks = (p.B + plan.RB - 1) / plan.RB;
+    forward_persistent_kernel<T><<<blocks, threads, plan.smem, stream>>>(
+        p, global ? w.wt : nullptr, global ? w.wrt : nullptr, plan.RB);
+    check_launch("persistent forward kernel launch");
+    return;
+  }
+
+  // Stepwise: W^T once, then per step GEMM + pointwise (+ projection GEMM).
+  launch_transpose<T>(p.w_hh, w.wt, p.P, GH, stream);
+  if (proj) launch_transpose<T>(p.w_hr, w.wrt, p.H, p.P, stream);
+  const size_t BP = static_cast<size_t>(p.B) * p.P, BH = static_cast<size_t>(p.B) * p.H;
+  copy_or_zero<T>(w.h[0], p.h0, BP, stream, "copy h0");
+  if (p.mode == kLSTM) copy_or_zero<T>(w.c, p.c0, BH, stream, "copy c0");
+  int cur = 0;
+  const int pw_blocks = pointwise_blocks(static_cast<int64_t>(BH));
+  for (int s = 0; s < p.T; ++s) {
+    const int t = p.reverse ? p.T - 1 - s : s;
+    int bs;
+    int64_t off;
+    step_rows_host(p.batch_sizes, p.row_offsets, t, p.B, bs, off);
+    if (bs <= 0) continue;
+    T* h_cur = w.h[cur];
+    T* h_next = w.h[1 - cur];
+    launch_gemm<T>(bs, GH, p.P, h_cur, p.P, w.wt, GH, nullptr, 0, w.hh, GH, nullptr, 0, stream);
+    forward_step_pointwise_kernel<T><<<pw_blocks, 256, 0, stream>>>(p, bs, off, w.hh, h_cur,
+                                                                    h_next, w.c, w.r);
+    check_launch("stepwise forward pointwise kernel launch");
+    if (proj) {
+      launch_gemm<T>(bs, p.P, p.H, w.r, p.H, w.wrt, p.P, nullptr, 0, h_next, p.P,
+                     p.out + off * p.ld_out, p.ld_out, stream);
+    }
+    cur = 1 - cur;
+  }
+  copy_or_zero<T>(p.hy, w.h[cur], BP, stream, "copy hy");
+  if (p.mode == kLSTM && p.cy != nullptr) copy_or_zero<T>(p.cy, w.c, BH, stream, "copy cy");
+}
+
+// ----------------------------------------------------------------- backward
+
+template <typename scalar_t>
+size_t backward_workspace_bytes(const kernels::LayerBackwardParams<scalar_t>& p) {
+  return carve_backward<scalar_t>(p, nullptr).bytes;
+}
+
+template <typename scalar_t>
+void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p, void* workspace,
+                        void* stream_ptr) {
+  using T = scalar_t;
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const bool proj = p.w_hr != nullptr;
+  check_mode(p.mode, p.H, p.P, proj);
+  if (p.B <= 0) return;
+  const int GH = kernels::num_gates(p.mode) * p.H;
+  const BwdWork<T> w = carve_backward<T>(p, workspace);
+  const Plan plan = plan_loop<T>(p.mode, p.B, p.H, p.P, proj, /*backward=*/true);
+
+  if (plan.path != Path::kStepwise) {
+    const bool wsmem = plan.path == Path::kPersistentSmem;
+    set_smem(backward_persistent_kernel<T>, plan.smem);
+    const int threads = choose_threads(GH, p.H, p.P, plan.RB);
+    const int blocks = (p.B + plan.RB - 1) / plan.RB;
+    backward_persistent_kernel<T><<<blocks, threads, plan.smem, stream>>>(p, wsmem, plan.RB);
+    check_launch("persistent backward kernel launch");
+    return;
+  }
+
+  const size_t BP = static_cast<size_t>(p.B) * p.P, BH = static_cast<size_t>(p.B) * p.H;
+  copy_or_zero<T>(w.dh[0], p.grad_hy, BP, stream, "copy grad_hy");
+  if (p.mode == kLSTM) copy_or_zero<T>(w.dc, p.grad_cy, BH, stream, "copy grad_cy");
+  int cur = 0;
+  const int prep_blocks = pointwise_blocks(static_cast<int64_t>(BP));
+  for (int s = 0; s < p.T; ++s) {
+    const int t = p.reverse ? s : p.T - 1 - s;
+    int bs;
+    int64_t off;
+    step_rows_host(p.batch_sizes, p.row_offsets, t, p.B, bs, off);
+    if (bs <= 0) continue;
+    const int tp = p.reverse ? t + 1 : t - 1;
+    int bsp = 0;
+    int64_t offp = 0;
+    if (tp >= 0 && tp < p.T) step_rows_host(p.batch_sizes, p.row_offsets, tp, p.B, bsp, offp);
+    T* dh_cur = w.dh[cur];
+    T* dh_next = w.dh[1 - cur];
+    backward_step_prep_kernel<T><<<prep_blocks, 256, 0, stream>>>(p, bs, off, bsp, offp, dh_cur,
+                                                                  dh_next, w.dht);
+    check_launch("stepwise backward prep kernel launch");
+    if (proj) {
+      launch_gemm<T>(bs, p.H, p.P, w.dht, p.P, p.w_hr, p.H, nullptr, 0, w.dr, p.H, nullptr, 0,
+                     stream);
+    }
+    // Recurrent-side gradient rows: dgates_x for LSTM/RNN; for GRU dgates_h
+    // (or a workspace buffer when the caller passed none).
+    T* dg_rows;
+    if (p.mode == kGRU) {
+      dg_rows = p.dgates_h != nullptr ? p.dgates_h + off * GH : w.dg;
+    } else {
+      dg_rows = p.dgates_x + off * GH;
+    }
+    backward_step_pointwise_kernel<T>
+        <<<pointwise_blocks(static_cast<int64_t>(bs) * p.H), 256, 0, stream>>>(
+            p, bs, off, bsp, offp, proj ? w.dr : w.dht, w.dc, w.direct, dg_rows);
+    check_launch("stepwise backward pointwise kernel launch");
+    launch_gemm<T>(bs, p.P, GH, dg_rows, GH, p.w_hh, p.P, p.mode == kGRU ? w.direct : nullptr,
+                   p.P, dh_next, p.P, nullptr, 0, stream);
+    cur = 1 - cur;
+  }
+  copy_or_zero<T>(p.dh0, w.dh[cur], BP, stream, "copy dh0");
+  if (p.mode == kLSTM && p.dc0 != nullptr) copy_or_zero<T>(p.dc0, w.dc, BH, stream, "copy dc0");
+}
+
+// ------------------------------------------------------ explicit instances
+
+#define FASTCELLS_INSTANTIATE(T)                                                              \
+  template size_t forward_workspace_bytes<T>(const kernels::LayerForwardParams<T>&);         \
+  template void recurrent_forward<T>(const kernels::LayerForwardParams<T>&, void*, void*);   \
+  template size_t backward_workspace_bytes<T>(const kernels::LayerBackwardParams<T>&);       \
+  template void recurrent_backward<T>(const kernels::LayerBackwardParams<T>&, void*, void*);
+
+FASTCELLS_INSTANTIATE(float)
+FASTCELLS_INSTANTIATE(double)
+
+#undef FASTCELLS_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fastcells
