@@ -1,0 +1,149 @@
+// Gate math for the LSTM, GRU and RNN cells: the only copy of the equations.
+//
+// Torch-free and header-only so that the CPU code (csrc/cpu) and the CUDA
+// code (csrc/cuda) include the very same functions; the CPU tests therefore
+// validate the arithmetic the GPU runs.
+//
+// Shape legend used across csrc/:
+//   T  time steps            B  batch (max batch for packed input)
+//   I  input features        H  hidden size
+//   P  output/recurrent size (proj_size for a projected LSTM, else H)
+//   G  gates: 4 LSTM (i, f, g, o), 3 GRU (r, z, n), 1 RNN
+//   N  rows of a (packed) sequence: T*B for dense input, sum(batch_sizes) else
+//
+// Every function works on one (row, unit) element. `acc` is the accumulation
+// type (float for float/half/bfloat16 storage, double for double).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FC_HD __host__ __device__ __forceinline__
+#else
+#define FC_HD inline
+#endif
+
+namespace fastcells {
+namespace kernels {
+
+// Cell codes shared with the op layer (csrc/ops.cpp) and Python.
+enum CellMode : int { kLSTM = 0, kGRU = 1, kRNN_TANH = 2, kRNN_RELU = 3 };
+
+FC_HD int num_gates(int mode) {
+  return mode == kLSTM ? 4 : (mode == kGRU ? 3 : 1);
+}
+
+FC_HD float fc_exp(float x) { return ::expf(x); }
+FC_HD double fc_exp(double x) { return ::exp(x); }
+FC_HD float fc_tanh(float x) { return ::tanhf(x); }
+FC_HD double fc_tanh(double x) { return ::tanh(x); }
+
+template <typename acc>
+FC_HD acc sigmoid(acc x) {
+  return acc(1) / (acc(1) + fc_exp(-x));
+}
+
+// ---------------------------------------------------------------- LSTM
+// Pre-activations a_* already hold x W_ih^T + b_ih + h W_hh^T + b_hh.
+//   i = sig(a_i)  f = sig(a_f)  g = tanh(a_g)  o = sig(a_o)
+//   c = f * c_prev + i * g      r = o * tanh(c)   (h = r, or h = W_hr r)
+template <typename acc>
+struct LstmGates {
+  acc i, f, g, o, c, r;
+};
+
+template <typename acc>
+FC_HD LstmGates<acc> lstm_forward(acc a_i, acc a_f, acc a_g, acc a_o, acc c_prev) {
+  LstmGates<acc> s;
+  s.i = sigmoid(a_i);
+  s.f = sigmoid(a_f);
+  s.g = fc_tanh(a_g);
+  s.o = sigmoid(a_o);
+  s.c = s.f * c_prev + s.i * s.g;
+  s.r = s.o * fc_tanh(s.c);
+  return s;
+}
+
+// Backward of one LSTM element from the activated gates saved in forward.
+//   dr      gradient w.r.t. r = o*tanh(c) (dh, or dh W_hr for a projection)
+//   dc_next gradient w.r.t. c flowing back from step t+1
+// Writes the pre-activation gradients and returns dc_prev.
+template <typename acc>
+struct LstmGrads {
+  acc di, df, dg, do_, dc_prev;
+};
+
+template <typename acc>
+FC_HD LstmGrads<acc> lstm_backward(acc i, acc f, acc g, acc o, acc c, acc c_prev,
+                                   acc dr, acc dc_next) {
+  const acc tc = fc_tanh(c);
+  const acc dc = dc_next + dr * o * (acc(1) - tc * tc);
+  LstmGrads<acc> d;
+  d.di = dc * g * i * (acc(1) - i);
+  d.df = dc * c_prev * f * (acc(1) - f);
+  d.dg = dc * i * (acc(1) - g * g);
+  d.do_ = dr * tc * o * (acc(1) - o);
+  d.dc_prev = dc * f;
+  return d;
+}
+
+// ---------------------------------------------------------------- GRU
+// torch.nn convention (reset applied after the recurrent matmul):
+//   r = sig(x_r + hh_r)   z = sig(x_z + hh_z)
+//   n = tanh(x_n + r * hh_n)        with hh_n = h_prev W_hn^T + b_hn
+//   h = (1 - z) * n + z * h_prev
+// x_* hold x W_ih^T + b_ih (and b_hr, b_hz folded in); hh_r, hh_z the
+// recurrent products without bias.
+template <typename acc>
+struct GruGates {
+  acc r, z, n, h;
+};
+
+template <typename acc>
+FC_HD GruGates<acc> gru_forward(acc x_r, acc x_z, acc x_n, acc hh_r, acc hh_z, acc hh_n,
+                                acc h_prev) {
+  GruGates<acc> s;
+  s.r = sigmoid(x_r + hh_r);
+  s.z = sigmoid(x_z + hh_z);
+  s.n = fc_tanh(x_n + s.r * hh_n);
+  s.h = (acc(1) - s.z) * s.n + s.z * h_prev;
+  return s;
+}
+
+// Gradients of one GRU element. dx_* go to the input side (W_ih, b_ih, x),
+// dhh_* to the recurrent side (W_hh, b_hh, h_prev through W_hh); they differ
+// only in the n slot. dh_prev_direct is the z * dh path that skips W_hh.
+template <typename acc>
+struct GruGrads {
+  acc dx_r, dx_z, dx_n, dhh_n, dh_prev_direct;
+};
+
+template <typename acc>
+FC_HD GruGrads<acc> gru_backward(acc r, acc z, acc n, acc hh_n, acc h_prev, acc dh) {
+  GruGrads<acc> d;
+  const acc dn = dh * (acc(1) - z);
+  const acc dz = dh * (h_prev - n);
+  d.dx_n = dn * (acc(1) - n * n);
+  d.dhh_n = d.dx_n * r;
+  d.dx_r = d.dx_n * hh_n * r * (acc(1) - r);
+  d.dx_z = dz * z * (acc(1) - z);
+  d.dh_prev_direct = dh * z;
+  return d;
+}
+
+// ---------------------------------------------------------------- RNN
+template <typename acc>
+FC_HD acc rnn_forward(int mode, acc a) {
+  // `a < 0 ? 0 : a` keeps NaN as NaN, like torch.relu.
+  return mode == kRNN_RELU ? (a < acc(0) ? acc(0) : a) : fc_tanh(a);
+}
+
+// Gradient w.r.t. the pre-activation from the activated output h.
+template <typename acc>
+FC_HD acc rnn_backward(int mode, acc h, acc dh) {
+  // threshold_backward semantics: zero where h <= 0, dh elsewhere (NaN too).
+  return mode == kRNN_RELU ? (h <= acc(0) ? acc(0) : dh) : dh * (acc(1) - h * h);
+}
+
+}  // namespace kernels
+}  // namespace fastcells

@@ -1,0 +1,610 @@
+// Op layer: TORCH_LIBRARY schemas, input checks and the layer/direction
+// driver shared by the CPU and CUDA backends.
+//
+// Shape legend (csrc/kernels/cells.h): T steps, B batch, I input features,
+// H hidden, P output size (proj_size or H), G gates, L layers, D directions,
+// N rows (T*B dense, sum(batch_sizes) packed).
+//
+// The driver does what is a GEMM over all time steps with ATen (input
+// projection, weight and input gradients) and hands the time loop of each
+// layer/direction to the backend (csrc/cpu or csrc/cuda) through the params
+// structs of csrc/kernels/params.h.
+//
+// Saved for backward (`reserve`, 1-D, compute dtype), in this order:
+//   per layer l, direction d (index l*D + d):
+//     gates (N, G*H)  activated gates: LSTM i,f,g,o; GRU r,z,n; RNN h
+//     extra (N, H)    LSTM c_t; GRU hh_n = h_{t-1} W_hn^T + b_hn; absent RNN
+//   per layer l < L-1:
+//     y_l (N, D*P)    the layer's output (before dropout)
+// The last layer's output is the op's `output` and is saved by autograd.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu/blas_cpu.h"
+#include "cpu/recurrent_cpu.h"
+#include "kernels/cells.h"
+#include "kernels/params.h"
+
+#ifdef WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/recurrent_cuda.h"
+#endif
+
+namespace fastcells {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kModeNames[] = {"LSTM", "GRU", "RNN_TANH", "RNN_RELU"};
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << s;
+  return o.str();
+}
+
+// Everything the driver needs to know about one call, derived and checked
+// from the arguments before any output is allocated.
+struct Config {
+  int64_t mode = 0, L = 1, D = 1, G = 1, H = 0, P = 0, I = 0, T = 0, B = 0, N = 0;
+  int64_t per_dir = 2;  // weights per layer and direction
+  bool bias = true, packed = false;
+  std::vector<int64_t> batch_sizes, offsets;
+
+  int64_t GH() const { return G * H; }
+  int64_t EH() const { return (mode == kernels::kLSTM || mode == kernels::kGRU) ? H : 0; }
+  int64_t gates_offset(int64_t idx) const { return idx * N * (GH() + EH()); }
+  int64_t extra_offset(int64_t idx) const { return gates_offset(idx) + N * GH(); }
+  int64_t inter_offset(int64_t l) const { return L * D * N * (GH() + EH()) + l * N * D * P; }
+  int64_t reserve_size() const { return inter_offset(L - 1); }
+  int64_t layer_input(int64_t l) const { return l == 0 ? I : D * P; }
+  const Tensor& w(at::TensorList ws, int64_t l, int64_t d, int64_t k) const {
+    return ws[(l * D + d) * per_dir + k];
+  }
+};
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
+}
+
+void check_tensor(const Tensor& t, const char* name, at::IntArrayRef expected,
+                  const Tensor& input) {
+  TORCH_CHECK(t.defined(), "fastcells: `", name, "` is required");
+  TORCH_CHECK(t.sizes() == expected, "fastcells: expected `", name, "` of shape ",
+              shape_str(expected), ", got ", shape_str(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastcells: expected `", name,
+              "` of dtype ", input.scalar_type(), " (the input's), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "fastcells: expected `", name, "` on device ",
+              input.device(), " (the input's), got ", t.device());
+}
+
+Config check_inputs(const Tensor& input, at::TensorList weights, const Tensor& hx,
+                    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes,
+                    int64_t mode, int64_t num_layers, bool bidirectional, bool has_biases,
+                    int64_t proj_size, const std::optional<Tensor>& dropout_masks) {
+  Config c;
+  TORCH_CHECK(mode >= 0 && mode <= 3,
+              "fastcells: `mode` must be 0 (LSTM), 1 (GRU), 2 (RNN_TANH) or 3 (RNN_RELU), got ",
+              mode);
+  TORCH_CHECK(num_layers >= 1, "fastcells: `num_layers` must be >= 1, got ", num_layers);
+  TORCH_CHECK(proj_size >= 0, "fastcells: `proj_size` must be >= 0, got ", proj_size);
+  TORCH_CHECK(proj_size == 0 || mode == kernels::kLSTM,
+              "fastcells: `proj_size` is only supported for LSTM, got mode ", kModeNames[mode]);
+  c.mode = mode;
+  c.L = num_layers;
+  c.D = bidirectional ? 2 : 1;
+  c.G = kernels::num_gates(static_cast<int>(mode));
+  c.bias = has_biases;
+  c.per_dir = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
+
+  TORCH_CHECK(input.defined(), "fastcells: `input` is required");
+  TORCH_CHECK(is_float_type(input.scalar_type()),
+              "fastcells: `input` must be a floating point tensor (float32, float64, "
+              "bfloat16 or float16), got ", input.scalar_type());
+  TORCH_CHECK(input.is_cpu() || input.is_cuda(), "fastcells: `input` must be on CPU or CUDA, got ",
+              input.device());
+#ifndef WITH_CUDA
+  TORCH_CHECK(input.is_cpu(),
+              "fastcells: `input` is on ", input.device(),
+              " but this build of fastcells has no CUDA backend (rebuild with FORCE_CUDA=1)");
+#endif
+  TORCH_CHECK(!(input.is_cpu() && input.scalar_type() == at::kHalf),
+              "fastcells: float16 `input` is supported on CUDA only; use bfloat16 or float32 "
+              "on CPU");
+  c.packed = batch_sizes.has_value();
+  if (c.packed) {
+    TORCH_CHECK(input.dim() == 2, "fastcells: packed `input` must be 2-D (N, input_size), got ",
+                input.dim(), "-D of shape ", shape_str(input.sizes()));
+    const auto bs = *batch_sizes;
+    c.T = static_cast<int64_t>(bs.size());
+    int64_t total = 0;
+    for (const auto t : c10::irange(c.T)) {
+      TORCH_CHECK(bs[t] > 0, "fastcells: `batch_sizes` must be positive, got ", bs[t],
+                  " at step ", t);
+      TORCH_CHECK(t == 0 || bs[t] <= bs[t - 1],
+                  "fastcells: `batch_sizes` must be non-increasing, got ", bs[t - 1],
+                  " then ", bs[t], " at step ", t);
+      c.batch_sizes.push_back(bs[t]);
+      c.offsets.push_back(total);
+      total += bs[t];
+    }
+    TORCH_CHECK(total == input.size(0), "fastcells: `batch_sizes` sum to ", total,
+                " but packed `input` has ", input.size(0), " rows");
+    c.B = c.T > 0 ? bs[0] : 0;
+    c.N = total;
+    c.I = input.size(1);
+  } else {
+    TORCH_CHECK(input.dim() == 3,
+                "fastcells: `input` must be 3-D (seq_len, batch, input_size), got ", input.dim(),
+                "-D of shape ", shape_str(input.sizes()));
+    c.T = input.size(0);
+    c.B = input.size(1);
+    c.I = input.size(2);
+    c.N = c.T * c.B;
+    for (const auto t : c10::irange(c.T)) {
+      c.batch_sizes.push_back(c.B);
+      c.offsets.push_back(t * c.B);
+    }
+  }
+  TORCH_CHECK(c.T <= std::numeric_limits<int>::max() && c.N < (int64_t(1) << 40),
+              "fastcells: sequence too long: T = ", c.T, ", N = ", c.N);
+
+  const int64_t expected_weights = c.L * c.D * c.per_dir;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected_weights, "fastcells: expected ",
+              expected_weights, " tensors in `weights` (num_layers=", c.L, ", directions=", c.D,
+              ", has_biases=", has_biases, ", proj_size=", proj_size, "), got ", weights.size());
+  TORCH_CHECK(weights[1].defined() && weights[1].dim() == 2,
+              "fastcells: `weights[1]` (weight_hh_l0) must be 2-D");
+  TORCH_CHECK(weights[1].size(0) % c.G == 0 && weights[1].size(0) > 0,
+              "fastcells: `weights[1]` (weight_hh_l0) must have a positive multiple of ", c.G,
+              " rows for ", kModeNames[mode], ", got ", weights[1].size(0));
+  c.H = weights[1].size(0) / c.G;
+  c.P = proj_size > 0 ? proj_size : c.H;
+  TORCH_CHECK(proj_size < c.H || proj_size == 0, "fastcells: `proj_size` (", proj_size,
+              ") must be smaller than hidden_size (", c.H, ")");
+  // Caps that keep every index of the BLAS (int32) and the kernels in range.
+  TORCH_CHECK(c.GH() * std::max(c.I, c.D * c.P) < (int64_t(1) << 31) && c.N * c.GH() < (int64_t(1) << 40),
+              "fastcells: sizes too large (N=", c.N, ", G*H=", c.GH(), ", input_size=", c.I, ")");
+  TORCH_CHECK(c.N < (int64_t(1) << 31), "fastcells: too many rows (T*B = ", c.N, ", max 2^31-1)");
+
+  const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
+  for (const auto l : c10::irange(c.L)) {
+    for (const auto d : c10::irange(c.D)) {
+      for (const auto k : c10::irange(c.per_dir)) {
+        const int kind = (k >= 2 && !has_biases) ? 4 : static_cast<int>(k);
+        std::vector<int64_t> shape;
+        switch (kind) {
+          case 0: shape = {c.GH(), c.layer_input(l)}; break;
+          case 1: shape = {c.GH(), c.P}; break;
+          case 2:
+          case 3: shape = {c.GH()}; break;
+          default: shape = {c.P, c.H}; break;
+        }
+        const std::string name = std::string("weights[") +
+                                 std::to_string((l * c.D + d) * c.per_dir + k) + "] (" +
+                                 names[kind] + "_l" + std::to_string(l) +
+                                 (d == 1 ? "_reverse" : "") + ")";
+        check_tensor(c.w(weights, l, d, k), name.c_str(), shape, input);
+      }
+    }
+  }
+  check_tensor(hx, "hx", {c.L * c.D, c.B, c.P}, input);
+  if (mode == kernels::kLSTM) {
+    TORCH_CHECK(cx.has_value() && cx->defined(), "fastcells: `cx` is required for LSTM");
+    check_tensor(*cx, "cx", {c.L * c.D, c.B, c.H}, input);
+  } else {
+    TORCH_CHECK(!cx.has_value() || !cx->defined(), "fastcells: `cx` must be None for ",
+                kModeNames[mode]);
+  }
+  if (dropout_masks.has_value() && dropout_masks->defined() && c.L > 1) {
+    std::vector<int64_t> shape{c.L - 1};
+    if (c.packed) {
+      shape.push_back(c.N);
+    } else {
+      shape.push_back(c.T);
+      shape.push_back(c.B);
+    }
+    shape.push_back(c.D * c.P);
+    check_tensor(*dropout_masks, "dropout_masks", shape, input);
+  }
+  return c;
+}
+
+// FASTCELLS_POISON=1 fills every buffer the op allocates with NaN before use,
+// so a kernel that reads memory it did not write shows up as NaN in tests.
+bool poison_enabled() {
+  const char* v = std::getenv("FASTCELLS_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) {
+  Tensor t = at::empty(sizes, opts);
+  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+Tensor to_compute(const Tensor& t, at::ScalarType cd) {
+  return t.to(cd).contiguous();
+}
+
+std::optional<Tensor> to_compute(const std::optional<Tensor>& t, at::ScalarType cd) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->to(cd).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// Device copies of batch_sizes / offsets for a GPU backend (packed only).
+struct DeviceSchedule {
+  Tensor batch_sizes, offsets;
+};
+
+DeviceSchedule device_schedule(const Config& c, const at::Device& dev) {
+  DeviceSchedule s;
+  if (dev.is_cuda() && c.packed && c.T > 0) {
+    auto opts = at::TensorOptions().dtype(at::kLong);
+    s.batch_sizes = at::tensor(c.batch_sizes, opts).to(dev);
+    s.offsets = at::tensor(c.offsets, opts).to(dev);
+  }
+  return s;
+}
+
+template <typename T>
+void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev) {
+  if (dev.is_cpu()) {
+    cpu::recurrent_forward<T>(p);
+    return;
+  }
+#ifdef WITH_CUDA
+  const auto bytes = cuda::forward_workspace_bytes<T>(p);
+  Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(dev));
+  cuda::recurrent_forward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+#else
+  TORCH_CHECK(false, "fastcells: no CUDA backend in this build");
+#endif
+}
+
+template <typename T>
+void run_backward(const kernels::LayerBackwardParams<T>& p, const at::Device& dev) {
+  if (dev.is_cpu()) {
+    cpu::recurrent_backward<T>(p);
+    return;
+  }
+#ifdef WITH_CUDA
+  const auto bytes = cuda::backward_workspace_bytes<T>(p);
+  Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(dev));
+  cuda::recurrent_backward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+#else
+  TORCH_CHECK(false, "fastcells: no CUDA backend in this build");
+#endif
+}
+
+// Input of layer l (N, I_l): the packed input, or the previous layer's
+// output with its dropout mask applied.
+Tensor layer_input(const Config& c, int64_t l, const Tensor& x, const Tensor& reserve,
+                   const std::optional<Tensor>& masks) {
+  if (l == 0) return x;
+  Tensor y = reserve.narrow(0, c.inter_offset(l - 1), c.N * c.D * c.P).view({c.N, c.D * c.P});
+  if (masks.has_value()) return y * masks->select(0, l - 1).reshape({c.N, c.D * c.P});
+  return y;
+}
+
+// x W_ih^T + folded biases, written into `gates` (N, G*H).
+void input_projection(const Config& c, const Tensor& gates, const Tensor& x, const Tensor& w_ih,
+                      const Tensor* b_ih, const Tensor* b_hh) {
+  if (!c.bias) {
+    at::mm_out(const_cast<Tensor&>(gates), x, w_ih.t());
+    return;
+  }
+  Tensor bias;
+  if (c.mode == kernels::kGRU) {
+    // b_hn stays inside r * (h W_hn^T + b_hn); b_hr and b_hz fold in here.
+    bias = b_ih->clone();
+    bias.narrow(0, 0, 2 * c.H).add_(b_hh->narrow(0, 0, 2 * c.H));
+  } else {
+    bias = *b_ih + *b_hh;
+  }
+  at::addmm_out(const_cast<Tensor&>(gates), bias, x, w_ih.t());
+}
+
+template <typename T>
+void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& w,
+                   const Tensor& h0, const std::optional<Tensor>& c0,
+                   const std::optional<Tensor>& masks, const Tensor& output, const Tensor& hy,
+                   const Tensor& cy, const Tensor& reserve, const DeviceSchedule& sched) {
+  const bool lstm = c.mode == kernels::kLSTM;
+  for (const auto l : c10::irange(c.L)) {
+    const Tensor xl = layer_input(c, l, x, reserve, masks);
+    const Tensor out_l = l == c.L - 1
+                             ? output
+                             : reserve.narrow(0, c.inter_offset(l), c.N * c.D * c.P).view({c.N, c.D * c.P});
+    for (const auto d : c10::irange(c.D)) {
+      const int64_t idx = l * c.D + d;
+      const Tensor& w_ih = c.w(w, l, d, 0);
+      const Tensor& w_hh = c.w(w, l, d, 1);
+      const Tensor* b_ih = c.bias ? &c.w(w, l, d, 2) : nullptr;
+      const Tensor* b_hh = c.bias ? &c.w(w, l, d, 3) : nullptr;
+      const Tensor* w_hr = c.P != c.H ? &c.w(w, l, d, c.per_dir - 1) : nullptr;
+      const Tensor gates = reserve.narrow(0, c.gates_offset(idx), c.N * c.GH()).view({c.N, c.GH()});
+      input_projection(c, gates, xl, w_ih, b_ih, b_hh);
+
+      kernels::LayerForwardParams<T> p{};
+      p.mode = static_cast<int>(c.mode);
+      p.T = static_cast<int>(c.T);
+      p.B = static_cast<int>(c.B);
+      p.H = static_cast<int>(c.H);
+      p.P = static_cast<int>(c.P);
+      p.batch_sizes = c.batch_sizes.data();
+      p.row_offsets = c.offsets.data();
+      p.batch_sizes_dev = sched.batch_sizes.defined() ? sched.batch_sizes.data_ptr<int64_t>() : nullptr;
+      p.row_offsets_dev = sched.offsets.defined() ? sched.offsets.data_ptr<int64_t>() : nullptr;
+      p.reverse = d == 1;
+      p.gates = gates.data_ptr<T>();
+      p.extra = c.EH() > 0 ? reserve.data_ptr<T>() + c.extra_offset(idx) : nullptr;
+      p.w_hh = w_hh.data_ptr<T>();
+      p.b_hn = (c.mode == kernels::kGRU && c.bias) ? b_hh->data_ptr<T>() + 2 * c.H : nullptr;
+      p.w_hr = w_hr ? w_hr->data_ptr<T>() : nullptr;
+      p.out = out_l.data_ptr<T>() + d * c.P;
+      p.ld_out = c.D * c.P;
+      p.h0 = h0.data_ptr<T>() + idx * c.B * c.P;
+      p.hy = hy.data_ptr<T>() + idx * c.B * c.P;
+      p.c0 = lstm ? c0->data_ptr<T>() + idx * c.B * c.H : nullptr;
+      p.cy = lstm ? cy.data_ptr<T>() + idx * c.B * c.H : nullptr;
+      run_forward<T>(p, x.device());
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
+    const Tensor& input, at::TensorList weights, const Tensor& hx,
+    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
+    const std::optional<Tensor>& dropout_masks) {
+  const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
+                                bidirectional, has_biases, proj_size, dropout_masks);
+#ifdef WITH_CUDA
+  const c10::OptionalDeviceGuard guard(input.device());
+#endif
+  const bool poison = poison_enabled();
+  const at::ScalarType cd = compute_type(input.scalar_type());
+  const auto opts = input.options().dtype(cd);
+  const Tensor x = to_compute(input, cd).view({c.N, c.I});
+  std::vector<Tensor> w;
+  w.reserve(weights.size());
+  for (const auto& t : weights) w.push_back(to_compute(t, cd));
+  const Tensor h0 = to_compute(hx, cd);
+  const auto c0 = to_compute(cx, cd);
+  const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
+  const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
+
+  Tensor reserve = alloc({c.reserve_size()}, opts, poison);
+  Tensor output = alloc({c.N, c.D * c.P}, opts, poison);
+  Tensor hy = alloc({c.L * c.D, c.B, c.P}, opts, poison);
+  Tensor cy = alloc({c.mode == kernels::kLSTM ? c.L * c.D : 0, c.B, c.H}, opts, poison);
+  if (c.mode != kernels::kLSTM) cy = cy.view({0});
+  const DeviceSchedule sched = device_schedule(c, input.device());
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_forward", [&] {
+    forward_stack<scalar_t>(c, x, w, h0, c0, masks, output, hy, cy, reserve, sched);
+  });
+
+  if (!c.packed) output = output.view({c.T, c.B, c.D * c.P});
+  const auto out_t = input.scalar_type();
+  return {output.to(out_t), hy.to(out_t), cy.to(out_t), reserve};
+}
+
+template <typename T>
+void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& w,
+                    const Tensor& h0, const std::optional<Tensor>& c0,
+                    const std::optional<Tensor>& masks, const Tensor& output,
+                    const Tensor& reserve, const std::optional<Tensor>& grad_output,
+                    const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy,
+                    const Tensor& grad_input, const Tensor& dhx, const Tensor& dcx,
+                    const std::vector<Tensor>& gw, const DeviceSchedule& sched, bool poison) {
+  const bool lstm = c.mode == kernels::kLSTM, gru = c.mode == kernels::kGRU;
+  const bool proj = c.P != c.H;
+  const auto opts = x.options();
+  // Scratch reused by every layer and direction.
+  const Tensor dgx = alloc({c.N, c.GH()}, opts, poison);
+  const Tensor dgh = gru ? alloc({c.N, c.GH()}, opts, poison) : dgx;
+  const Tensor hprev = alloc({c.N, c.P}, opts, poison);
+  const Tensor r_all = proj ? alloc({c.N, c.H}, opts, poison) : Tensor();
+  const Tensor dh_all = proj ? alloc({c.N, c.P}, opts, poison) : Tensor();
+
+  std::optional<Tensor> go = grad_output;  // gradient w.r.t. layer l's output (N, D*P)
+  for (int64_t l = c.L - 1; l >= 0; --l) {
+    const Tensor xl = layer_input(c, l, x, reserve, masks);
+    const Tensor out_l = l == c.L - 1
+                             ? output
+                             : reserve.narrow(0, c.inter_offset(l), c.N * c.D * c.P).view({c.N, c.D * c.P});
+    Tensor dxl = l == 0 ? grad_input : alloc({c.N, c.D * c.P}, opts, poison);
+    for (const auto d : c10::irange(c.D)) {
+      const int64_t idx = l * c.D + d;
+      const Tensor& w_ih = c.w(w, l, d, 0);
+      kernels::LayerBackwardParams<T> p{};
+      p.mode = static_cast<int>(c.mode);
+      p.T = static_cast<int>(c.T);
+      p.B = static_cast<int>(c.B);
+      p.H = static_cast<int>(c.H);
+      p.P = static_cast<int>(c.P);
+      p.batch_sizes = c.batch_sizes.data();
+      p.row_offsets = c.offsets.data();
+      p.batch_sizes_dev = sched.batch_sizes.defined() ? sched.batch_sizes.data_ptr<int64_t>() : nullptr;
+      p.row_offsets_dev = sched.offsets.defined() ? sched.offsets.data_ptr<int64_t>() : nullptr;
+      p.reverse = d == 1;
+      p.gates = reserve.data_ptr<T>() + c.gates_offset(idx);
+      p.extra = c.EH() > 0 ? reserve.data_ptr<T>() + c.extra_offset(idx) : nullptr;
+      p.out = out_l.data_ptr<T>() + d * c.P;
+      p.ld_out = c.D * c.P;
+      p.h0 = h0.data_ptr<T>() + idx * c.B * c.P;
+      p.c0 = lstm ? c0->data_ptr<T>() + idx * c.B * c.H : nullptr;
+      p.w_hh = c.w(w, l, d, 1).data_ptr<T>();
+      p.w_hr = proj ? c.w(w, l, d, c.per_dir - 1).data_ptr<T>() : nullptr;
+      p.grad_out = go.has_value() ? go->data_ptr<T>() + d * c.P : nullptr;
+      p.ld_gout = c.D * c.P;
+      p.grad_hy = grad_hy.has_value() ? grad_hy->data_ptr<T>() + idx * c.B * c.P : nullptr;
+      p.grad_cy = (lstm && grad_cy.has_value()) ? grad_cy->data_ptr<T>() + idx * c.B * c.H : nullptr;
+      p.dgates_x = dgx.data_ptr<T>();
+      p.dgates_h = gru ? dgh.data_ptr<T>() : nullptr;
+      p.h_prev = hprev.data_ptr<T>();
+      p.r_all = proj ? r_all.data_ptr<T>() : nullptr;
+      p.dh_all = proj ? dh_all.data_ptr<T>() : nullptr;
+      p.dh0 = dhx.data_ptr<T>() + idx * c.B * c.P;
+      p.dc0 = lstm ? dcx.data_ptr<T>() + idx * c.B * c.H : nullptr;
+      run_backward<T>(p, x.device());
+
+      // Weight and input gradients: one GEMM each over all time steps.
+      const int64_t base = idx * c.per_dir;
+      at::mm_out(const_cast<Tensor&>(gw[base + 0]), dgx.t(), xl);
+      at::mm_out(const_cast<Tensor&>(gw[base + 1]), dgh.t(), hprev);
+      if (c.bias) {
+        at::sum_out(const_cast<Tensor&>(gw[base + 2]), dgx, {0});
+        at::sum_out(const_cast<Tensor&>(gw[base + 3]), dgh, {0});
+      }
+      if (proj) at::mm_out(const_cast<Tensor&>(gw[base + c.per_dir - 1]), dh_all.t(), r_all);
+      if (d == 0) {
+        at::mm_out(dxl, dgx, w_ih);
+      } else {
+        dxl.addmm_(dgx, w_ih);
+      }
+    }
+    if (l > 0) {
+      go = masks.has_value() ? dxl * masks->select(0, l - 1).reshape({c.N, c.D * c.P}) : dxl;
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
+    const Tensor& input, at::TensorList weights, const Tensor& hx,
+    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
+    const std::optional<Tensor>& dropout_masks, const Tensor& output, const Tensor& reserve,
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
+    const std::optional<Tensor>& grad_cy) {
+  const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
+                                bidirectional, has_biases, proj_size, dropout_masks);
+  const at::ScalarType cd = compute_type(input.scalar_type());
+  std::vector<int64_t> out_shape = c.packed ? std::vector<int64_t>{c.N, c.D * c.P}
+                                            : std::vector<int64_t>{c.T, c.B, c.D * c.P};
+  check_tensor(output, "output", out_shape, input);
+  TORCH_CHECK(reserve.defined() && reserve.dim() == 1 && reserve.size(0) == c.reserve_size() &&
+                  reserve.scalar_type() == cd && reserve.device() == input.device(),
+              "fastcells: `reserve` must be the 1-D ", cd, " tensor of ", c.reserve_size(),
+              " elements returned by rnn_forward for these arguments, got ",
+              reserve.scalar_type(), " of shape ", shape_str(reserve.sizes()));
+  if (grad_output.has_value() && grad_output->defined())
+    check_tensor(*grad_output, "grad_output", out_shape, input);
+  if (grad_hy.has_value() && grad_hy->defined())
+    check_tensor(*grad_hy, "grad_hy", {c.L * c.D, c.B, c.P}, input);
+  const bool lstm = c.mode == kernels::kLSTM;
+  if (lstm && grad_cy.has_value() && grad_cy->defined())
+    check_tensor(*grad_cy, "grad_cy", {c.L * c.D, c.B, c.H}, input);
+#ifdef WITH_CUDA
+  const c10::OptionalDeviceGuard guard(input.device());
+#endif
+  const bool poison = poison_enabled();
+  const auto opts = input.options().dtype(cd);
+  const Tensor x = to_compute(input, cd).view({c.N, c.I});
+  std::vector<Tensor> w;
+  w.reserve(weights.size());
+  for (const auto& t : weights) w.push_back(to_compute(t, cd));
+  const Tensor h0 = to_compute(hx, cd);
+  const auto c0 = to_compute(cx, cd);
+  const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
+  const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
+  const Tensor out = to_compute(output, cd).view({c.N, c.D * c.P});
+  auto go = to_compute(grad_output, cd);
+  if (go.has_value()) go = go->view({c.N, c.D * c.P});
+  const auto ghy = to_compute(grad_hy, cd);
+  const auto gcy = lstm ? to_compute(grad_cy, cd) : std::nullopt;
+
+  Tensor grad_input = alloc({c.N, c.I}, opts, poison);
+  Tensor dhx = alloc({c.L * c.D, c.B, c.P}, opts, poison);
+  Tensor dcx = alloc({lstm ? c.L * c.D : 0, c.B, c.H}, opts, poison);
+  if (!lstm) dcx = dcx.view({0});
+  std::vector<Tensor> gw;
+  gw.reserve(w.size());
+  for (const auto& t : w) gw.push_back(alloc(t.sizes(), opts, poison));
+  const DeviceSchedule sched = device_schedule(c, input.device());
+
+  if (c.N == 0) {
+    // No step ran: the states pass straight through, nothing else has a gradient.
+    grad_input.zero_();
+    for (auto& g : gw) g.zero_();
+    if (ghy.has_value()) dhx.copy_(*ghy); else dhx.zero_();
+    if (lstm) { if (gcy.has_value()) dcx.copy_(*gcy); else dcx.zero_(); }
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_backward", [&] {
+      backward_stack<scalar_t>(c, x, w, h0, c0, masks, out, reserve, go, ghy, gcy, grad_input,
+                               dhx, dcx, gw, sched, poison);
+    });
+  }
+  const auto out_t = input.scalar_type();
+  for (auto& g : gw) g = g.to(out_t);
+  return {grad_input.view(input.sizes()).to(out_t), dhx.to(out_t), dcx.to(out_t), gw};
+}
+
+std::string build_info() {
+  std::ostringstream o;
+  o << "cpu_blas=" << (cpu::has_direct_blas() ? "direct" : "aten");
+#ifdef WITH_CUDA
+  o << ";cuda=1";
+#else
+  o << ";cuda=0";
+#endif
+  return o.str();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastcells, m) {
+  m.def(
+      "rnn_forward(Tensor input, Tensor[] weights, Tensor hx, Tensor? cx, int[]? batch_sizes, "
+      "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
+      "Tensor? dropout_masks) -> (Tensor output, Tensor hy, Tensor cy, Tensor reserve)");
+  m.def(
+      "rnn_backward(Tensor input, Tensor[] weights, Tensor hx, Tensor? cx, int[]? batch_sizes, "
+      "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
+      "Tensor? dropout_masks, Tensor output, Tensor reserve, Tensor? grad_output, "
+      "Tensor? grad_hy, Tensor? grad_cy) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor[] grad_weights)");
+  m.def("build_info() -> str", &build_info);
+}
+
+TORCH_LIBRARY_IMPL(fastcells, CPU, m) {
+  m.impl("rnn_forward", &rnn_forward);
+  m.impl("rnn_backward", &rnn_backward);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(fastcells, CUDA, m) {
+  m.impl("rnn_forward", &rnn_forward);
+  m.impl("rnn_backward", &rnn_backward);
+}
+#endif
+
+}  // namespace fastcells
+
+// A Python module so that `import fastcells._C` loads the library and runs
+// the registrations above; the ops themselves live in torch.ops.fastcells.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,129 @@
+"""Registration of the fused ops with PyTorch: fake (meta) kernels and autograd.
+
+The C++ library (``fastcells._C``) defines ``torch.ops.fastcells.rnn_forward``
+and ``torch.ops.fastcells.rnn_backward`` with TORCH_LIBRARY schemas and CPU
+(and CUDA) kernels. This module adds:
+
+* fake kernels, so that torch.compile / torch.export can trace the ops;
+* the autograd formula of ``rnn_forward``, which calls ``rnn_backward``.
+
+Shape legend: T steps, B batch, I input size, H hidden, P output size
+(proj_size or H), G gates, L layers, D directions, N rows.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library and its registrations)
+
+MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+_GATES = {0: 4, 1: 3, 2: 1, 3: 1}
+
+_forward = torch.ops.fastcells.rnn_forward.default
+_backward = torch.ops.fastcells.rnn_backward.default
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _layout(input: torch.Tensor, weights: Sequence[torch.Tensor], batch_sizes, mode: int,
+            num_layers: int, bidirectional: bool, proj_size: int):
+    """(N, T, B, H, P, D, reserve_size) exactly as csrc/ops.cpp's Config."""
+    D = 2 if bidirectional else 1
+    H = weights[1].shape[0] // _GATES[mode]
+    P = proj_size if proj_size > 0 else H
+    if batch_sizes is not None:
+        N = input.shape[0]
+        T = len(batch_sizes)
+        B = batch_sizes[0] if T > 0 else 0
+    else:
+        T, B = input.shape[0], input.shape[1]
+        N = T * B
+    GH = _GATES[mode] * H
+    EH = H if mode in (0, 1) else 0
+    reserve = num_layers * D * N * (GH + EH) + (num_layers - 1) * N * D * P
+    return N, T, B, H, P, D, reserve
+
+
+@torch.library.register_fake("fastcells::rnn_forward")
+def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
+                  has_biases, proj_size, dropout_masks):
+    N, T, B, H, P, D, reserve = _layout(input, weights, batch_sizes, mode, num_layers,
+                                        bidirectional, proj_size)
+    if batch_sizes is not None:
+        output = input.new_empty((N, D * P))
+    else:
+        output = input.new_empty((T, B, D * P))
+    hy = input.new_empty((num_layers * D, B, P))
+    cy = input.new_empty((num_layers * D, B, H)) if mode == 0 else input.new_empty((0,))
+    res = input.new_empty((reserve,), dtype=_compute_dtype(input.dtype))
+    return output, hy, cy, res
+
+
+@torch.library.register_fake("fastcells::rnn_backward")
+def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
+                   has_biases, proj_size, dropout_masks, output, reserve, grad_output, grad_hy,
+                   grad_cy):
+    grad_cx = torch.empty_like(cx) if mode == 0 else input.new_empty((0,))
+    return (torch.empty_like(input), torch.empty_like(hx), grad_cx,
+            [torch.empty_like(w) for w in weights])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional, has_biases,
+     proj_size, dropout_masks) = inputs
+    out, _, _, reserve = output
+    ctx.args = (batch_sizes, mode, num_layers, bidirectional, has_biases, proj_size)
+    ctx.n_weights = len(weights)
+    ctx.has_cx = cx is not None
+    ctx.save_for_backward(input, hx, cx, dropout_masks, out, reserve, *weights)
+
+
+def _backward_formula(ctx, grad_output, grad_hy, grad_cy, _grad_reserve):
+    input, hx, cx, masks, out, reserve, *weights = ctx.saved_tensors
+    batch_sizes, mode, num_layers, bidirectional, has_biases, proj_size = ctx.args
+    if mode != 0:
+        grad_cy = None
+    grad_input, grad_hx, grad_cx, grad_weights = _backward(
+        input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional, has_biases,
+        proj_size, masks, out, reserve, grad_output, grad_hy, grad_cy)
+    return (grad_input, list(grad_weights), grad_hx, grad_cx if ctx.has_cx else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fastcells::rnn_forward", _backward_formula,
+                                setup_context=_setup_context)
+
+
+def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: torch.Tensor,
+        cx: Optional[torch.Tensor], batch_sizes: Optional[List[int]], mode: int,
+        num_layers: int, bidirectional: bool, has_biases: bool, proj_size: int,
+        dropout_masks: Optional[torch.Tensor] = None
+        ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Fused multi-layer RNN over a whole sequence (one op call for the stack).
+
+    Args:
+        input: (T, B, I) time-major, or packed data (N, I) when ``batch_sizes`` is given.
+        weights: torch.nn ``_flat_weights`` order: per layer, per direction
+            ``w_ih (G*H, I_l), w_hh (G*H, P), [b_ih (G*H), b_hh (G*H)], [w_hr (P, H)]``.
+        hx: (L*D, B, P) initial hidden state.
+        cx: (L*D, B, H) initial cell state for LSTM, else None.
+        batch_sizes: PackedSequence batch sizes (non-increasing), or None for dense input.
+        mode: 0 LSTM, 1 GRU, 2 RNN tanh, 3 RNN relu (see ``MODES``).
+        dropout_masks: None or (L-1, T, B, D*P) / (L-1, N, D*P) multipliers applied to
+            the inputs of layers 1..L-1.
+
+    Returns:
+        output (T, B, D*P) or (N, D*P); h_n (L*D, B, P); c_n (L*D, B, H) or None.
+    """
+    out, hy, cy, _ = _forward(input, list(weights), hx, cx, batch_sizes, mode, num_layers,
+                              bidirectional, has_biases, proj_size, dropout_masks)
+    return out, hy, (cy if mode == 0 else None)
+
+
+def build_info() -> str:
+    """How the extension was built, e.g. ``"cpu_blas=direct;cuda=0"``."""
+    return torch.ops.fastcells.build_info()

@@ -1,0 +1,68 @@
+"""Build script for fastcells.
+
+CPU extension always. The CUDA backend is added when torch has CUDA, CUDA_HOME
+is found, and a GPU is present or FORCE_CUDA=1. Honours TORCH_CUDA_ARCH_LIST
+(default "8.0;9.0") and MAX_JOBS. Debug info is stripped (-g0) so the shared
+object stays small. Build against the installed torch:
+
+    pip install --no-build-isolation .
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    import torch
+
+    if os.environ.get("FASTCELLS_NO_CUDA", "0") == "1":
+        return False
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"
+
+
+def _extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-fvisibility=hidden"]
+    if os.environ.get("FASTCELLS_NATIVE", "0") == "1":
+        cxx.append("-march=native")
+    define_macros = []
+    extra_link = ["-fopenmp", "-s"]
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        define_macros.append(("WITH_CUDA", None))
+        nvcc = ["-O3", "-std=c++17"]
+        return cpp_extension.CUDAExtension(
+            "fastcells._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=extra_link,
+        )
+    return cpp_extension.CppExtension(
+        "fastcells._C",
+        sources,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=extra_link,
+    )
+
+
+setup(
+    name="fastcells",
+    version="0.1.0",
+    description="Fused LSTM, GRU and RNN kernels for PyTorch (CPU and CUDA), drop-in for torch.nn",
+    packages=find_packages(include=["fastcells", "fastcells.*"]),
+    package_data={"fastcells": ["data/*.csv", "data/*.md"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+)
