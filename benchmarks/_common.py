@@ -91,6 +91,9 @@ def machine_info(device: str = "cpu") -> dict:
         "mkldnn_enabled": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": device,
+        # Load average when the run started: the machines are shared, and a busy
+        # machine moves absolute times (ratios measured in one run move less).
+        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

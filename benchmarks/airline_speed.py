@@ -1,0 +1,216 @@
+"""Speed targets of the fused-module issue: fastcells vs torch.nn, ratios measured in one run.
+
+1. The seed's airline model (T=112, B=1, I=3, H=6, 2 layers), LSTM and GRU:
+   forward (no grad), forward+backward of the recurrent module, and a whole training
+   epoch (zero_grad, forward, Linear head, MSE loss, backward, Adam step).
+2. Single-layer forward and forward+backward at (T, B, I, H) = (128, 32, 8, 32),
+   (168, 64, 16, 64), (168, 64, 64, 128), (256, 32, 128, 256), (64, 128, 256, 512).
+
+Every measurement is torch.utils.benchmark.Timer.blocked_autorange; the torch.nn
+and fastcells statements (identical weights and inputs) alternate A B / B A over
+several rounds; the speed-up is torch.nn / fastcells within each round, reported as
+the median over rounds with its min-max. PASS/FAIL lines against the targets are
+informative: the script exits 0 either way.
+
+    python benchmarks/airline_speed.py            # ~2 minutes on 2 cores
+    python benchmarks/airline_speed.py --quick    # ~30 s, fewer rounds
+
+Writes benchmarks/results/airline_speed_<device>.json and .md (or into --out).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+AIRLINE = (112, 1, 3, 6)
+GRID = [(128, 32, 8, 32), (168, 64, 16, 64), (168, 64, 64, 128), (256, 32, 128, 256), (64, 128, 256, 512)]
+# Issue 3 targets on CPU float32: minimum speed-ups.
+AIRLINE_TARGETS = {("lstm", "fwd+bwd"): 10.0, ("lstm", "epoch"): 2.5, ("gru", "fwd+bwd"): 50.0, ("gru", "epoch"): 20.0}
+GRID_TARGET = 1.0  # never slower
+
+
+def make_pair(fastcells, cell: str, I: int, H: int, layers: int, dtype, device, seed: int = 0):
+    name = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[cell]
+    torch.manual_seed(seed)
+    ref = getattr(nn, name)(I, H, num_layers=layers).to(device=device, dtype=dtype)
+    new = getattr(fastcells, name)(I, H, num_layers=layers).to(device=device, dtype=dtype)
+    new.load_state_dict(copy.deepcopy(ref.state_dict()))
+    return ref, new
+
+
+def module_stmts(m: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    """Forward without grad, and forward+backward into every parameter and the input."""
+    xg = x.detach().clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return m(x)[0]
+
+    def fwd_bwd():
+        y = m(xg)[0]
+        torch.autograd.backward(y, g)
+        return y
+
+    return fwd, fwd_bwd
+
+
+def epoch_stmt(m: nn.Module, x: torch.Tensor, y: torch.Tensor, H: int):
+    """A training epoch of the tutorial's model around the recurrent module ``m``."""
+    head = nn.Linear(H, 1).to(device=x.device, dtype=x.dtype)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.uniform_(-0.3, 0.3)
+    params = list(m.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=0.1)
+    loss_fn = nn.MSELoss()
+
+    def epoch():
+        opt.zero_grad()
+        out = m(x)[0]
+        t, b, h = out.shape
+        pred = head(out.reshape(-1, h)).view(t, b, 1)
+        loss = loss_fn(pred, y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return epoch
+
+
+def measure(stmts_ref, stmts_new, args, device) -> dict:
+    res = C.interleaved({"torch.nn": stmts_ref, "fastcells": stmts_new}, args.repeats, args.min_run_time,
+                        torch.get_num_threads(), device)
+    return {
+        "torch.nn_ms": C.summary([v * 1e3 for v in res["torch.nn"]]),
+        "fastcells_ms": C.summary([v * 1e3 for v in res["fastcells"]]),
+        "speedup": C.ratio_summary(res["torch.nn"], res["fastcells"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds per measurement")
+    ap.add_argument("--grid-repeats", type=int, default=3, help="rounds for the single-layer grid")
+    ap.add_argument("--min-run-time", type=float, default=0.2, help="seconds per blocked_autorange")
+    ap.add_argument("--quick", action="store_true", help="2 rounds, 0.05 s per measurement")
+    ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--out", type=Path, default=C.RESULTS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.grid_repeats, args.min_run_time = 2, 1, 0.05
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+
+    fastcells = C.import_fastcells()
+    threads = C.set_threads(args.threads)
+    dtype, device = C.dtype_of(args.dtype), args.device
+    machine = C.machine_info(device)
+    print(f"airline_speed | {C.machine_line(machine)} | {device} {args.dtype} | "
+          f"{args.repeats} rounds x blocked_autorange({args.min_run_time}s)", flush=True)
+    rows = []
+
+    def report(group, cell, T, B, I, H, layers, what, r, target=None):
+        row = {"group": group, "cell": cell, "T": T, "B": B, "I": I, "H": H, "layers": layers, "what": what, **r}
+        if target is not None and device == "cpu" and args.dtype == "float32":
+            row["target"] = target
+            row["pass"] = r["speedup"]["median"] >= target
+        rows.append(row)
+        sp = r["speedup"]
+        tag = "" if "pass" not in row else (f"  target >= {target:g}x: " + ("PASS" if row["pass"] else "FAIL"))
+        print(f"{group:8s} {cell:4s} T={T:3d} B={B:3d} I={I:3d} H={H:3d} L={layers} {what:8s} "
+              f"nn {r['torch.nn_ms']['median']:9.3f} ms  fc {r['fastcells_ms']['median']:9.3f} ms  "
+              f"x{sp['median']:7.2f} [{sp['min']:.2f}-{sp['max']:.2f}]{tag}", flush=True)
+
+    # 1. the airline model
+    T, B, I, H = AIRLINE
+    for cell in ("lstm", "gru"):
+        ref, new = make_pair(fastcells, cell, I, H, 2, dtype, device)
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(T, B, I, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        y = torch.rand(T, B, 1, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        f_ref, fb_ref = module_stmts(ref, x, gy)
+        f_new, fb_new = module_stmts(new, x, gy)
+        report("airline", cell, T, B, I, H, 2, "fwd", measure(f_ref, f_new, args, device))
+        report("airline", cell, T, B, I, H, 2, "fwd+bwd", measure(fb_ref, fb_new, args, device),
+               AIRLINE_TARGETS[(cell, "fwd+bwd")])
+        ref_e, new_e = make_pair(fastcells, cell, I, H, 2, dtype, device)
+        report("airline", cell, T, B, I, H, 2, "epoch",
+               measure(epoch_stmt(ref_e, x, y, H), epoch_stmt(new_e, x, y, H), args, device),
+               AIRLINE_TARGETS[(cell, "epoch")])
+
+    # 2. single-layer grid
+    if not args.skip_grid:
+        grid_args = copy.copy(args)
+        grid_args.repeats = args.grid_repeats
+        for (T, B, I, H) in GRID:
+            for cell in ("lstm", "gru"):
+                ref, new = make_pair(fastcells, cell, I, H, 1, dtype, device)
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(T, B, I, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+                gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+                f_ref, fb_ref = module_stmts(ref, x, gy)
+                f_new, fb_new = module_stmts(new, x, gy)
+                report("grid", cell, T, B, I, H, 1, "fwd", measure(f_ref, f_new, grid_args, device), GRID_TARGET)
+                report("grid", cell, T, B, I, H, 1, "fwd+bwd", measure(fb_ref, fb_new, grid_args, device),
+                       GRID_TARGET)
+
+    header = ["group", "cell", "T,B,I,H", "layers", "measure", "torch.nn ms", "fastcells ms",
+              "speed-up (min-max)", "target"]
+    md_rows = []
+    for r in rows:
+        tgt = ""
+        if "target" in r:
+            tgt = f">= {r['target']:g}x " + ("PASS" if r["pass"] else "FAIL")
+        sp = r["speedup"]
+        md_rows.append([r["group"], r["cell"].upper(), f"{r['T']},{r['B']},{r['I']},{r['H']}", r["layers"], r["what"],
+                        C.fmt_ms(r["torch.nn_ms"]["median"] / 1e3), C.fmt_ms(r["fastcells_ms"]["median"] / 1e3),
+                        f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})", tgt])
+    table = C.md_table(header, md_rows)
+    n_fail = sum(1 for r in rows if r.get("pass") is False)
+    n_tgt = sum(1 for r in rows if "pass" in r)
+    print()
+    print(table)
+    if n_tgt:
+        print(f"targets: {n_tgt - n_fail}/{n_tgt} PASS" + (f", {n_fail} FAIL" if n_fail else ""))
+
+    stem = f"airline_speed_{device}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    out = {
+        "benchmark": "airline_speed",
+        "machine": machine,
+        "config": {"device": device, "dtype": args.dtype, "threads": threads, "repeats": args.repeats,
+                   "grid_repeats": args.grid_repeats, "min_run_time_s": args.min_run_time,
+                   "method": "torch.utils.benchmark.Timer.blocked_autorange medians; torch.nn and fastcells "
+                             "alternate A B / B A each round; speed-up = torch.nn / fastcells per round",
+                   "fwd": "module(x) under no_grad", "fwd+bwd": "module(x) then backward with a fixed grad "
+                   "output into all parameters and x",
+                   "epoch": "zero_grad, forward, Linear(H,1), MSELoss, backward, Adam(lr=0.1) step"},
+        "rows": rows,
+        "targets_passed": n_tgt - n_fail,
+        "targets_total": n_tgt,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    C.write_json(args.out / f"{stem}.json", out)
+    with open(args.out / f"{stem}.md", "w", encoding="utf-8") as f:
+        f.write(f"# fastcells vs torch.nn: issue-3 speed targets ({device}, {args.dtype})\n\n")
+        f.write(f"Machine: {C.machine_line(machine)}. Medians of {args.repeats} (airline) / {args.grid_repeats} "
+                f"(grid) interleaved rounds of blocked_autorange; speed-up = torch.nn / fastcells.\n\n")
+        f.write(table)
+    print(f"wrote {args.out / (stem + '.json')} and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
