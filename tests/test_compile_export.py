@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 fastcells = pytest.importorskip("fastcells")
+if not hasattr(fastcells, "LSTM"):
+    pytest.skip("fastcells extension not built", allow_module_level=True)
 
 SLOW = os.environ.get("FASTCELLS_SLOW", "0") == "1"
 slow = pytest.mark.skipif(not SLOW, reason="set FASTCELLS_SLOW=1 to run")
