@@ -1,6 +1,13 @@
-"""fastcells: fused LSTM, GRU and RNN kernels for PyTorch, drop-in for torch.nn."""
-from ._ops import MODES, build_info
-from . import functional
+"""fastcells: fused LSTM, GRU and RNN kernels for PyTorch, drop-in for torch.nn.
 
-__all__ = ["MODES", "build_info", "functional"]
+    import fastcells
+    lstm = fastcells.LSTM(3, 6, num_layers=2)   # same arguments as torch.nn.LSTM
+    model = fastcells.convert(model)            # swap torch.nn RNNs in a model
+"""
+from . import functional
+from ._ops import MODES, build_info
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional",
+           "MODES", "build_info"]
 __version__ = "0.1.0"

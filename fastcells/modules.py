@@ -1,0 +1,243 @@
+"""Drop-in replacements for torch.nn.LSTM / GRU / RNN and the three Cell modules.
+
+Constructor signatures, parameter names, shapes, initialisation, forward
+signatures and return structures are torch.nn's: the sequence modules inherit
+``torch.nn.RNNBase`` (which creates and initialises the parameters exactly as
+torch.nn does), the cells inherit the torch.nn cell classes; only ``forward``
+differs, and it runs one fused op for the whole stack of layers and
+directions (``fastcells.functional.rnn``).
+
+The sequence modules deliberately do not inherit ``torch.nn.LSTM`` & co:
+TorchDynamo refuses to trace those classes, while fastcells modules compile
+with ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ._ops import MODES, rnn
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
+
+
+def _dropout_masks(module: nn.RNNBase, rows: Tuple[int, ...], D: int, P: int,
+                   like: Tensor) -> Optional[Tensor]:
+    """Inverted-dropout multipliers (L-1, *rows, D*P) for the inputs of layers 1..L-1."""
+    p = float(module.dropout)
+    if not module.training or p == 0.0 or module.num_layers == 1:
+        return None
+    if p == 1.0:
+        return like.new_zeros((module.num_layers - 1, *rows, D * P))
+    keep = like.new_empty((module.num_layers - 1, *rows, D * P)).bernoulli_(1.0 - p)
+    return keep.div_(1.0 - p)
+
+
+class _FusedRNNBase(nn.RNNBase):
+    """Shared forward of LSTM, GRU and RNN (torch.nn semantics)."""
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx=None):  # noqa: C901
+        name = type(self).__name__
+        is_lstm = self.mode == "LSTM"
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        P = self.proj_size if self.proj_size > 0 else H
+        L = self.num_layers
+
+        sorted_indices = unsorted_indices = None
+        batch_sizes = None
+        if isinstance(input, PackedSequence):
+            data, bs_tensor, sorted_indices, unsorted_indices = input
+            batch_sizes = bs_tensor.tolist()
+            B = batch_sizes[0] if batch_sizes else 0
+            x = data
+            batched = True
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got "
+                                 f"{input.dim()}D tensor instead")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if self.batch_first and batched:
+                x = x.transpose(0, 1)
+            B = x.shape[1]
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
+                               f"Expected {self.input_size}, got {x.shape[-1]}")
+
+        if hx is None:
+            h0 = x.new_zeros((L * D, B, P))
+            c0 = x.new_zeros((L * D, B, H)) if is_lstm else None
+        else:
+            if is_lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise ValueError(f"{name}: hx must be a tuple (h_0, c_0)")
+                h0, c0 = hx
+            else:
+                h0, c0 = hx, None
+            want = 3 if batched else 2
+            for t, n in ((h0, "h_0"), (c0, "c_0")):
+                if t is not None and t.dim() != want:
+                    raise RuntimeError(
+                        f"{name}: for {'batched 3-D' if batched else 'unbatched 2-D'} input, "
+                        f"{n} should be {want}-D but got {t.dim()}-D tensor")
+            if not batched:
+                h0 = h0.unsqueeze(1)
+                c0 = c0.unsqueeze(1) if c0 is not None else None
+            if sorted_indices is not None:
+                h0 = h0.index_select(1, sorted_indices)
+                c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
+            if tuple(h0.shape) != (L * D, B, P):
+                raise RuntimeError(f"{name}: Expected hidden{'[0]' if is_lstm else ''} size "
+                                   f"{(L * D, B, P)}, got {list(h0.shape)}")
+            if c0 is not None and tuple(c0.shape) != (L * D, B, H):
+                raise RuntimeError(f"{name}: Expected hidden[1] size {(L * D, B, H)}, "
+                                   f"got {list(c0.shape)}")
+
+        rows = (x.shape[0],) if batch_sizes is not None else (x.shape[0], B)
+        masks = _dropout_masks(self, rows, D, P, x)
+        out, hy, cy = rnn(x, self._flat_weights, h0, c0, batch_sizes, MODES[self.mode], L,
+                          self.bidirectional, self.bias, self.proj_size, masks)
+
+        if batch_sizes is not None:
+            output = PackedSequence(out, input.batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                hy = hy.index_select(1, unsorted_indices)
+                cy = cy.index_select(1, unsorted_indices) if cy is not None else None
+        else:
+            output = out
+            if self.batch_first and batched:
+                output = output.transpose(0, 1)
+            if not batched:
+                output = output.squeeze(1)
+                hy = hy.squeeze(1)
+                cy = cy.squeeze(1) if cy is not None else None
+        return output, ((hy, cy) if is_lstm else hy)
+
+
+class LSTM(_FusedRNNBase):
+    """Fused drop-in for :class:`torch.nn.LSTM` (same arguments, parameters and returns)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+
+class GRU(_FusedRNNBase):
+    """Fused drop-in for :class:`torch.nn.GRU` (torch.nn's reset-after convention)."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+
+class RNN(_FusedRNNBase):
+    """Fused drop-in for :class:`torch.nn.RNN` (``nonlinearity`` 'tanh' or 'relu')."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. "
+                             "Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+
+def _cell_forward(cell: nn.RNNCellBase, mode: int, input: Tensor, h0: Optional[Tensor],
+                  c0: Optional[Tensor]):
+    name = type(cell).__name__
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    batched = input.dim() == 2
+    for t, n in ((h0, "hx"), (c0, "cx")):
+        if t is not None and t.dim() != input.dim():
+            raise ValueError(f"{name}: Expected {n} to be {input.dim()}D, got {t.dim()}D "
+                             "instead")
+    x = input if batched else input.unsqueeze(0)
+    if x.shape[1] != cell.input_size:
+        raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.shape[1]} "
+                           f"expected {cell.input_size}")
+    B, H = x.shape[0], cell.hidden_size
+    h = x.new_zeros((1, B, H)) if h0 is None else (h0 if batched else h0.unsqueeze(0)).unsqueeze(0)
+    c = None
+    if mode == MODES["LSTM"]:
+        c = x.new_zeros((1, B, H)) if c0 is None else (c0 if batched else c0.unsqueeze(0)).unsqueeze(0)
+    weights = [cell.weight_ih, cell.weight_hh]
+    if cell.bias:
+        weights += [cell.bias_ih, cell.bias_hh]
+    for t, n in ((h, "hx"), (c, "cx")):
+        if t is not None and tuple(t.shape[1:]) != (B, H):
+            raise RuntimeError(f"{name}: Expected {n} of shape {(B, H)}, got "
+                               f"{list(t.shape[1:])}")
+    _, hy, cy = rnn(x.unsqueeze(0), weights, h, c, None, mode, 1, False, cell.bias, 0)
+    hy = hy[0] if batched else hy[0, 0]
+    if cy is None:
+        return hy
+    return hy, (cy[0] if batched else cy[0, 0])
+
+
+class LSTMCell(nn.LSTMCell):
+    """Fused drop-in for :class:`torch.nn.LSTMCell`; returns ``(h_1, c_1)``."""
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        h0, c0 = hx if hx is not None else (None, None)
+        return _cell_forward(self, MODES["LSTM"], input, h0, c0)
+
+
+class GRUCell(nn.GRUCell):
+    """Fused drop-in for :class:`torch.nn.GRUCell`; returns ``h_1``."""
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        return _cell_forward(self, MODES["GRU"], input, hx, None)
+
+
+class RNNCell(nn.RNNCell):
+    """Fused drop-in for :class:`torch.nn.RNNCell`; returns ``h_1``."""
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        mode = MODES["RNN_TANH"] if self.nonlinearity == "tanh" else MODES["RNN_RELU"]
+        return _cell_forward(self, mode, input, hx, None)
+
+
+_SWAPS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,
+          nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}
+
+
+def _swap(module: nn.Module) -> nn.Module:
+    """A fastcells module that shares ``module``'s Parameter objects (no copy)."""
+    cls = _SWAPS[type(module)]
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new._parameters = dict(module._parameters)
+    if isinstance(new, nn.RNNBase):
+        new._init_flat_weights()
+    return new
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Swap every torch.nn LSTM/GRU/RNN (and Cell) inside ``model`` for fastcells.
+
+    The swap is in place and keeps the very same Parameter objects, so an
+    optimizer built before the call keeps training the converted model.
+    Returns ``model``, or the fastcells module when ``model`` itself is one of
+    the six torch.nn classes.
+    """
+    if type(model) in _SWAPS:
+        return _swap(model)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) in _SWAPS:
+                setattr(parent, child_name, _swap(child))
+    return model
