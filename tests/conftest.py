@@ -42,10 +42,12 @@ try:  # the compiled extension may be missing while only the reference is tested
     import fastcells  # noqa: F401
 
     HAVE_FASTCELLS = hasattr(fastcells, "LSTM")
+    HAVE_OPS = hasattr(getattr(fastcells, "functional", None), "rnn")
 except ImportError:  # pragma: no cover - depends on the build
-    HAVE_FASTCELLS = False
+    HAVE_FASTCELLS = HAVE_OPS = False
 
-needs_fastcells = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension not built")
+needs_fastcells = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells modules not available")
+needs_ops = pytest.mark.skipif(not HAVE_OPS, reason="fastcells extension not built")
 
 
 def mode_of(module: nn.Module) -> int:

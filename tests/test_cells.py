@@ -1,0 +1,107 @@
+"""fastcells.LSTMCell / GRUCell / RNNCell against the torch.nn cells.
+
+Batched and unbatched input, hx given or not, bias on/off, tanh and relu, in
+float64 and float32: outputs and the gradients of input, states and weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TOL, assert_close_list, grads_of, needs_fastcells, weighted_loss
+
+pytestmark = needs_fastcells
+
+I, H, B = 3, 5, 4
+
+CELLS = {
+    "LSTMCell": (nn.LSTMCell, {}),
+    "GRUCell": (nn.GRUCell, {}),
+    "RNNCell_tanh": (nn.RNNCell, {"nonlinearity": "tanh"}),
+    "RNNCell_relu": (nn.RNNCell, {"nonlinearity": "relu"}),
+}
+
+
+def _pair(name: str, bias: bool, dtype: torch.dtype):
+    import fastcells
+
+    cls, extra = CELLS[name]
+    torch.manual_seed(0)
+    ref = cls(I, H, bias=bias, dtype=dtype, **extra)
+    mod = getattr(fastcells, cls.__name__)(I, H, bias=bias, dtype=dtype, **extra)
+    mod.load_state_dict(ref.state_dict())
+    return ref, mod
+
+
+def _run(cell: nn.Module, lstm: bool, batched: bool, with_hx: bool, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(1)
+    lead = (B,) if batched else ()
+    x = torch.randn(*lead, I, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    leaves = [x]
+    hx = None
+    if with_hx:
+        h = torch.randn(*lead, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        c = torch.randn(*lead, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        hx = (h, c) if lstm else h
+        leaves += [h, c] if lstm else [h]
+    out = cell(x, hx)
+    outs = list(out) if lstm else [out]
+    weighted_loss(outs).backward()
+    return outs, grads_of(leaves + list(cell.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cell_matches_torch_nn(name, batched, with_hx, dtype):
+    bias = not (batched and with_hx)  # bias off in one combination per cell
+    ref, mod = _pair(name, bias, dtype)
+    lstm = name == "LSTMCell"
+    ref_out, ref_grads = _run(ref, lstm, batched, with_hx, dtype)
+    out, grads = _run(mod, lstm, batched, with_hx, dtype)
+    for o, r in zip(out, ref_out):
+        assert o.shape == r.shape
+    assert_close_list(out, ref_out, dtype, ["h'", "c'"])
+    assert_close_list(grads, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cell_state_dict_and_seeded_init(name):
+    import fastcells
+
+    cls, extra = CELLS[name]
+    torch.manual_seed(5)
+    ref = cls(I, H, **extra)
+    torch.manual_seed(5)
+    mod = getattr(fastcells, cls.__name__)(I, H, **extra)
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    for (n, a), (_, b) in zip(mod.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
+    ref.load_state_dict(mod.state_dict())
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cell_bad_input_like_torch_nn(name):
+    ref, mod = _pair(name, True, torch.float32)
+    for bad in (torch.randn(2, 3, I), torch.randn(B, I + 1)):
+        with pytest.raises((RuntimeError, ValueError)):
+            ref(bad)
+        with pytest.raises((RuntimeError, ValueError), match=r"(?i)input|size|shape|dim"):
+            mod(bad)
+
+
+def test_cell_bfloat16_close_to_float64():
+    for name in CELLS:
+        ref64, _ = _pair(name, True, torch.float64)
+        _, mod16 = _pair(name, True, torch.bfloat16)
+        mod16.load_state_dict(ref64.state_dict())
+        x = torch.randn(B, I, dtype=torch.float64)
+        lstm = name == "LSTMCell"
+        exp = ref64(x)
+        got = mod16(x.bfloat16())
+        for g_, e_ in zip(got if lstm else [got], exp if lstm else [exp]):
+            assert g_.dtype == torch.bfloat16
+            torch.testing.assert_close(g_.double(), e_, **TOL[torch.bfloat16])

@@ -1,0 +1,171 @@
+"""The registered ops: torch.library.opcheck on fastcells::rnn_forward and
+fastcells::rnn_backward, torch.autograd.gradcheck (float64) on
+fastcells.functional.rnn, and the functional API against fastcells.reference
+with explicit dropout masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import MODE_NAMES, MODES, needs_ops, packed_lengths
+from fastcells.reference import rnn_reference
+
+pytestmark = needs_ops
+
+
+def _case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_size: int = 0,
+          bias: bool = True, masks: bool = False, T: int = 3, B: int = 2, I: int = 2, H: int = 3,
+          dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
+    """Arguments of functional.rnn / the ops for one configuration, random values."""
+    g = torch.Generator().manual_seed(seed)
+    mode_id = MODES[mode][1]
+    G = {0: 4, 1: 3}.get(mode_id, 1)
+    D = 2 if bidirectional else 1
+    P = proj_size or H
+
+    def rnd(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+
+    weights = []
+    for layer in range(num_layers):
+        for _ in range(D):
+            weights += [rnd(G * H, I if layer == 0 else D * P), rnd(G * H, P)]
+            if bias:
+                weights += [rnd(G * H), rnd(G * H)]
+            if proj_size:
+                weights.append(rnd(P, H))
+    if packed:
+        lengths = sorted(packed_lengths(T, B), reverse=True)
+        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(max(lengths))]
+        x = rnd(sum(batch_sizes), I)
+        rows = (sum(batch_sizes),)
+    else:
+        batch_sizes = None
+        x = rnd(T, B, I)
+        rows = (T, B)
+    hx = rnd(num_layers * D, B, P)
+    cx = rnd(num_layers * D, B, H) if mode_id == 0 else None
+    dropout_masks = None
+    if masks and num_layers > 1:
+        keep = torch.rand(num_layers - 1, *rows, D * P, generator=g) > 0.3
+        dropout_masks = (keep.to(torch.float64) / 0.7).to(dtype)
+    return dict(input=x, weights=weights, hx=hx, cx=cx, batch_sizes=batch_sizes, mode=mode_id,
+                num_layers=num_layers, bidirectional=bidirectional, has_biases=bias,
+                proj_size=proj_size, dropout_masks=dropout_masks)
+
+
+def _args(c: dict) -> tuple:
+    return (c["input"], c["weights"], c["hx"], c["cx"], c["batch_sizes"], c["mode"],
+            c["num_layers"], c["bidirectional"], c["has_biases"], c["proj_size"],
+            c["dropout_masks"])
+
+
+CASES = {}
+for _m in MODE_NAMES:
+    CASES[f"{_m}-dense-1layer"] = dict(mode=_m, packed=False, num_layers=1, bidirectional=False)
+    CASES[f"{_m}-packed-bidir-2layer"] = dict(mode=_m, packed=True, num_layers=2, bidirectional=True)
+CASES["LSTM-proj-bidir-2layer-packed"] = dict(mode="LSTM", packed=True, num_layers=2,
+                                              bidirectional=True, proj_size=2)
+CASES["LSTM-proj-dense-nobias"] = dict(mode="LSTM", packed=False, num_layers=1,
+                                       bidirectional=False, proj_size=2, bias=False)
+CASES["GRU-nobias-bidir-dense"] = dict(mode="GRU", packed=False, num_layers=1, bidirectional=True,
+                                       bias=False)
+CASES["LSTM-masks-2layer-bidir"] = dict(mode="LSTM", packed=False, num_layers=2,
+                                        bidirectional=True, masks=True)
+CASES["GRU-masks-packed"] = dict(mode="GRU", packed=True, num_layers=2, bidirectional=False,
+                                 masks=True)
+CASES["RNN_TANH-T1-B1"] = dict(mode="RNN_TANH", packed=False, num_layers=2, bidirectional=True,
+                               T=1, B=1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_functional_matches_reference(name):
+    import fastcells
+
+    c = _case(**{**dict(T=5, B=4, I=3, H=4), **CASES[name]})
+    out, hy, cy = fastcells.functional.rnn(*_args(c))
+    r_out, r_hy, r_cy = rnn_reference(*_args(c))
+    torch.testing.assert_close(out, r_out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(hy, r_hy, atol=1e-10, rtol=1e-10)
+    if c["mode"] == 0:
+        torch.testing.assert_close(cy, r_cy, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradcheck(name):
+    import fastcells
+
+    c = _case(**CASES[name])
+    lstm = c["mode"] == 0
+    n_w = len(c["weights"])
+    leaves = [c["input"], c["hx"]] + ([c["cx"]] if lstm else []) + c["weights"]
+    leaves = [t.clone().requires_grad_() for t in leaves]
+
+    def fn(*ts):
+        x, h = ts[0], ts[1]
+        cx = ts[2] if lstm else None
+        ws = list(ts[-n_w:])
+        out, hy, cy = fastcells.functional.rnn(x, ws, h, cx, c["batch_sizes"], c["mode"],
+                                               c["num_layers"], c["bidirectional"],
+                                               c["has_biases"], c["proj_size"],
+                                               c["dropout_masks"])
+        return (out, hy, cy) if lstm else (out, hy)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves), atol=1e-7, rtol=1e-5)
+
+
+OPCHECK_CASES = ["LSTM-dense-1layer", "GRU-packed-bidir-2layer", "RNN_RELU-dense-1layer",
+                 "LSTM-proj-bidir-2layer-packed", "LSTM-masks-2layer-bidir"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", OPCHECK_CASES)
+def test_opcheck_rnn_forward(name, dtype):
+    import fastcells  # noqa: F401  registers the ops
+
+    c = _case(**CASES[name], dtype=dtype)
+    args = list(_args(c))
+    # Inputs that require grad make opcheck test the autograd registration too.
+    args[0] = args[0].requires_grad_()
+    args[1] = [w.requires_grad_() for w in args[1]]
+    torch.library.opcheck(torch.ops.fastcells.rnn_forward.default, tuple(args))
+
+
+@pytest.mark.parametrize("name", OPCHECK_CASES)
+@pytest.mark.parametrize("grads", ["all", "output_only", "states_only"])
+def test_opcheck_rnn_backward(name, grads):
+    import fastcells  # noqa: F401
+
+    c = _case(**CASES[name])
+    args = _args(c)
+    output, hy, cy, reserve = torch.ops.fastcells.rnn_forward.default(*args)
+    g = torch.Generator().manual_seed(9)
+    grad_output = torch.randn(output.shape, generator=g, dtype=output.dtype)
+    grad_hy = torch.randn(hy.shape, generator=g, dtype=hy.dtype)
+    grad_cy = torch.randn(cy.shape, generator=g, dtype=cy.dtype) if c["mode"] == 0 else None
+    if grads == "output_only":
+        grad_hy = grad_cy = None
+    elif grads == "states_only":
+        grad_output = None
+    torch.library.opcheck(torch.ops.fastcells.rnn_backward.default,
+                          args + (output, reserve, grad_output, grad_hy, grad_cy))
+
+
+def test_rnn_backward_matches_autograd_of_reference():
+    """The backward op called directly gives the reference's gradients."""
+    import fastcells  # noqa: F401
+
+    c = _case(**CASES["LSTM-proj-bidir-2layer-packed"], T=5, B=4, I=3, H=4)
+    args = _args(c)
+    output, hy, cy, reserve = torch.ops.fastcells.rnn_forward.default(*args)
+    g = torch.Generator().manual_seed(4)
+    go, gh, gc = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (output, hy, cy))
+    gi, ghx, gcx, gws = torch.ops.fastcells.rnn_backward.default(
+        *args, output, reserve, go, gh, gc)
+    leaves = [c["input"], c["hx"], c["cx"]] + c["weights"]
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    ro, rh, rc = rnn_reference(leaves[0], leaves[3:], leaves[1], leaves[2], *args[4:])
+    expect = torch.autograd.grad((ro * go).sum() + (rh * gh).sum() + (rc * gc).sum(), leaves)
+    for got, exp in zip([gi, ghx, gcx] + list(gws), expect):
+        torch.testing.assert_close(got, exp, atol=1e-10, rtol=1e-10)
