@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# GPU validation and benchmarks of fastcells in one script, for a machine with
+# an NVIDIA GPU (H100/H200 by default: TORCH_CUDA_ARCH_LIST=9.0).
+#
+#   benchmarks/gpu_suite.sh                 # every stage, in this order: build, cudatests,
+#                                           #   targets, tests, airline, electricity, sweep
+#   benchmarks/gpu_suite.sh build cudatests targets   # only the named stages, in order
+#
+# Stages (each bounded by `timeout`; seconds in brackets):
+#   build        FORCE_CUDA=1 pip install --no-build-isolation -e .; checks cuda=1 [420]
+#   cudatests    pytest tests/test_cuda.py tests/test_cuda_compile.py (fast feedback) [400]
+#   tests        the full pytest suite [560]
+#   targets      fwd+bwd of the issue's target shapes, fastcells vs torch.nn (cuDNN),
+#                float32 and bfloat16, LSTM and GRU -> targets_cuda.json / .md [300]
+#   sweep        benchmarks/sweep.py --device cuda [560]
+#   airline      benchmarks/forecast_airline.py --device cuda [400]
+#   electricity  benchmarks/forecast_electricity.py --device cuda [400]
+# The whole run is held to BUDGET seconds (default 570, under a 10-minute
+# device call): each stage gets min(its limit, what is left), and stages that
+# no longer fit are skipped with a note. Everything takes longer than one call,
+# so on a lent machine run it as several calls on the same warm machine (the
+# build stays), most informative first:
+#   1) build cudatests targets   2) tests airline   3) electricity sweep
+#
+# Logs go to $OUT (the device tool's output folder) when set, else to
+# benchmarks/results/gpu_logs; benchmark results to $OUT/results, else
+# benchmarks/results. A summary line per stage is appended to summary.txt.
+# The script keeps going after a failed stage and exits non-zero if any failed.
+set -u
+cd "$(dirname "$0")/.."
+
+LOGS="${OUT:-benchmarks/results/gpu_logs}"
+RES="${OUT:+$OUT/results}"
+RES="${RES:-benchmarks/results}"
+mkdir -p "$LOGS" "$RES"
+SUMMARY="$LOGS/summary.txt"
+PY="${PYTHON:-python}"
+STATUS=0
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build cudatests targets tests airline electricity sweep)
+
+note() { echo "[gpu_suite $(date +%H:%M:%S)] $*" | tee -a "$SUMMARY"; }
+
+BUDGET="${BUDGET:-570}"
+
+# run_stage NAME SECONDS CMD...: runs CMD (a command or one of the functions
+# below) under timeout, logs to $LOGS/NAME.log.
+run_stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ $left -lt 30 ]; then
+    note "$name: SKIPPED, ${left}s left of the ${BUDGET}s budget"
+    STATUS=1
+    return 1
+  fi
+  [ $limit -gt $left ] && limit=$left
+  local t0=$SECONDS
+  note "$name: start (limit ${limit}s)"
+  timeout --signal=TERM --kill-after=10 "$limit" bash -c '"$@"' run_stage "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  local tail_line
+  tail_line=$(tail -n 1 "$LOGS/$name.log" | cut -c1-200)
+  if [ $rc -eq 0 ]; then
+    note "$name: ok in $((SECONDS - t0))s | $tail_line"
+  else
+    [ $rc -eq 124 ] && note "$name: TIMED OUT after ${limit}s"
+    note "$name: FAILED rc=$rc in $((SECONDS - t0))s | $tail_line"
+    STATUS=1
+  fi
+  return $rc
+}
+
+machine() {
+  {
+    echo "== nvidia-smi"; nvidia-smi 2>&1 | head -20
+    echo "== nvcc"; (nvcc --version 2>&1 || true) | tail -2
+    echo "== python/torch"
+    "$PY" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
+    echo "== git"; git log --oneline -1 2>/dev/null || true
+  } >"$LOGS/machine.log" 2>&1
+  note "machine: $(grep -A1 '== python/torch' "$LOGS/machine.log" | tail -1)"
+}
+
+build() {
+  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    "$PY" -m pip install --no-build-isolation -v -e . || return 1
+  "$PY" -c 'import fastcells, sys; info = fastcells._ops.build_info(); print(info); sys.exit(0 if "cuda=1" in info else 1)'
+}
+
+cudatests() {
+  "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 \
+    --junitxml="$LOGS/junit_cuda.xml" tests/test_cuda.py tests/test_cuda_compile.py
+}
+
+alltests() {
+  "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=20 --junitxml="$LOGS/junit_all.xml"
+}
+
+# The issue's speed targets, measured against cuDNN in one run: forward +
+# backward of one layer, (T, B, I, H), float32 and bfloat16, LSTM and GRU,
+# interleaved A B / B A rounds, median ratio torch.nn / fastcells.
+targets() {
+  "$PY" - "$RES" <<'EOF'
+import copy, json, statistics, sys
+from pathlib import Path
+import torch
+from torch import nn
+from torch.utils import benchmark
+import fastcells
+
+out_dir = Path(sys.argv[1])
+dev = "cuda"
+shapes = [(112, 1, 3, 6), (168, 64, 16, 64), (168, 64, 64, 128), (512, 16, 32, 256),
+          (64, 64, 256, 512), (64, 128, 512, 1024)]
+rows = []
+for cell in ("LSTM", "GRU"):
+    for dtype in (torch.float32, torch.bfloat16):
+        for (T, B, I, H) in shapes:
+            torch.manual_seed(0)
+            ref = getattr(nn, cell)(I, H).to(dev, dtype)
+            fc = getattr(fastcells, cell)(I, H).to(dev, dtype)
+            fc.load_state_dict(ref.state_dict())
+            x = torch.randn(T, B, I, device=dev, dtype=dtype, requires_grad=True)
+            gy = torch.randn(T, B, H, device=dev, dtype=dtype)
+
+            def step(m):
+                y, _ = m(x)
+                y.backward(gy)
+
+            times = {"torch.nn": [], "fastcells": []}
+            for r in range(3):
+                order = [("torch.nn", ref), ("fastcells", fc)]
+                if r % 2:
+                    order.reverse()
+                for name, m in order:
+                    t = benchmark.Timer("step(m); torch.cuda.synchronize()",
+                                        globals={"step": step, "m": m, "torch": torch})
+                    times[name].append(t.blocked_autorange(min_run_time=0.2).median)
+            ratios = [a / b for a, b in zip(times["torch.nn"], times["fastcells"])]
+            row = {"cell": cell, "dtype": str(dtype).replace("torch.", ""), "T": T, "B": B, "I": I,
+                   "H": H, "torch_nn_ms": 1e3 * statistics.median(times["torch.nn"]),
+                   "fastcells_ms": 1e3 * statistics.median(times["fastcells"]),
+                   "speedup": statistics.median(ratios), "speedup_min": min(ratios),
+                   "speedup_max": max(ratios)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+gpu = torch.cuda.get_device_name()
+meta = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "build": fastcells._ops.build_info(),
+        "what": "one layer, forward+backward, median of 3 interleaved rounds; speedup = torch.nn / fastcells"}
+(out_dir / "targets_cuda.json").write_text(json.dumps({"machine": meta, "rows": rows}, indent=1))
+lines = [f"GPU: {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {meta['cudnn']}", "",
+         "| cell | dtype | T | B | I | H | torch.nn ms | fastcells ms | speed-up (min-max) |",
+         "|---|---|---|---|---|---|---|---|---|"]
+for r in rows:
+    lines.append(f"| {r['cell']} | {r['dtype']} | {r['T']} | {r['B']} | {r['I']} | {r['H']} | "
+                 f"{r['torch_nn_ms']:.3f} | {r['fastcells_ms']:.3f} | {r['speedup']:.2f}x "
+                 f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) |")
+(out_dir / "targets_cuda.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+}
+
+export PY LOGS RES
+export -f build cudatests alltests targets
+machine
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    build) run_stage build 420 build ;;
+    cudatests) run_stage cudatests 400 cudatests ;;
+    tests) run_stage tests 560 alltests ;;
+    targets) run_stage targets 300 targets ;;
+    sweep) run_stage sweep 560 "$PY" benchmarks/sweep.py --device cuda --out "$RES" ;;
+    airline) run_stage airline 400 "$PY" benchmarks/forecast_airline.py --device cuda --out "$RES" --no-progress ;;
+    electricity) run_stage electricity 400 "$PY" benchmarks/forecast_electricity.py --device cuda --out "$RES" ;;
+    *) note "unknown stage '$stage'"; STATUS=1 ;;
+  esac
+done
+note "done, status $STATUS; logs in $LOGS, results in $RES"
+exit $STATUS
