@@ -313,36 +313,52 @@ void copy_or_zero(T* dst, const T* src, size_t count, cudaStream_t stream, const
 }
 
 // ------------------------------------------------------------ forward: cell
-// One (row, unit) element of the forward cell. `gin` is the row of `gates`
-// (pre-activations in, activations out), `hh` the row of h W_hh^T, `c` and
-// `h` point at this element's state. Returns the new r (LSTM) / h (others).
+// Input side of one (row, unit) element: the G values x W_ih^T + b of the
+// row's `gates` entry for unit u (loaded ahead of use to hide latency).
 template <typename T>
-__device__ __forceinline__ T forward_cell(int mode, int H, int u, T* gin, const T* hh,
-                                          const T* b_hn, T* extra_elem, T* c, T h_prev) {
+struct CellIn {
+  T x[4];
+};
+
+template <typename T>
+__device__ __forceinline__ CellIn<T> load_cell_in(const T* gin, int G, int H, int u) {
+  CellIn<T> in;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) in.x[g] = g < G ? gin[g * H + u] : T(0);
+  return in;
+}
+
+// One (row, unit) element of the forward cell. `gout` is the row of `gates`
+// (activations written there), `hh` the row of h W_hh^T, `c` this element's
+// cell state (LSTM, updated in place). Returns the new r (LSTM) / h (others).
+template <typename T>
+__device__ __forceinline__ T forward_cell(int mode, int H, int u, const CellIn<T>& in,
+                                          T* gout, const T* hh, const T* b_hn, T* extra_elem,
+                                          T* c, T h_prev) {
   if (mode == kLSTM) {
-    const auto s = kernels::lstm_forward<T>(gin[u] + hh[u], gin[H + u] + hh[H + u],
-                                            gin[2 * H + u] + hh[2 * H + u],
-                                            gin[3 * H + u] + hh[3 * H + u], *c);
-    gin[u] = s.i;
-    gin[H + u] = s.f;
-    gin[2 * H + u] = s.g;
-    gin[3 * H + u] = s.o;
+    const auto s = kernels::lstm_forward<T>(in.x[0] + hh[u], in.x[1] + hh[H + u],
+                                            in.x[2] + hh[2 * H + u], in.x[3] + hh[3 * H + u],
+                                            *c);
+    gout[u] = s.i;
+    gout[H + u] = s.f;
+    gout[2 * H + u] = s.g;
+    gout[3 * H + u] = s.o;
     *extra_elem = s.c;
     *c = s.c;
     return s.r;
   }
   if (mode == kGRU) {
     const T hn = hh[2 * H + u] + (b_hn != nullptr ? b_hn[u] : T(0));
-    const auto s = kernels::gru_forward<T>(gin[u], gin[H + u], gin[2 * H + u], hh[u],
-                                           hh[H + u], hn, h_prev);
-    gin[u] = s.r;
-    gin[H + u] = s.z;
-    gin[2 * H + u] = s.n;
+    const auto s = kernels::gru_forward<T>(in.x[0], in.x[1], in.x[2], hh[u], hh[H + u], hn,
+                                           h_prev);
+    gout[u] = s.r;
+    gout[H + u] = s.z;
+    gout[2 * H + u] = s.n;
     *extra_elem = hn;
     return s.h;
   }
-  const T h = kernels::rnn_forward<T>(mode, gin[u] + hh[u]);
-  gin[u] = h;
+  const T h = kernels::rnn_forward<T>(mode, in.x[0] + hh[u]);
+  gout[u] = h;
   return h;
 }
 
@@ -399,10 +415,23 @@ __global__ void __launch_bounds__(1024) forward_persistent_kernel(const LayerFor
   }
   __syncthreads();
 
+  // Each thread's first pointwise element of the next step is loaded one step
+  // ahead (`pre`), so the global-memory latency overlaps the current step.
+  const int G = kernels::num_gates(mode);
+  CellIn<T> pre{};
+  auto prefetch = [&](int bs_, int64_t off_) {
+    if (tid < min(nrows, bs_ - b0) * H) {
+      const int b = tid / H, u = tid - b * H;
+      pre = load_cell_in<T>(p.gates + (off_ + b0 + b) * GH, G, H, u);
+    }
+  };
   int bs_next = 0;
   int64_t off_next = 0;
-  if (T_ > 0) step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, p.reverse ? T_ - 1 : 0, B,
-                            bs_next, off_next);
+  if (T_ > 0) {
+    step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, p.reverse ? T_ - 1 : 0, B, bs_next,
+                  off_next);
+    prefetch(bs_next, off_next);
+  }
   for (int s = 0; s < T_; ++s) {
     const int bs = bs_next;
     const int64_t off = off_next;
@@ -410,8 +439,11 @@ __global__ void __launch_bounds__(1024) forward_persistent_kernel(const LayerFor
       step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, p.reverse ? T_ - 2 - s : s + 1, B,
                     bs_next, off_next);
     }
-    const int na = min(nrows, bs - b0);  // active rows of this group (a prefix)
-    if (na <= 0) continue;               // uniform across the block
+    const int na = min(nrows, bs - b0);  // active rows of this group (a prefix); uniform
+    if (na <= 0) {
+      if (s + 1 < T_) prefetch(bs_next, off_next);
+      continue;
+    }
 
     // hh (na, GH) = h W_hh^T; each weight element feeds 4 rows.
     for (int j = tid; j < GH; j += nt) {
@@ -439,12 +471,13 @@ __global__ void __launch_bounds__(1024) forward_persistent_kernel(const LayerFor
     for (int idx = tid; idx < na * H; idx += nt) {
       const int b = idx / H, u = idx - b * H;
       const int64_t row = off + b0 + b;
-      T* gin = p.gates + row * GH;
-      T* extra = p.extra != nullptr ? p.extra + row * H + u : nullptr;
+      T* grow = p.gates + row * GH;
+      const CellIn<T> in = idx == tid ? pre : load_cell_in<T>(grow, G, H, u);
       T dummy;
+      T* extra = p.extra != nullptr ? p.extra + row * H + u : &dummy;
       const T h_prev = mode == kGRU ? sh[b * P + u] : T(0);
-      const T v = forward_cell<T>(mode, H, u, gin, shh + b * GH, p.b_hn,
-                                  extra != nullptr ? extra : &dummy, sc + b * H + u, h_prev);
+      const T v = forward_cell<T>(mode, H, u, in, grow, shh + b * GH, p.b_hn, extra,
+                                  lstm ? sc + b * H + u : &dummy, h_prev);
       if (proj) {
         sr[b * H + u] = v;
       } else {
@@ -452,6 +485,7 @@ __global__ void __launch_bounds__(1024) forward_persistent_kernel(const LayerFor
         p.out[row * p.ld_out + u] = v;
       }
     }
+    if (s + 1 < T_) prefetch(bs_next, off_next);
     __syncthreads();
 
     if (proj) {
@@ -510,13 +544,14 @@ __global__ void forward_step_pointwise_kernel(const LayerForwardParams<T> p, int
       continue;
     }
     const int64_t row = off + b;
-    T* gin = p.gates + row * GH;
+    T* grow = p.gates + row * GH;
+    const CellIn<T> in = load_cell_in<T>(grow, kernels::num_gates(mode), H, u);
     T dummy;
     T* extra = p.extra != nullptr ? p.extra + row * H + u : &dummy;
     T* cel = c != nullptr ? c + idx : &dummy;
     const T h_prev = mode == kGRU ? h_cur[b * static_cast<int64_t>(P) + u] : T(0);
-    const T v = forward_cell<T>(mode, H, u, gin, hh + static_cast<int64_t>(b) * GH, p.b_hn,
-                                extra, cel, h_prev);
+    const T v = forward_cell<T>(mode, H, u, in, grow, hh + static_cast<int64_t>(b) * GH,
+                                p.b_hn, extra, cel, h_prev);
     if (proj) {
       r[idx] = v;
     } else {
@@ -527,21 +562,55 @@ __global__ void forward_step_pointwise_kernel(const LayerForwardParams<T> p, int
 }
 
 // ----------------------------------------------------------- backward: cell
+// What forward saved for one (row, unit) element: the G activated gates, the
+// extra value (LSTM c_t, GRU hh_n) and the previous state (LSTM c_{t-1}, GRU
+// h_{t-1}); loaded ahead of use to hide latency.
+template <typename T>
+struct SavedIn {
+  T g[4];
+  T extra;
+  T prev;
+};
+
+// `prev_active`: the row was active at the step forward ran before this one
+// (tp, rows from offp), else its previous state is the initial one.
+template <typename T>
+__device__ __forceinline__ SavedIn<T> load_saved(const LayerBackwardParams<T>& p, int G,
+                                                 int64_t row, int b, int u, bool prev_active,
+                                                 int64_t offp) {
+  const int H = p.H;
+  SavedIn<T> in;
+  const T* g = p.gates + row * (G * H);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) in.g[k] = k < G ? g[k * H + u] : T(0);
+  in.extra = T(0);
+  in.prev = T(0);
+  if (p.mode == kLSTM) {
+    in.extra = p.extra[row * H + u];
+    in.prev = prev_active ? p.extra[(offp + b) * H + u]
+                          : (p.c0 != nullptr ? p.c0[static_cast<int64_t>(b) * H + u] : T(0));
+  } else if (p.mode == kGRU) {
+    in.extra = p.extra[row * H + u];
+    in.prev = prev_active ? p.out[(offp + b) * p.ld_out + u]
+                          : p.h0[static_cast<int64_t>(b) * p.P + u];
+  }
+  return in;
+}
+
 // One (row, unit) element of the backward cell. Writes the input-side and
 // recurrent-side gate gradients to the output rows and the recurrent side to
 // `dg` (the row of the buffer multiplied by W_hh); returns the GRU direct
-// term z*dh (0 otherwise). `dc` is this element's dL/dc, updated in place.
+// term z*dh (0 otherwise). `dr` is dL/d(cell output), `dc` this element's
+// dL/dc (LSTM), updated in place.
 template <typename T>
 __device__ __forceinline__ T backward_cell(const LayerBackwardParams<T>& p, int u, int64_t row,
-                                           T dr, T* dc, T c_prev, T h_prev, T* dg) {
+                                           const SavedIn<T>& in, T dr, T* dc, T* dg) {
   const int H = p.H, mode = p.mode;
   const int GH = kernels::num_gates(mode) * H;
-  const T* g = p.gates + row * GH;
   T* dx = p.dgates_x + row * GH;
   if (mode == kLSTM) {
-    const T i = g[u], f = g[H + u], gg = g[2 * H + u], o = g[3 * H + u];
-    const T c = p.extra[row * H + u];
-    const auto d = kernels::lstm_backward<T>(i, f, gg, o, c, c_prev, dr, *dc);
+    const T i = in.g[0], f = in.g[1], gg = in.g[2], o = in.g[3];
+    const auto d = kernels::lstm_backward<T>(i, f, gg, o, in.extra, in.prev, dr, *dc);
     dx[u] = d.di;
     dx[H + u] = d.df;
     dx[2 * H + u] = d.dg;
@@ -551,13 +620,11 @@ __device__ __forceinline__ T backward_cell(const LayerBackwardParams<T>& p, int 
     dg[2 * H + u] = d.dg;
     dg[3 * H + u] = d.do_;
     *dc = d.dc_prev;
-    if (p.r_all != nullptr) p.r_all[row * H + u] = o * kernels::fc_tanh(c);
+    if (p.r_all != nullptr) p.r_all[row * H + u] = o * kernels::fc_tanh(in.extra);
     return T(0);
   }
   if (mode == kGRU) {
-    const T r = g[u], z = g[H + u], n = g[2 * H + u];
-    const T hh_n = p.extra[row * H + u];
-    const auto d = kernels::gru_backward<T>(r, z, n, hh_n, h_prev, dr);
+    const auto d = kernels::gru_backward<T>(in.g[0], in.g[1], in.g[2], in.extra, in.prev, dr);
     dx[u] = d.dx_r;
     dx[H + u] = d.dx_z;
     dx[2 * H + u] = d.dx_n;
@@ -572,7 +639,7 @@ __device__ __forceinline__ T backward_cell(const LayerBackwardParams<T>& p, int 
     dg[2 * H + u] = d.dhh_n;
     return d.dh_prev_direct;
   }
-  const T da = kernels::rnn_backward<T>(mode, g[u], dr);
+  const T da = kernels::rnn_backward<T>(mode, in.g[0], dr);
   dx[u] = da;
   dg[u] = da;
   return T(0);
@@ -586,7 +653,8 @@ __global__ void __launch_bounds__(1024) backward_persistent_kernel(const LayerBa
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sm = reinterpret_cast<T*>(smem_raw);
   const int mode = p.mode, H = p.H, P = p.P, B = p.B, T_ = p.T;
-  const int GH = kernels::num_gates(mode) * H;
+  const int G = kernels::num_gates(mode);
+  const int GH = G * H;
   const bool proj = p.w_hr != nullptr;
   const bool lstm = mode == kLSTM, gru = mode == kGRU;
   const BwdSmem L = bwd_smem(GH, H, P, RB, proj, lstm, gru, wsmem);
@@ -632,6 +700,13 @@ __global__ void __launch_bounds__(1024) backward_persistent_kernel(const LayerBa
     int bsp = 0;
     int64_t offp = 0;
     if (tp >= 0 && tp < T_) step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, tp, B, bsp, offp);
+    // Saved values of this thread's first pointwise element, loaded now so
+    // that the loads overlap the dh_t and projection phases.
+    SavedIn<T> pre{};
+    if (tid < na * H) {
+      const int b = tid / H, u = tid - b * H;
+      pre = load_saved<T>(p, G, off + b0 + b, b0 + b, u, b0 + b < bsp, offp);
+    }
 
     // dh_t = carried dh + grad_out; record h_{t-1} and dh_t.
     for (int idx = tid; idx < na * P; idx += nt) {
@@ -675,19 +750,12 @@ __global__ void __launch_bounds__(1024) backward_persistent_kernel(const LayerBa
     for (int idx = tid; idx < na * H; idx += nt) {
       const int b = idx / H, u = idx - b * H;
       const int64_t row = off + b0 + b;
-      const bool prev_active = b0 + b < bsp;
-      T c_prev = T(0), h_prev = T(0);
-      if (lstm) {
-        c_prev = prev_active ? p.extra[(offp + b0 + b) * H + u]
-                             : (p.c0 != nullptr ? p.c0[static_cast<int64_t>(b0 + b) * H + u] : T(0));
-      } else if (gru) {
-        h_prev = prev_active ? p.out[(offp + b0 + b) * p.ld_out + u]
-                             : p.h0[static_cast<int64_t>(b0 + b) * P + u];
-      }
+      const SavedIn<T> in =
+          idx == tid ? pre : load_saved<T>(p, G, row, b0 + b, u, b0 + b < bsp, offp);
       const T dr = proj ? sdr[b * H + u] : sdht[b * P + u];
       T dummy = T(0);
-      const T direct = backward_cell<T>(p, u, row, dr, lstm ? sdc + b * H + u : &dummy, c_prev,
-                                        h_prev, sdg + b * GH);
+      const T direct = backward_cell<T>(p, u, row, in, dr, lstm ? sdc + b * H + u : &dummy,
+                                        sdg + b * GH);
       if (gru) sdirect[b * P + u] = direct;
     }
     __syncthreads();
@@ -768,20 +836,13 @@ __global__ void backward_step_pointwise_kernel(const LayerBackwardParams<T> p, i
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int b = static_cast<int>(idx / H), u = static_cast<int>(idx - static_cast<int64_t>(b) * H);
     const int64_t row = off + b;
-    const bool prev_active = b < bsp;
-    T c_prev = T(0), h_prev = T(0);
-    if (lstm) {
-      c_prev = prev_active ? p.extra[(offp + b) * H + u]
-                           : (p.c0 != nullptr ? p.c0[static_cast<int64_t>(b) * H + u] : T(0));
-    } else if (gru) {
-      h_prev = prev_active ? p.out[(offp + b) * p.ld_out + u] : p.h0[static_cast<int64_t>(b) * P + u];
-    }
+    const SavedIn<T> in = load_saved<T>(p, kernels::num_gates(mode), row, b, u, b < bsp, offp);
     const T dr = dr_buf[static_cast<int64_t>(b) * (p.w_hr != nullptr ? H : P) + u];
     T dummy = T(0);
     // dg_scratch: the row's recurrent-side gradients; for GRU that is
     // dgates_h when given, else a workspace row.
     T* dg = dg_scratch + static_cast<int64_t>(b) * GH;
-    const T d = backward_cell<T>(p, u, row, dr, lstm ? dc + idx : &dummy, c_prev, h_prev, dg);
+    const T d = backward_cell<T>(p, u, row, in, dr, lstm ? dc + idx : &dummy, dg);
     if (gru) direct[static_cast<int64_t>(b) * P + u] = d;
   }
 }
