@@ -88,7 +88,7 @@ def test_hx_wrong_shape(mode, which):
     }[which]()
     if which == "rank_unbatched":
         x = torch.randn(T, I)
-    assert same_or_clear_error(ref, mod, r"(?i)hx|cx|hidden|cell|h0|c0", x, hx) == "error"
+    assert same_or_clear_error(ref, mod, r"(?i)hx|cx|hidden|cell|h_?0|c_?0", x, hx) == "error"
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
@@ -233,10 +233,17 @@ def test_packed_zero_length_is_rejected_by_packing():
 @pytest.mark.parametrize("mode", MODE_NAMES)
 @pytest.mark.parametrize("batch_sizes", [[2, 1, 0], [2, 0]], ids=["trailing0", "only0"])
 def test_hand_made_packed_with_empty_steps(mode, batch_sizes):
+    """torch.nn runs steps with no rows; fastcells may do the same or reject them
+    with a message naming batch_sizes."""
     ref, mod = _pair(mode, dtype=torch.float64)
     n = sum(batch_sizes)
     x = PackedSequence(torch.randn(n, I, dtype=torch.float64), torch.tensor(batch_sizes))
-    same_or_clear_error(ref, mod, r"(?i)batch_sizes|input", x)
+    try:
+        got = mod(x)
+    except ERRORS as e:
+        assert "batch_sizes" in str(e), str(e)
+        return
+    assert_close_list(flatten_result(got), flatten_result(ref(x)), torch.float64)
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
@@ -425,7 +432,7 @@ def test_op_backward_rejects_bad_arguments():
 def test_op_non_contiguous_weights(mode):
     a = _op_args(mode)
     expect = _call(a)
-    a["weights"] = [w.t().contiguous().t() if w.dim() == 2 else w.repeat(2)[::2]
+    a["weights"] = [w.t().contiguous().t() if w.dim() == 2 else w.repeat_interleave(2)[::2]
                     for w in a["weights"]]
     assert not a["weights"][0].is_contiguous()
     got = _call(a)
