@@ -362,6 +362,38 @@ __device__ __forceinline__ T forward_cell(int mode, int H, int u, const CellIn<T
   return h;
 }
 
+// ------------------------------------------------- per-block row products
+// acc[i] = sum_k a[i*lda + k] * w[k*ws] for the rows i < nr (nr <= 4) of a
+// row group, all in the calling thread: each weight element is loaded once
+// and used for every row. One row (the common B <= #SMs case) takes a loop
+// with a single accumulator. Fixed summation order (k ascending).
+template <typename T>
+__device__ __forceinline__ void dot_rows(const T* a, int lda, const T* w, int ws, int K, int nr,
+                                         T (&acc)[4]) {
+  acc[0] = acc[1] = acc[2] = acc[3] = T(0);
+  if (nr == 1) {
+    T s0 = T(0);
+#pragma unroll 4
+    for (int k = 0; k < K; ++k) s0 += a[k] * w[k * ws];
+    acc[0] = s0;
+    return;
+  }
+  // Rows past nr are read (the buffers are padded to 4 rows) and dropped.
+  T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+#pragma unroll 4
+  for (int k = 0; k < K; ++k) {
+    const T x = w[k * ws];
+    s0 += a[k] * x;
+    s1 += a[lda + k] * x;
+    s2 += a[2 * lda + k] * x;
+    s3 += a[3 * lda + k] * x;
+  }
+  acc[0] = s0;
+  acc[1] = s1;
+  acc[2] = s2;
+  acc[3] = s3;
+}
+
 // ------------------------------------------------------- forward: persistent
 // grid.x = ceil(B / RB) row groups; block loops over all T steps.
 // wt / wrt: transposed weights in global memory (persistent_global), or null
@@ -448,21 +480,11 @@ __global__ void __launch_bounds__(1024) forward_persistent_kernel(const LayerFor
     // hh (na, GH) = h W_hh^T; each weight element feeds 4 rows.
     for (int j = tid; j < GH; j += nt) {
       for (int rb = 0; rb < na; rb += 4) {
-        const T* h = sh + rb * P;
-        T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
-#pragma unroll 4
-        for (int k = 0; k < P; ++k) {
-          const T w = W[k * GH + j];
-          a0 += h[k] * w;
-          a1 += h[P + k] * w;
-          a2 += h[2 * P + k] * w;
-          a3 += h[3 * P + k] * w;
-        }
-        T* o = shh + rb * GH + j;
-        o[0] = a0;
-        if (rb + 1 < na) o[GH] = a1;
-        if (rb + 2 < na) o[2 * GH] = a2;
-        if (rb + 3 < na) o[3 * GH] = a3;
+        T a[4];
+        dot_rows<T>(sh + rb * P, P, W + j, GH, P, min(4, na - rb), a);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (rb + i < na) shh[(rb + i) * GH + j] = a[i];
       }
     }
     __syncthreads();
@@ -492,17 +514,8 @@ __global__ void __launch_bounds__(1024) forward_persistent_kernel(const LayerFor
       // h (na, P) = r W_hr^T
       for (int q = tid; q < P; q += nt) {
         for (int rb = 0; rb < na; rb += 4) {
-          const T* r = sr + rb * H;
-          T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
-#pragma unroll 4
-          for (int u = 0; u < H; ++u) {
-            const T w = Wr[u * P + q];
-            a0 += r[u] * w;
-            a1 += r[H + u] * w;
-            a2 += r[2 * H + u] * w;
-            a3 += r[3 * H + u] * w;
-          }
-          const T a[4] = {a0, a1, a2, a3};
+          T a[4];
+          dot_rows<T>(sr + rb * H, H, Wr + q, P, H, min(4, na - rb), a);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             if (rb + i < na) {
@@ -727,17 +740,8 @@ __global__ void __launch_bounds__(1024) backward_persistent_kernel(const LayerBa
       // dr (na, H) = dh_t W_hr
       for (int u = tid; u < H; u += nt) {
         for (int rb = 0; rb < na; rb += 4) {
-          const T* d = sdht + rb * P;
-          T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
-#pragma unroll 4
-          for (int q = 0; q < P; ++q) {
-            const T w = Wr[q * H + u];
-            a0 += d[q] * w;
-            a1 += d[P + q] * w;
-            a2 += d[2 * P + q] * w;
-            a3 += d[3 * P + q] * w;
-          }
-          const T a[4] = {a0, a1, a2, a3};
+          T a[4];
+          dot_rows<T>(sdht + rb * P, P, Wr + u, H, P, min(4, na - rb), a);
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             if (rb + i < na) sdr[(rb + i) * H + u] = a[i];
@@ -763,17 +767,8 @@ __global__ void __launch_bounds__(1024) backward_persistent_kernel(const LayerBa
     // dh_{t-1} (na, P) = dg W_hh (+ z*dh for GRU)
     for (int q = tid; q < P; q += nt) {
       for (int rb = 0; rb < na; rb += 4) {
-        const T* d = sdg + rb * GH;
-        T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
-#pragma unroll 4
-        for (int j = 0; j < GH; ++j) {
-          const T w = W[j * P + q];
-          a0 += d[j] * w;
-          a1 += d[GH + j] * w;
-          a2 += d[2 * GH + j] * w;
-          a3 += d[3 * GH + j] * w;
-        }
-        const T a[4] = {a0, a1, a2, a3};
+        T a[4];
+        dot_rows<T>(sdg + rb * GH, GH, W + q, P, GH, min(4, na - rb), a);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           if (rb + i < na) {
