@@ -74,5 +74,7 @@ def test_airline_loss_curve_matches_torch_nn(cell):
     assert ref_losses[-1] < 0.5 * ref_losses[0]  # the model does learn
     diff = max(abs(a - b) for a, b in zip(fast_losses, ref_losses))
     assert diff <= 1e-8, f"loss curves differ by {diff:.3g}"
+    # The trained weights agree too, more loosely: 200 Adam steps at lr 0.1 amplify
+    # round-off differences (m / sqrt(v) of a near-zero gradient), the more so for GRU.
     for (n, a), (_, b) in zip(fast.state_dict().items(), ref.state_dict().items()):
-        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8, msg=f"{n} after training")
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=f"{n} after training")
