@@ -304,3 +304,106 @@ def test_dropout_training_gradients_match_reference(mode, packed):
     expect_grads = grads_of([leaf2] + list(mod.parameters()))
     assert_close_list(flat, expect, torch.float64)
     assert_close_list(grads, expect_grads, torch.float64)
+
+
+# ----------------------------------------------------------------------------- larger sizes
+# The small grid above runs the CPU backend's plain-loop path (tiny per-step
+# products). These cases cross into the BLAS path (per-step product above the
+# backend's threshold, with packed steps on both sides of it) and the
+# multi-threaded pointwise path (many rows times G*H per step).
+
+LARGE = {
+    "blas-dense-bidir-2layer": dict(T=6, B=20, I=16, H=48, num_layers=2, bidirectional=True,
+                                    kind="dense"),
+    "blas-packed-mixed": dict(T=7, B=20, I=16, H=48, num_layers=1, bidirectional=True,
+                              kind="packed"),
+    "threads-packed": dict(T=3, B=96, I=8, H=128, num_layers=1, bidirectional=True,
+                           kind="packed"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", list(LARGE))
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_module_matches_torch_nn_larger_sizes(mode, case, dtype):
+    c = LARGE[case]
+    kw = dict(num_layers=c["num_layers"], bidirectional=c["bidirectional"])
+    if mode == "LSTM" and case == "blas-dense-bidir-2layer":
+        kw["proj_size"] = 24
+    ref = make_nn(mode, c["I"], c["H"], dtype=dtype, **kw)
+    mod = make_fastcells_like(ref)
+    results = []
+    for m in (ref, mod):
+        g = torch.Generator().manual_seed(1)
+        leaf = torch.randn(c["T"], c["B"], c["I"], generator=g, dtype=torch.float64)
+        leaf = leaf.to(dtype).requires_grad_()
+        x = leaf
+        if c["kind"] == "packed":
+            lengths = torch.randint(1, c["T"] + 1, (c["B"],), generator=g)
+            lengths[c["B"] // 2] = c["T"]
+            x = pack_padded_sequence(leaf, lengths, enforce_sorted=False)
+        hx = make_hx(m, c["B"], dtype)
+        states = list(hx) if isinstance(hx, tuple) else [hx]
+        flat = flatten_result(m(x, hx))
+        weighted_loss(flat).backward()
+        results.append((flat, grads_of([leaf] + states + list(m.parameters()))))
+    (ref_flat, ref_grads), (flat, grads) = results
+    override = {} if dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-4}
+    assert_close_list(flat, ref_flat, dtype, ["output", "h_n", "c_n"], **override)
+    assert_close_list(grads, ref_grads, dtype, **override)
+
+
+# ----------------------------------------------------------------------------- autograd corners
+
+
+@pytest.mark.parametrize("which", ["output", "h_n", "c_n", "frozen_weights", "input_no_grad"])
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_partial_gradients(mode, which):
+    """Losses that use only some of the outputs (undefined incoming gradients),
+    and leaves of which only some require grad."""
+    if which == "c_n" and mode != "LSTM":
+        pytest.skip("only LSTM has c_n")
+    row = dict(mode=mode, kind="packed", bidirectional=True, num_layers=2, batch_first=False,
+               proj_size=2 if mode == "LSTM" else 0, bias=True, hx=True, shape="T5B3")
+    ref = make_nn(mode, I, H, **_module_kwargs(row))
+    results = []
+    for m in (ref, make_fastcells_like(ref)):
+        for p in m.parameters():
+            p.requires_grad_(which != "frozen_weights")
+        T, B = SHAPES[row["shape"]]
+        leaf, x = make_input("packed", T, B, I, torch.float64)
+        leaf.requires_grad_(which != "input_no_grad")
+        hx = make_hx(m, B, torch.float64)
+        states = list(hx) if isinstance(hx, tuple) else [hx]
+        flat = flatten_result(m(x, hx))
+        pick = {"output": flat[:1], "h_n": flat[1:2], "c_n": flat[2:3]}.get(which, flat)
+        weighted_loss(pick).backward()
+        results.append(grads_of([leaf] + states + list(m.parameters())))
+    assert_close_list(results[1], results[0], torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_no_grad_and_inference_mode(mode):
+    ref = make_nn(mode, I, H, num_layers=2, bidirectional=True)
+    mod = make_fastcells_like(ref)
+    x = torch.randn(5, 3, I, dtype=torch.float64)
+    expect = flatten_result(ref(x))
+    with torch.no_grad():
+        got = flatten_result(mod(x))
+    assert_close_list(got, expect, torch.float64)
+    with torch.inference_mode():
+        got = flatten_result(mod(x))
+    assert_close_list(got, expect, torch.float64)
+    assert all(not t.requires_grad for t in got)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_backward_twice_with_retain_graph(mode):
+    ref = make_nn(mode, I, H, num_layers=2)
+    mod = make_fastcells_like(ref)
+    x = torch.randn(5, 3, I, dtype=torch.float64, requires_grad=True)
+    out, _ = mod(x)
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * first, atol=1e-12, rtol=1e-12)
