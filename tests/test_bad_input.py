@@ -152,11 +152,14 @@ def test_bad_constructor_mode_specific():
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
-def test_nonfinite_values_propagate_like_torch_nn(mode, value):
-    ref, mod = _pair(mode, dtype=torch.float64, bidirectional=True)
+@pytest.mark.parametrize("hidden,batch", [(H, 3), (48, 20)], ids=["loop", "blas"])
+def test_nonfinite_values_propagate_like_torch_nn(mode, value, hidden, batch):
+    ref = make_nn(mode, I, hidden, dtype=torch.float64, num_layers=2, bidirectional=True)
+    mod = make_fastcells_like(ref)
     results = []
     for m in (ref, mod):
-        x = torch.randn(4, 3, I, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(4, batch, I, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0))
         x[1, 0, 2] = value  # one element of sequence 0 at step 1
         x.requires_grad_()
         flat = flatten_result(m(x))

@@ -76,7 +76,7 @@ def test_convert_swaps_in_place_and_keeps_weights():
     torch.testing.assert_close(model(x), expect, atol=1e-12, rtol=1e-12)
     # Parameters are the model's: an optimizer over model.parameters() trains the new modules.
     names = {n for n, _ in model.named_parameters()}
-    assert {f"lstm.weight_hr_l1", "inner.gru.weight_hh_l0_reverse", "rnn_cell.bias_ih"} <= names
+    assert {"lstm.weight_hr_l1", "inner.gru.weight_hh_l0_reverse", "rnn_cell.bias_ih"} <= names
 
 
 def test_convert_gradients_and_training_mode_preserved():

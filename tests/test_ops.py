@@ -119,8 +119,10 @@ OPCHECK_CASES = ["LSTM-dense-1layer", "GRU-packed-bidir-2layer", "RNN_RELU-dense
                  "LSTM-proj-bidir-2layer-packed", "LSTM-masks-2layer-bidir"]
 
 
-@pytest.mark.parametrize("name,dtype", [(n, torch.float64) for n in OPCHECK_CASES]
-                         + [(n, torch.float32) for n in OPCHECK_CASES[:2]])
+@pytest.mark.parametrize("name,dtype", [pytest.param(n, torch.float64, id=f"{n}-float64")
+                                        for n in OPCHECK_CASES]
+                         + [pytest.param(n, torch.float32, id=f"{n}-float32")
+                            for n in OPCHECK_CASES[:2]])
 def test_opcheck_rnn_forward(name, dtype):
     import fastcells  # noqa: F401  registers the ops
 

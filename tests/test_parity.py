@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from conftest import (MODE_NAMES, MODES, SHAPES, TOL, assert_close_list, flatten_result, grads_of,
+from conftest import (MODE_NAMES, MODES, SHAPES, assert_close_list, flatten_result, grads_of,
                       make_fastcells_like, make_hx, make_input, make_nn, module_grid,
                       needs_fastcells, row_id, run_functional, weighted_loss)
 from fastcells.reference import rnn_reference
