@@ -105,3 +105,32 @@ def test_cell_bfloat16_close_to_float64():
         for g_, e_ in zip(got if lstm else [got], exp if lstm else [exp]):
             assert g_.dtype == torch.bfloat16
             torch.testing.assert_close(g_.double(), e_, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cell_bad_state_and_dtypes(name):
+    ref, mod = _pair(name, True, torch.float32)
+    lstm = name == "LSTMCell"
+
+    def state(b, dtype=torch.float32):
+        h = torch.zeros(b, H, dtype=dtype)
+        return (h, h.clone()) if lstm else h
+
+    x = torch.randn(B, I)
+    for args, match in (((x, state(B + 1)), r"(?i)hx|hidden|batch"),
+                        ((x, state(B, torch.float64)), r"(?i)hx|dtype"),
+                        ((x.double(),), r"(?i)input|weight|dtype"),
+                        ((x.long(),), r"(?i)input|weight|dtype")):
+        with pytest.raises((RuntimeError, ValueError)):
+            ref(*args)
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            mod(*args)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cell_empty_batch(name):
+    ref, mod = _pair(name, True, torch.float64)
+    x = torch.randn(0, I, dtype=torch.float64)
+    got, expect = mod(x), ref(x)
+    for g_, e_ in zip(got if name == "LSTMCell" else [got], expect if name == "LSTMCell" else [expect]):
+        assert g_.shape == e_.shape == (0, H)
