@@ -73,7 +73,7 @@ class Data:
         self.std = float(y[: self.split].std())
         z = (y - self.mean) / self.std
         hour = df["ts"].dt.hour.to_numpy()
-        dow = df["ts"].dt.dayofweek.to_numpy()
+        dow = df["ts"].dt.day_of_week.to_numpy()
         feats = np.stack([z, np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24),
                           np.sin(2 * np.pi * dow / 7), np.cos(2 * np.pi * dow / 7)], axis=1)
         self.feats = torch.tensor(feats, dtype=dtype, device=device)  # (N, 5)

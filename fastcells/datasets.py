@@ -65,8 +65,8 @@ def load_electricity(repair_dst: bool = True) -> "pd.DataFrame":
         raise RuntimeError(f"electricity_hourly.csv is damaged: columns {list(df.columns)}")
     if repair_dst:
         ts = df["ts"]
-        # Last Sunday of March: a Sunday (dayofweek 6) in March on day 25..31.
-        mask = (ts.dt.month == 3) & (ts.dt.dayofweek == 6) & (ts.dt.day >= 25) & (ts.dt.hour == 1)
+        # Last Sunday of March: a Sunday (day_of_week 6) in March on day 25..31.
+        mask = (ts.dt.month == 3) & (ts.dt.day_of_week == 6) & (ts.dt.day >= 25) & (ts.dt.hour == 1)
         idx = mask.to_numpy().nonzero()[0]
         idx = idx[(idx > 0) & (idx < len(df) - 1)]
         y = df["y"].to_numpy(copy=True)

@@ -1,0 +1,48 @@
+"""Smoke test of the README's main command: benchmarks/forecast_airline.py runs and writes sane JSON."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _finite_numbers(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        assert math.isfinite(obj), obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _finite_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _finite_numbers(v)
+
+
+def test_forecast_airline_runs(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "forecast_airline.py"), "--epochs", "3", "--cell", "lstm,gru",
+           "--out", str(tmp_path), "--no-progress", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fastcells" in proc.stdout and "torch.nn" in proc.stdout
+    out = json.loads((tmp_path / "airline_cpu.json").read_text())
+    assert (tmp_path / "airline_cpu.png").stat().st_size > 0
+    assert out["config"]["x_shape"] == [141, 1, 3]
+    assert out["config"]["n_train"] == 112 and out["config"]["epochs"] == 3
+    for key in ("cpu", "torch", "torch_threads"):
+        assert key in out["machine"]
+    assert [r["cell"] for r in out["results"]] == ["lstm", "gru"]
+    for r in out["results"]:
+        for side in ("torch.nn", "fastcells"):
+            s = r[side]
+            for key in ("ms_per_epoch", "total_train_s", "final_train_loss", "test_rmse_passengers"):
+                assert key in s
+            assert s["ms_per_epoch"]["median"] > 0
+            assert len(s["predictions_passengers"]) == 141
+        for key in ("speedup_median_epoch", "max_abs_pred_diff_passengers", "max_abs_loss_curve_diff"):
+            assert key in r
+        # Same initial weights, three epochs: predictions agree to float32 noise (in thousands of passengers).
+        assert r["max_abs_pred_diff_passengers"] < 1e-2
+    _finite_numbers(out["results"])
