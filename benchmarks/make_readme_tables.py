@@ -1,0 +1,176 @@
+"""Turn the committed benchmark JSON into the markdown tables of the README's performance section.
+
+Reads benchmarks/results/{airline,airline_speed,electricity,sweep}_<device>.json (those
+that exist) and writes benchmarks/results/README_tables.md. Every number in the
+output comes from those files; nothing is typed in by hand.
+
+    python benchmarks/make_readme_tables.py [--results DIR] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def x(v: float) -> str:
+    """A speed-up as text: two decimals below 10x, one above."""
+    return f"{v:.2f}x" if v < 10 else f"{v:.1f}x"
+
+
+def load(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def machine_sentence(m: dict) -> str:
+    s = f"{C.machine_line(m)}"
+    if m.get("cpu_flags"):
+        s += f" ({'/'.join(m['cpu_flags'])})"
+    if m.get("git_commit"):
+        s += f", fastcells commit {m['git_commit']}"
+    if m.get("loadavg_1_5_15"):
+        s += f", load average {m['loadavg_1_5_15'][0]:.1f} at start"
+    if m.get("date_utc"):
+        s += f", {m['date_utc'][:10]}"
+    return s
+
+
+def airline_section(d: dict, slower: list[str]) -> str:
+    cfg = d["config"]
+    out = [f"### Airline passengers (the seed tutorial): `python benchmarks/forecast_airline.py`\n\n",
+           f"2-layer hidden-{cfg['hidden']} net + Linear(6, 1), X {tuple(cfg['x_shape'])}, {cfg['n_train']} training "
+           f"steps, Adam lr {cfg['lr']}, {cfg['epochs']} full-batch epochs, {cfg['device']} {cfg['dtype']}, "
+           f"same initial weights, epochs interleaved in chunks of {cfg['interleave_chunk_epochs']}. "
+           f"Machine: {machine_sentence(d['machine'])}.\n\n"]
+    rows = []
+    for r in d["results"]:
+        a, b = r["torch.nn"], r["fastcells"]
+        rows.append([r["cell"].upper(),
+                     f"{a['ms_per_epoch']['median']:.2f} ({a['ms_per_epoch']['p25']:.2f}-{a['ms_per_epoch']['p75']:.2f})",
+                     f"{b['ms_per_epoch']['median']:.2f} ({b['ms_per_epoch']['p25']:.2f}-{b['ms_per_epoch']['p75']:.2f})",
+                     f"**{x(r['speedup_median_epoch'])}**", f"{a['total_train_s']:.1f} / {b['total_train_s']:.1f}",
+                     f"{a['final_train_loss']:.5f} / {b['final_train_loss']:.5f}",
+                     f"{a['test_rmse_passengers']:.1f} / {b['test_rmse_passengers']:.1f}",
+                     f"{r['max_abs_pred_diff_passengers']:.2g}"])
+        if r["speedup_median_epoch"] < 1.0:
+            slower.append(f"airline {r['cell'].upper()} training epoch ({r['speedup_median_epoch']:.2f}x)")
+    out.append(C.md_table(
+        ["cell", "torch.nn ms/epoch (IQR)", "fastcells ms/epoch (IQR)", "speed-up", "total s nn / fc",
+         "final train loss nn / fc", "test RMSE nn / fc (thousand passengers)", "max pred diff"], rows))
+    return "".join(out)
+
+
+def speed_section(d: dict, slower: list[str]) -> str:
+    cfg = d["config"]
+    out = [f"### Op and epoch speed: `python benchmarks/airline_speed.py`\n\n",
+           f"torch.utils.benchmark blocked_autorange, torch.nn and fastcells interleaved, medians of "
+           f"{cfg['repeats']} (airline) / {cfg['grid_repeats']} (single-layer grid) rounds; speed-up = torch.nn / "
+           f"fastcells per round, median (min-max). {cfg['device']} {cfg['dtype']}. "
+           f"Machine: {machine_sentence(d['machine'])}.\n\n"]
+    rows = []
+    for r in d["rows"]:
+        sp = r["speedup"]
+        tgt = ""
+        if "target" in r:
+            tgt = f">= {r['target']:g}x: " + ("met" if r["pass"] else "**not met**")
+        shape = f"{r['T']},{r['B']},{r['I']},{r['H']}" + (f" ({r['layers']} layers)" if r["layers"] > 1 else "")
+        rows.append([r["cell"].upper(), shape, r["what"], C.fmt_ms(r["torch.nn_ms"]["median"] / 1e3),
+                     C.fmt_ms(r["fastcells_ms"]["median"] / 1e3), f"{x(sp['median'])} ({sp['min']:.2f}-{sp['max']:.2f})",
+                     tgt])
+        if sp["median"] < 1.0:
+            slower.append(f"{r['cell'].upper()} {shape} {r['what']} ({sp['median']:.2f}x)")
+    out.append(C.md_table(["cell", "T,B,I,H", "measure", "torch.nn ms", "fastcells ms", "speed-up", "target"], rows))
+    out.append(f"\nTargets met: {d['targets_passed']} of {d['targets_total']}.\n")
+    return "".join(out)
+
+
+def electricity_section(d: dict, slower: list[str]) -> str:
+    cfg = d["config"]
+    out = [f"### Electricity day-ahead (168 h -> 24 h): `python benchmarks/forecast_electricity.py`\n\n",
+           f"2 layers, batch {cfg['batch']}, I={cfg['input_size']}, {cfg['epochs']} epoch(s) of "
+           f"{cfg['batches_per_epoch']} batches, Adam lr {cfg['lr']}, training steps interleaved by batch, same "
+           f"initial weights and batch order; validation: {cfg['val_forecasts']} midnight forecasts after "
+           f"{cfg['split_time'][:10]}. {cfg['device']} {cfg['dtype']}. Machine: {machine_sentence(d['machine'])}.\n\n"]
+    rows = []
+    for r in d["results"]:
+        a, b = r["torch.nn"], r["fastcells"]
+        rows.append([r["cell"].upper(), r["hidden"], f"{sum(a['epoch_s']) / len(a['epoch_s']):.2f}",
+                     f"{sum(b['epoch_s']) / len(b['epoch_s']):.2f}", f"**{x(r['speedup_epoch'])}**",
+                     f"{a['val_mae_kw']:.1f} / {b['val_mae_kw']:.1f}", f"{a['val_rmse_kw']:.1f} / {b['val_rmse_kw']:.1f}",
+                     f"{r['max_abs_val_pred_diff_kw']:.2g}"])
+        if r["speedup_epoch"] < 1.0:
+            slower.append(f"electricity {r['cell'].upper()} hidden {r['hidden']} epoch ({r['speedup_epoch']:.2f}x)")
+    out.append(C.md_table(["cell", "hidden", "torch.nn s/epoch", "fastcells s/epoch", "speed-up",
+                           "val MAE kW nn / fc", "val RMSE kW nn / fc", "max pred diff kW"], rows))
+    return "".join(out)
+
+
+def sweep_section(d: dict, slower: list[str]) -> str:
+    cfg = d["config"]
+    out = [f"### Micro-benchmark sweep: `python benchmarks/sweep.py`\n\n",
+           f"Grid `{cfg['grid']}` ({len(d['rows'])} measurements; see the script's docstring), {cfg['repeats']} "
+           f"interleaved rounds of blocked_autorange({cfg['min_run_time_s']}s), reference {cfg['reference']}. "
+           f"Machine: {machine_sentence(d['machine'])}. Heat map: `benchmarks/results/sweep_{cfg['device']}"
+           f"_heatmap.png`; every point: `benchmarks/results/sweep_{cfg['device']}.md`.\n\n",
+           "Geometric-mean speed-up (torch.nn time / fastcells time):\n\n"]
+    geo = d["geomean_speedup"]
+    rows = []
+    dtypes = sorted({k.split("/")[2] for k in geo})
+    for dt in dtypes:
+        for cell in cfg["cells"]:
+            if f"{cell}/all/{dt}" not in geo:
+                continue
+            rows.append([cell.upper(), dt, x(geo[f"{cell}/fwd/{dt}"]["geomean"]),
+                         x(geo[f"{cell}/fwd+bwd/{dt}"]["geomean"]), x(geo[f"{cell}/all/{dt}"]["min"]),
+                         x(geo[f"{cell}/all/{dt}"]["max"]), geo[f"{cell}/all/{dt}"]["n"]])
+    out.append(C.md_table(["cell", "dtype", "forward", "forward+backward", "worst", "best", "points"], rows))
+    for s in d["slower_than_torch_nn"]:
+        slower.append(f"sweep {s['cell'].upper()} {s['shape']} {s['dtype']} {s['mode']} ({s['speedup']:.2f}x)")
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=C.RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help="default: <results>/README_tables.md")
+    args = ap.parse_args(argv)
+    out_path = args.out or args.results / "README_tables.md"
+
+    parts = ["<!-- generated by benchmarks/make_readme_tables.py from benchmarks/results/*.json; do not edit -->\n\n"]
+    found = []
+    for device in ("cpu", "cuda"):
+        slower: list[str] = []
+        sections = []
+        for stem, fn in (("airline", airline_section), ("airline_speed", speed_section),
+                         ("electricity", electricity_section), ("sweep", sweep_section)):
+            d = load(args.results / f"{stem}_{device}.json")
+            if d is not None:
+                sections.append(fn(d, slower))
+                found.append(f"{stem}_{device}.json")
+        if not sections:
+            continue
+        parts.append(f"## Results on {device.upper()}\n\n")
+        parts.append("\n".join(sections))
+        parts.append(f"\n### Where fastcells is slower than torch.nn ({device.upper()})\n\n")
+        if slower:
+            parts += [f"- {s}\n" for s in slower]
+        else:
+            parts.append("Nowhere in the measurements above.\n")
+        parts.append("\n")
+    if not found:
+        sys.exit(f"no benchmark JSON found in {args.results}")
+    text = "".join(parts).rstrip() + "\n"
+    out_path.write_text(text, encoding="utf-8")
+    print(text)
+    print(f"wrote {out_path} from {', '.join(found)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
