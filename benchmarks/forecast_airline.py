@@ -59,14 +59,17 @@ class Forecaster(nn.Module):
 
 def make_data(dtype: torch.dtype, device: str):
     """Tutorial steps 1-3: normalise, window with look_back=3, split 80/20 in time."""
+    import numpy as np
+
     from fastcells.datasets import load_airline
 
     df = load_airline()
     p = df["passengers"].to_numpy(dtype="float64")
     lo, hi = float(p.min()), float(p.max())
     series = (p - lo) / (hi - lo)
-    xs = [series[i:i + LOOK_BACK] for i in range(len(series) - LOOK_BACK)]
-    ys = [series[i + LOOK_BACK] for i in range(len(series) - LOOK_BACK)]
+    n = len(series) - LOOK_BACK
+    xs = np.stack([series[i:i + LOOK_BACK] for i in range(n)])  # (141, 3)
+    ys = series[LOOK_BACK:]  # (141,)
     x = torch.tensor(xs, dtype=torch.float64).reshape(-1, 1, LOOK_BACK).to(device=device, dtype=dtype)
     y = torch.tensor(ys, dtype=torch.float64).reshape(-1, 1, 1).to(device=device, dtype=dtype)
     n_train = int(x.shape[0] * TRAIN_RATE)
