@@ -4,21 +4,21 @@
 // P output size (proj_size or H), G gates, N packed rows.
 //
 // Per step the recurrent product h_{t-1} W_hh^T (M x G*H, M = active rows)
-// is either a BLAS call (large sizes) or, below kSmallProduct multiply-adds,
-// a plain loop over a W_hh^T copy made once per call, so that the
-// forecasting regime (H <= 32, small B) pays no per-step call overhead. The
-// gate nonlinearities come from csrc/kernels/cells.h, fused with the state
-// update. Nothing is allocated inside the loop.
+// runs through a register-blocked kernel over a W_hh^T copy made once per
+// call (no per-step library call, packing or allocation), fused with the gate
+// nonlinearities of csrc/kernels/cells.h and the state update. Large steps
+// split the hidden units across an OpenMP team that lives for the whole
+// sequence, with a barrier per step.
 #include "recurrent_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "../kernels/cells.h"
-#include "blas_cpu.h"
 
 namespace fastcells {
 namespace cpu {
@@ -27,10 +27,69 @@ namespace {
 using kernels::kGRU;
 using kernels::kLSTM;
 
-// Below this many multiply-adds per step product a plain loop beats BLAS.
-constexpr int64_t kSmallProduct = 8192;
-// Pointwise work (rows * G*H) per thread before the step is split across threads.
-constexpr int64_t kPointwiseGrain = 16384;
+// Below this many multiply-adds per step the loop runs on one thread.
+constexpr int64_t kParallelWork = 1 << 17;
+
+// ---------------------------------------------------------------- products
+// Register-blocked product y[0:MR, 0:nb) (+)= x[0:MR, 0:K) @ Wt[0:K, 0:nb),
+// Wt row stride ldw. MR rows and NB columns of accumulators stay in
+// registers; the compiler vectorises the column loop. Every output element
+// sums k = 0..K-1 in order, whatever the blocking, so results do not depend
+// on the thread count.
+template <typename T, int MR, int NB>
+inline void micro_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ Wt,
+                         int64_t ldw, int64_t K, T* __restrict__ y, int64_t ldy, int64_t nb,
+                         bool accumulate) {
+  T acc[MR][NB];
+  for (int r = 0; r < MR; ++r)
+#pragma omp simd
+    for (int c = 0; c < NB; ++c) acc[r][c] = T(0);
+  if (nb == NB) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* w = Wt + k * ldw;
+      for (int r = 0; r < MR; ++r) {
+        const T a = x[r * ldx + k];
+#pragma omp simd
+        for (int c = 0; c < NB; ++c) acc[r][c] += a * w[c];
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* w = Wt + k * ldw;
+      for (int r = 0; r < MR; ++r) {
+        const T a = x[r * ldx + k];
+        for (int64_t c = 0; c < nb; ++c) acc[r][c] += a * w[c];
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    T* yr = y + r * ldy;
+    if (accumulate) {
+      for (int64_t c = 0; c < nb; ++c) yr[c] += acc[r][c];
+    } else {
+      for (int64_t c = 0; c < nb; ++c) yr[c] = acc[r][c];
+    }
+  }
+}
+
+// y(M, [n0, n1)) (+)= x(M, K) @ Wt(K, .)[:, n0:n1]; y's column n is y[., n].
+template <typename T>
+void panel_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t ldx,
+              const T* Wt, int64_t ldw, T* y, int64_t ldy, bool accumulate) {
+  constexpr int NB = 64 / sizeof(T);  // 16 floats / 8 doubles
+  for (int64_t j = n0; j < n1; j += NB) {
+    const int64_t nb = std::min<int64_t>(NB, n1 - j);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      micro_kernel<T, 4, NB>(x + m * ldx, ldx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb, accumulate);
+    switch (M - m) {
+      case 3: micro_kernel<T, 3, NB>(x + m * ldx, ldx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb, accumulate); break;
+      case 2: micro_kernel<T, 2, NB>(x + m * ldx, ldx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb, accumulate); break;
+      case 1: micro_kernel<T, 1, NB>(x + m * ldx, ldx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb, accumulate); break;
+      default: break;
+    }
+  }
+}
 
 // Transposed copy: src (R, C) row-major -> dst (C, R).
 template <typename T>
@@ -41,53 +100,36 @@ std::vector<T> transposed(const T* src, int64_t R, int64_t C) {
   return dst;
 }
 
-// y(M, N) = beta * y + x(M, K) @ Wt(K, N); row-major, Wt contiguous.
-template <typename T>
-void small_mm(int64_t M, int64_t N, int64_t K, const T* __restrict__ x, int64_t ldx,
-              const T* __restrict__ Wt, T* __restrict__ y, int64_t ldy, bool accumulate) {
-  for (int64_t m = 0; m < M; ++m) {
-    T* __restrict__ yr = y + m * ldy;
-    if (!accumulate) std::fill(yr, yr + N, T(0));
-    const T* xr = x + m * ldx;
-    for (int64_t k = 0; k < K; ++k) {
-      const T a = xr[k];
-      const T* __restrict__ w = Wt + k * N;
-      for (int64_t j = 0; j < N; ++j) yr[j] += a * w[j];
-    }
-  }
+// ---------------------------------------------------------------- threads
+// The time loop runs inside one OpenMP team (one fork per call, a barrier
+// per step) when the per-step work is large enough; each thread owns a
+// fixed range of hidden units (and of output columns) for the whole call.
+inline int team_size(int64_t work_per_step) {
+  if (work_per_step < kParallelWork || omp_in_parallel()) return 1;
+  return std::max(1, at::get_num_threads());
 }
 
-// y(M, N) = x(M, K) @ W^T with W (N, K); Wt is W^T (K, N) for the loop path.
-template <typename T>
-void mm_nt(int64_t M, int64_t N, int64_t K, const T* x, int64_t ldx, const T* W,
-           const std::vector<T>& Wt, T* y, int64_t ldy) {
-  if (M * N * K <= kSmallProduct) {
-    small_mm(M, N, K, x, ldx, Wt.data(), y, ldy, false);
-  } else {
-    gemm<T>(false, true, M, N, K, T(1), x, ldx, W, K, T(0), y, ldy);
-  }
-}
-
-// y(M, N) = (accumulate ? y : 0) + x(M, K) @ W with W (K, N).
-template <typename T>
-void mm_nn(int64_t M, int64_t N, int64_t K, const T* x, int64_t ldx, const T* W, T* y,
-           int64_t ldy, bool accumulate) {
-  if (M * N * K <= kSmallProduct) {
-    small_mm(M, N, K, x, ldx, W, y, ldy, accumulate);
-  } else {
-    gemm<T>(false, false, M, N, K, T(1), x, ldx, W, N, accumulate ? T(1) : T(0), y, ldy);
-  }
-}
-
-// Runs fn(b0, b1) over the rows [0, M), in parallel when the step is big.
 template <typename F>
-void for_rows(int64_t M, int64_t width, const F& fn) {
-  if (M * width >= 2 * kPointwiseGrain && M > 1) {
-    const int64_t grain = std::max<int64_t>(1, kPointwiseGrain / std::max<int64_t>(width, 1));
-    at::parallel_for(0, M, grain, fn);
-  } else {
-    fn(0, M);
+void run_team(int nt, const F& body) {
+  if (nt <= 1) {
+    body(0, 1);
+    return;
   }
+#pragma omp parallel num_threads(nt)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+inline void team_barrier(int nt) {
+  if (nt > 1) {
+#pragma omp barrier
+  }
+}
+
+// [lo, hi) of n items for thread tid of nt, in multiples of 8.
+inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int nt) {
+  const int64_t per = ((n + nt - 1) / nt + 7) / 8 * 8;
+  const int64_t lo = std::min<int64_t>(n, tid * per);
+  return {lo, std::min<int64_t>(n, lo + per)};
 }
 
 // Row index of the state a row of step t was computed from, or -1 for h0.
@@ -102,68 +144,101 @@ inline int64_t prev_row(const int64_t* bs, const int64_t* off, int T, int t, int
 template <typename T>
 void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
   const int64_t H = p.H, P = p.P, B = p.B;
-  const int64_t GH = kernels::num_gates(p.mode) * H;
+  const int64_t G = kernels::num_gates(p.mode), GH = G * H;
   const bool lstm = p.mode == kLSTM, gru = p.mode == kGRU, proj = p.w_hr != nullptr;
 
-  std::vector<T> h(p.h0, p.h0 + B * P);
+  // Double-buffered hidden state: step t reads h[cur], writes h[1 - cur].
+  std::vector<T> h_a(p.h0, p.h0 + B * P), h_b(h_a);
   std::vector<T> c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr);
   std::vector<T> rec(static_cast<size_t>(B * GH));
   std::vector<T> r(proj ? static_cast<size_t>(B * H) : 0);
-  const std::vector<T> w_hh_t = transposed(p.w_hh, GH, P);
-  const std::vector<T> w_hr_t = proj ? transposed(p.w_hr, P, H) : std::vector<T>();
+  const std::vector<T> w_hh_t = transposed(p.w_hh, GH, P);  // (P, G*H)
+  const std::vector<T> w_hr_t = proj ? transposed(p.w_hr, P, H) : std::vector<T>();  // (H, P)
+  const std::vector<T> no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0));
+  const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
+  const int nt = team_size(int64_t(B) * GH * P);
 
-  for (int s = 0; s < p.T; ++s) {
-    const int t = p.reverse ? p.T - 1 - s : s;
-    const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
-    mm_nt(M, GH, P, h.data(), P, p.w_hh, w_hh_t, rec.data(), GH);
-    for_rows(M, GH, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        T* g = p.gates + (row0 + b) * GH;
+  run_team(nt, [&](int tid, int team) {
+    const auto units = share(H, tid, team);
+    const auto cols = share(P, tid, team);
+    const int64_t u0 = units.first, u1 = units.second;
+    T* h_cur = h_a.data();
+    T* h_next = h_b.data();
+    for (int s = 0; s < p.T; ++s) {
+      const int t = p.reverse ? p.T - 1 - s : s;
+      const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
+      // Inactive rows keep their state in the buffer written this step.
+      for (int64_t b = M; b < B; ++b)
+        for (int64_t j = cols.first; j < cols.second; ++j) h_next[b * P + j] = h_cur[b * P + j];
+      // Recurrent product for this thread's units of every gate.
+      if (team == 1) {
+        panel_mm<T>(M, 0, GH, P, h_cur, P, w_hh_t.data(), GH, rec.data(), GH, false);
+      } else {
+        for (int64_t g = 0; g < G; ++g)
+          panel_mm<T>(M, g * H + u0, g * H + u1, P, h_cur, P, w_hh_t.data(), GH, rec.data(), GH,
+                      false);
+      }
+      for (int64_t b = 0; b < M; ++b) {
+        T* gt = p.gates + (row0 + b) * GH;
         const T* rc = rec.data() + b * GH;
-        T* hb = h.data() + b * P;
+        const T* hp = h_cur + b * P;
+        T* hn = h_next + b * P;
         if (lstm) {
           T* cb = c.data() + b * H;
           T* e = p.extra + (row0 + b) * H;
-          T* out_r = proj ? r.data() + b * H : hb;
-          for (int64_t j = 0; j < H; ++j) {
-            const auto st = kernels::lstm_forward<T>(g[j] + rc[j], g[H + j] + rc[H + j],
-                                                     g[2 * H + j] + rc[2 * H + j],
-                                                     g[3 * H + j] + rc[3 * H + j], cb[j]);
-            g[j] = st.i;
-            g[H + j] = st.f;
-            g[2 * H + j] = st.g;
-            g[3 * H + j] = st.o;
+          T* out_r = proj ? r.data() + b * H : hn;
+#pragma omp simd
+          for (int64_t j = u0; j < u1; ++j) {
+            const auto st = kernels::lstm_forward<T>(gt[j] + rc[j], gt[H + j] + rc[H + j],
+                                                     gt[2 * H + j] + rc[2 * H + j],
+                                                     gt[3 * H + j] + rc[3 * H + j], cb[j]);
+            gt[j] = st.i;
+            gt[H + j] = st.f;
+            gt[2 * H + j] = st.g;
+            gt[3 * H + j] = st.o;
             e[j] = st.c;
             cb[j] = st.c;
             out_r[j] = st.r;
           }
         } else if (gru) {
           T* e = p.extra + (row0 + b) * H;
-          for (int64_t j = 0; j < H; ++j) {
-            const T hh_n = rc[2 * H + j] + (p.b_hn ? p.b_hn[j] : T(0));
-            const auto st = kernels::gru_forward<T>(g[j], g[H + j], g[2 * H + j], rc[j],
-                                                    rc[H + j], hh_n, hb[j]);
-            g[j] = st.r;
-            g[H + j] = st.z;
-            g[2 * H + j] = st.n;
+#pragma omp simd
+          for (int64_t j = u0; j < u1; ++j) {
+            const T hh_n = rc[2 * H + j] + b_hn[j];
+            const auto st = kernels::gru_forward<T>(gt[j], gt[H + j], gt[2 * H + j], rc[j],
+                                                    rc[H + j], hh_n, hp[j]);
+            gt[j] = st.r;
+            gt[H + j] = st.z;
+            gt[2 * H + j] = st.n;
             e[j] = hh_n;
-            hb[j] = st.h;
+            hn[j] = st.h;
           }
         } else {
-          for (int64_t j = 0; j < H; ++j) {
-            const T hv = kernels::rnn_forward<T>(p.mode, g[j] + rc[j]);
-            g[j] = hv;
-            hb[j] = hv;
+#pragma omp simd
+          for (int64_t j = u0; j < u1; ++j) {
+            const T hv = kernels::rnn_forward<T>(p.mode, gt[j] + rc[j]);
+            gt[j] = hv;
+            hn[j] = hv;
           }
         }
       }
-    });
-    if (proj) mm_nt(M, P, H, r.data(), H, p.w_hr, w_hr_t, h.data(), P);
-    for (int64_t b = 0; b < M; ++b)
-      std::memcpy(p.out + (row0 + b) * p.ld_out, h.data() + b * P, sizeof(T) * P);
-  }
-  std::copy(h.begin(), h.end(), p.hy);
-  if (lstm) std::copy(c.begin(), c.end(), p.cy);
+      if (proj) {
+        team_barrier(team);  // every unit of r is written
+        panel_mm<T>(M, cols.first, cols.second, H, r.data(), H, w_hr_t.data(), P, h_next, P,
+                    false);
+      }
+      for (int64_t b = 0; b < M; ++b) {
+        const int64_t j0 = proj ? cols.first : u0, j1 = proj ? cols.second : u1;
+        std::copy(h_next + b * P + j0, h_next + b * P + j1, p.out + (row0 + b) * p.ld_out + j0);
+      }
+      std::swap(h_cur, h_next);
+      team_barrier(team);  // h_t complete before step t+1 reads it
+    }
+    if (tid == 0) {
+      std::copy(h_cur, h_cur + B * P, p.hy);
+      if (lstm) std::copy(c.begin(), c.end(), p.cy);
+    }
+  });
 }
 
 template <typename T>
@@ -179,37 +254,48 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   if (lstm && p.grad_cy) std::copy(p.grad_cy, p.grad_cy + B * H, dc.begin());
   std::vector<T> dtot(static_cast<size_t>(B * P));
   std::vector<T> dr(proj ? static_cast<size_t>(B * H) : 0);
-  T* dgh_base = gru ? p.dgates_h : p.dgates_x;
+  const T* dgh_base = gru ? p.dgates_h : p.dgates_x;
+  const int nt = team_size(int64_t(B) * GH * P);
 
-  for (int s = 0; s < p.T; ++s) {
-    const int t = p.reverse ? s : p.T - 1 - s;
-    const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
-    for (int64_t b = 0; b < M; ++b) {
-      const int64_t pr = prev_row(p.batch_sizes, p.row_offsets, p.T, t, b, p.reverse);
-      const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
-      std::memcpy(p.h_prev + (row0 + b) * P, hp, sizeof(T) * P);
-      T* dt = dtot.data() + b * P;
-      const T* go = p.grad_out ? p.grad_out + (row0 + b) * p.ld_gout : nullptr;
-      for (int64_t j = 0; j < P; ++j) dt[j] = dh[b * P + j] + (go ? go[j] : T(0));
-    }
-    if (proj) {
-      std::memcpy(p.dh_all + row0 * P, dtot.data(), sizeof(T) * M * P);
-      mm_nn(M, H, P, dtot.data(), P, p.w_hr, dr.data(), H, false);
-    }
-    const T* drow_base = proj ? dr.data() : dtot.data();
-    for_rows(M, GH, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+  run_team(nt, [&](int tid, int team) {
+    const auto units = share(H, tid, team);
+    const auto cols = share(P, tid, team);
+    const int64_t u0 = units.first, u1 = units.second;
+    for (int s = 0; s < p.T; ++s) {
+      const int t = p.reverse ? s : p.T - 1 - s;
+      const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
+      // 1. h_{t-1} of each row and the total gradient w.r.t. h_t (own columns).
+      for (int64_t b = 0; b < M; ++b) {
+        const int64_t pr = prev_row(p.batch_sizes, p.row_offsets, p.T, t, b, p.reverse);
+        const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
+        std::copy(hp + cols.first, hp + cols.second, p.h_prev + (row0 + b) * P + cols.first);
+        T* dt = dtot.data() + b * P;
+        const T* go = p.grad_out ? p.grad_out + (row0 + b) * p.ld_gout : nullptr;
+        for (int64_t j = cols.first; j < cols.second; ++j)
+          dt[j] = dh[b * P + j] + (go ? go[j] : T(0));
+        if (proj)
+          std::copy(dt + cols.first, dt + cols.second, p.dh_all + (row0 + b) * P + cols.first);
+      }
+      // 2. Projection: dr = dh_t W_hr (needs every column of dtot).
+      if (proj) {
+        team_barrier(team);
+        panel_mm<T>(M, u0, u1, P, dtot.data(), P, p.w_hr, H, dr.data(), H, false);
+      }
+      // 3. Gate gradients for this thread's units.
+      const T* drow_base = proj ? dr.data() : dtot.data();
+      const int64_t ld_d = proj ? H : P;
+      for (int64_t b = 0; b < M; ++b) {
         const int64_t row = row0 + b;
         const T* g = p.gates + row * GH;
-        const T* d_in = drow_base + b * (proj ? H : P);
+        const T* d_in = drow_base + b * ld_d;
         T* dgx = p.dgates_x + row * GH;
         if (lstm) {
           const int64_t pr = prev_row(p.batch_sizes, p.row_offsets, p.T, t, b, p.reverse);
           const T* cp = pr >= 0 ? p.extra + pr * H : p.c0 + b * H;
           const T* cc = p.extra + row * H;
           T* dcb = dc.data() + b * H;
-          T* rr = proj ? p.r_all + row * H : nullptr;
-          for (int64_t j = 0; j < H; ++j) {
+#pragma omp simd
+          for (int64_t j = u0; j < u1; ++j) {
             const auto d = kernels::lstm_backward<T>(g[j], g[H + j], g[2 * H + j], g[3 * H + j],
                                                      cc[j], cp[j], d_in[j], dcb[j]);
             dgx[j] = d.di;
@@ -217,14 +303,19 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
             dgx[2 * H + j] = d.dg;
             dgx[3 * H + j] = d.do_;
             dcb[j] = d.dc_prev;
-            if (rr) rr[j] = g[3 * H + j] * kernels::fc_tanh(cc[j]);
+          }
+          if (proj) {
+            T* rr = p.r_all + row * H;
+#pragma omp simd
+            for (int64_t j = u0; j < u1; ++j) rr[j] = g[3 * H + j] * kernels::fc_tanh(cc[j]);
           }
         } else if (gru) {
           const T* e = p.extra + row * H;
-          const T* hp = p.h_prev + row * P;
+          const T* hp = p.h_prev + row * P;  // GRU: P == H, own columns == own units
           T* dgh = p.dgates_h + row * GH;
           T* dhb = dh.data() + b * P;
-          for (int64_t j = 0; j < H; ++j) {
+#pragma omp simd
+          for (int64_t j = u0; j < u1; ++j) {
             const auto d = kernels::gru_backward<T>(g[j], g[H + j], g[2 * H + j], e[j], hp[j],
                                                     d_in[j]);
             dgx[j] = d.dx_r;
@@ -236,15 +327,21 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
             dhb[j] = d.dh_prev_direct;
           }
         } else {
-          for (int64_t j = 0; j < H; ++j) dgx[j] = kernels::rnn_backward<T>(p.mode, g[j], d_in[j]);
+#pragma omp simd
+          for (int64_t j = u0; j < u1; ++j) dgx[j] = kernels::rnn_backward<T>(p.mode, g[j], d_in[j]);
         }
       }
-    });
-    // dh_{t-1} = (GRU: z * dh_t) + dgates_h @ W_hh
-    mm_nn(M, P, GH, dgh_base + row0 * GH, GH, p.w_hh, dh.data(), P, gru);
-  }
-  std::copy(dh.begin(), dh.end(), p.dh0);
-  if (lstm) std::copy(dc.begin(), dc.end(), p.dc0);
+      team_barrier(team);  // every gate gradient of the step is written
+      // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own columns.
+      panel_mm<T>(M, cols.first, cols.second, GH, dgh_base + row0 * GH, GH, p.w_hh, P, dh.data(),
+                  P, gru);
+      team_barrier(team);
+    }
+    if (tid == 0) {
+      std::copy(dh.begin(), dh.end(), p.dh0);
+      if (lstm) std::copy(dc.begin(), dc.end(), p.dc0);
+    }
+  });
 }
 
 template void recurrent_forward<float>(const kernels::LayerForwardParams<float>&);
