@@ -276,6 +276,9 @@ def test_non_contiguous_input_and_state(mode):
     assert same_or_clear_error(ref, mod, "input", x, hx) == "same"
     xs = torch.randn(T, B, 2 * I, dtype=torch.float64)[:, :, ::2]  # strided last dim
     assert same_or_clear_error(ref, mod, "input", xs) == "same"
+    h = torch.randn(1, 1, H, dtype=torch.float64).expand(4, B, H)  # stride-0 state
+    hx = (h, h) if mode == "LSTM" else h
+    assert same_or_clear_error(ref, mod, "input", x, hx) == "same"
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
@@ -438,6 +441,12 @@ def test_op_non_contiguous_weights(mode):
     a["weights"] = [w.t().contiguous().t() if w.dim() == 2 else w.repeat_interleave(2)[::2]
                     for w in a["weights"]]
     assert not a["weights"][0].is_contiguous()
+    got = _call(a)
+    for g, e in zip(got[:3], expect[:3]):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-12)
+    # Expanded (stride-0) weights give the same result as their contiguous copies.
+    a["weights"] = [w[:1].expand_as(w) for w in a["weights"]]
+    expect = [t.clone() for t in _call({**a, "weights": [w.contiguous() for w in a["weights"]]})]
     got = _call(a)
     for g, e in zip(got[:3], expect[:3]):
         torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-12)

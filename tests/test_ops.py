@@ -172,3 +172,29 @@ def test_rnn_backward_matches_autograd_of_reference():
     expect = torch.autograd.grad((ro * go).sum() + (rh * gh).sum() + (rc * gc).sum(), leaves)
     for got, exp in zip([gi, ghx, gcx] + list(gws), expect):
         torch.testing.assert_close(got, exp, atol=1e-10, rtol=1e-10)
+
+
+def test_gradients_through_non_contiguous_and_expanded_weights():
+    """Transposed, strided and expanded weight views: autograd returns gradients
+    of the right shape and value for the underlying leaves."""
+    import fastcells
+
+    g = torch.Generator().manual_seed(0)
+    G, H, I, T, B = 4, 5, 3, 4, 2
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    leaves = [rnd(I, G * H), rnd(H, G * H), rnd(2 * G * H), rnd(1)]
+    leaves = [t.requires_grad_() for t in leaves]
+    x, h, c = rnd(T, B, I), rnd(1, B, H), rnd(1, B, H)
+    grads = []
+    for fn in (fastcells.functional.rnn, rnn_reference):
+        ws = [leaves[0].t(), leaves[1].t(), leaves[2][::2], leaves[3].expand(G * H)]
+        out, hy, cy = fn(x, ws, h, c, None, 0, 1, False, True, 0, None)
+        (out.sum() + hy.pow(2).sum() + cy.sum()).backward()
+        grads.append([t.grad.clone() for t in leaves])
+        for t in leaves:
+            t.grad = None
+    for got, exp in zip(*grads):
+        torch.testing.assert_close(got, exp, atol=1e-12, rtol=1e-12)
