@@ -75,7 +75,7 @@ def make_fastcells_like(ref: nn.Module) -> nn.Module:
     name = type(ref).__name__
     kwargs = dict(num_layers=ref.num_layers, bias=ref.bias, batch_first=ref.batch_first,
                   dropout=ref.dropout, bidirectional=ref.bidirectional,
-                  dtype=ref.weight_ih_l0.dtype)
+                  dtype=ref.weight_ih_l0.dtype, device=ref.weight_ih_l0.device)
     if name == "LSTM":
         kwargs["proj_size"] = ref.proj_size
     if name == "RNN":
