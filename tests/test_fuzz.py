@@ -95,8 +95,8 @@ def rnn_configs(draw):
     )
 
 
-def _make_pair(cfg):
-    """(torch.nn module, fastcells module) with identical weights."""
+def _make_pair(cfg, with_fastcells=True):
+    """(torch.nn module, fastcells module or None) with identical weights."""
     kind = cfg["kind"]
     kwargs = dict(num_layers=cfg["layers"], bias=cfg["bias"], batch_first=cfg["batch_first"],
                   dropout=cfg["dropout"], bidirectional=cfg["bidirectional"])
@@ -110,9 +110,11 @@ def _make_pair(cfg):
         names = ("RNN", "RNN")
     torch.manual_seed(cfg["seed"])
     ref = getattr(nn, names[0])(cfg["input_size"], cfg["hidden"], **kwargs).to(cfg["dtype"])
+    ref.train(cfg["train"])
+    if not with_fastcells:
+        return ref, None
     fc = getattr(fastcells, names[1])(cfg["input_size"], cfg["hidden"], **kwargs).to(cfg["dtype"])
     fc.load_state_dict(ref.state_dict())
-    ref.train(cfg["train"])
     fc.train(cfg["train"])
     return ref, fc
 
@@ -211,7 +213,7 @@ def test_functional_matches_reference(cfg):
         pytest.skip("fastcells.reference.rnn_reference is not available")
     from fastcells.functional import rnn
 
-    ref, _ = _make_pair(cfg)
+    ref, _ = _make_pair(cfg, with_fastcells=False)
     dtype, L, B, T = cfg["dtype"], cfg["layers"], cfg["batch"], cfg["steps"]
     D = 2 if cfg["bidirectional"] else 1
     P = cfg["proj"] or cfg["hidden"]

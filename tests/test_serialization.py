@@ -212,7 +212,10 @@ def test_torch_jit_script_works_or_fails_clearly(name, kwargs):
     except Exception as exc:  # noqa: BLE001 - TorchScript raises several types
         msg = str(exc)
         assert msg.strip(), "torch.jit.script failed with an empty message"
-        assert "Segmentation" not in msg
+        # Clear: the error names the supported alternative rather than a
+        # TorchScript type-inference detail deep inside forward.
+        assert "torch.compile" in msg or "torch.export" in msg, (
+            f"unclear torch.jit.script error ({type(exc).__name__}): {msg.strip()[:300]}")
         docs = _docs_text()
         assert "jit.script" in docs, (
             "torch.jit.script fails; the README or docs/ must say so "
