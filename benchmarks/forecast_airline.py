@@ -104,7 +104,15 @@ class Trainer:
         self.losses.append(float(loss.detach()))
 
 
-def run_cell(cell: str, fastcells, args, data, progress) -> dict:
+def agree_until(a: list[float], b: list[float], rtol: float = 1e-4) -> int:
+    """Number of leading epochs whose losses agree to ``rtol`` (relative)."""
+    for i, (u, v) in enumerate(zip(a, b)):
+        if abs(u - v) > rtol * max(abs(u), abs(v), 1e-12):
+            return i
+    return min(len(a), len(b))
+
+
+def run_cell(cell: str, fastcells, args, data, progress, data64=None) -> dict:
     x, y, n_train, lo, hi = data
     dtype, device = C.dtype_of(args.dtype), args.device
     nn_cls, fc_cls = rnn_classes(fastcells, cell)
@@ -112,7 +120,8 @@ def run_cell(cell: str, fastcells, args, data, progress) -> dict:
     torch.manual_seed(args.seed)
     ref = Forecaster(nn_cls).to(device=device, dtype=dtype)
     new = Forecaster(fc_cls).to(device=device, dtype=dtype)
-    new.load_state_dict(copy.deepcopy(ref.state_dict()))
+    init_state = copy.deepcopy(ref.state_dict())
+    new.load_state_dict(init_state)
     init_diff = max((a - b).abs().max().item() for a, b in zip(ref.state_dict().values(), new.state_dict().values()))
     assert init_diff == 0.0, "initial weights differ"
 
@@ -165,6 +174,28 @@ def run_cell(cell: str, fastcells, args, data, progress) -> dict:
     out["max_abs_pred_diff_normalised"] = diff
     out["max_abs_pred_diff_passengers"] = diff * (hi - lo)
     out["max_abs_loss_curve_diff"] = max(abs(a - b) for a, b in zip(r.losses, f.losses))
+    out["loss_curves_agree_epochs"] = agree_until(r.losses, f.losses)
+    if data64 is not None:
+        # Float32 noise floor of this training run: Adam at lr 0.1 for many epochs
+        # amplifies rounding differences, so compare both float32 runs with torch.nn
+        # in float64 from the same initial weights (untimed).
+        x64, y64 = data64[0], data64[1]
+        truth = Forecaster(nn_cls).to(device=device, dtype=torch.float64)
+        truth.load_state_dict({k: v.double() for k, v in init_state.items()})
+        tr64 = Trainer(truth, x64[:n_train], y64[:n_train])
+        for _ in range(args.epochs):
+            tr64.epoch(device)
+            progress.update(1)
+        truth.eval()
+        with torch.no_grad():
+            p64 = truth(x64).reshape(-1).cpu()
+        fp64 = {"final_train_loss": tr64.losses[-1],
+                "test_rmse_passengers": math.sqrt(((p64[n_train:] - y64.reshape(-1).cpu()[n_train:]) ** 2).mean().item())
+                * (hi - lo)}
+        for name in ("torch.nn", "fastcells"):
+            fp64[f"max_abs_pred_diff_passengers_{name}_float32"] = (preds[name] - p64).abs().max().item() * (hi - lo)
+            fp64[f"loss_curves_agree_epochs_{name}_float32"] = agree_until(sides[name].losses, tr64.losses)
+        out["torch_nn_float64_reference"] = fp64
     out["target_epoch_speedup"] = TARGETS.get(cell) if device == "cpu" and args.dtype == "float32" else None
     return out, preds
 
@@ -216,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=C.RESULTS, help="output folder for JSON and PNG")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-float64-reference", dest="float64_reference", action="store_false",
+                    help="skip the untimed torch.nn float64 run that measures the float32 noise floor")
     args = ap.parse_args(argv)
+    if args.dtype == "float64":
+        args.float64_reference = False
 
     cells = CELLS if args.cell == "all" else tuple(c.strip() for c in args.cell.split(","))
     bad = [c for c in cells if c not in CELLS]
@@ -237,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
           f"X {tuple(data[0].shape)}, train {data[2]} steps | {args.epochs} epochs", flush=True)
 
     results, preds = [], {}
-    with tqdm(total=2 * args.epochs * len(cells), unit="epoch", file=sys.stderr,
+    data64 = make_data(torch.float64, args.device) if args.float64_reference else None
+    with tqdm(total=(3 if data64 else 2) * args.epochs * len(cells), unit="epoch", file=sys.stderr,
               disable=args.no_progress, mininterval=0.5) as progress:
         for cell in cells:
             progress.set_description(cell)
-            res, p = run_cell(cell, fastcells, args, data, progress)
+            res, p = run_cell(cell, fastcells, args, data, progress, data64)
             results.append(res)
             preds[cell] = p
 
@@ -260,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
             ])
     table = C.md_table(header, rows)
     print(table)
+    for r in results:
+        f64 = r.get("torch_nn_float64_reference")
+        if f64:
+            print(f"{r['cell']}: loss curves torch.nn vs fastcells agree (rtol 1e-4) for {r['loss_curves_agree_epochs']} "
+                  f"epochs; max |pred diff| vs torch.nn float64: torch.nn "
+                  f"{f64['max_abs_pred_diff_passengers_torch.nn_float32']:.3g}, fastcells "
+                  f"{f64['max_abs_pred_diff_passengers_fastcells_float32']:.3g} (thousand passengers); "
+                  f"float64 test RMSE {f64['test_rmse_passengers']:.2f}")
     for r in results:
         tgt = r["target_epoch_speedup"]
         if tgt:
