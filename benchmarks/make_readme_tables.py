@@ -57,11 +57,11 @@ def airline_section(d: dict, slower: list[str]) -> str:
                      f"**{x(r['speedup_median_epoch'])}**", f"{a['total_train_s']:.1f} / {b['total_train_s']:.1f}",
                      f"{a['final_train_loss']:.5f} / {b['final_train_loss']:.5f}",
                      f"{a['test_rmse_passengers']:.1f} / {b['test_rmse_passengers']:.1f}",
-                     f"{r['max_abs_pred_diff_passengers']:.2g}"])
+                     f"{r['max_abs_pred_diff_passengers']:.3g}"])
         f64 = r.get("torch_nn_float64_reference")
         if f64:
-            rows[-1].append(f"{f64['max_abs_pred_diff_passengers_torch.nn_float32']:.2g} / "
-                            f"{f64['max_abs_pred_diff_passengers_fastcells_float32']:.2g}")
+            rows[-1].append(f"{f64['max_abs_pred_diff_passengers_torch.nn_float32']:.3g} / "
+                            f"{f64['max_abs_pred_diff_passengers_fastcells_float32']:.3g}")
         if r["speedup_median_epoch"] < 1.0:
             slower.append(f"airline {r['cell'].upper()} training epoch ({r['speedup_median_epoch']:.2f}x)")
     out.append(C.md_table(
