@@ -38,9 +38,9 @@ def _extension():
     # default it targets that CPU (AVX2/AVX-512 vectorisation of the gate
     # math). FASTCELLS_NATIVE=0 builds for the baseline ISA (for wheels).
     if os.environ.get("FASTCELLS_NATIVE", "1") == "1" and platform.machine() in ("x86_64", "AMD64"):
-        cxx.append("-march=native")
+        cxx += ["-march=native", "-mprefer-vector-width=256"]
     define_macros = []
-    extra_link = ["-fopenmp", "-s"]
+    extra_link = ["-fopenmp"]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

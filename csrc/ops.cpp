@@ -81,15 +81,23 @@ at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
 }
 
+// `name` is a callable returning the argument's name: it only runs when a
+// check fails, so the happy path builds no strings.
+template <typename Name>
+void check_tensor(const Tensor& t, const Name& name, at::IntArrayRef expected,
+                  const Tensor& input) {
+  TORCH_CHECK(t.defined(), "fastcells: `", name(), "` is required");
+  TORCH_CHECK(t.sizes() == expected, "fastcells: expected `", name(), "` of shape ",
+              shape_str(expected), ", got ", shape_str(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastcells: expected `", name(),
+              "` of dtype ", input.scalar_type(), " (the input's), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "fastcells: expected `", name(), "` on device ",
+              input.device(), " (the input's), got ", t.device());
+}
+
 void check_tensor(const Tensor& t, const char* name, at::IntArrayRef expected,
                   const Tensor& input) {
-  TORCH_CHECK(t.defined(), "fastcells: `", name, "` is required");
-  TORCH_CHECK(t.sizes() == expected, "fastcells: expected `", name, "` of shape ",
-              shape_str(expected), ", got ", shape_str(t.sizes()));
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastcells: expected `", name,
-              "` of dtype ", input.scalar_type(), " (the input's), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == input.device(), "fastcells: expected `", name, "` on device ",
-              input.device(), " (the input's), got ", t.device());
+  check_tensor(t, [name] { return name; }, expected, input);
 }
 
 Config check_inputs(const Tensor& input, at::TensorList weights, const Tensor& hx,
@@ -194,11 +202,12 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const Tensor& h
           case 3: shape = {c.GH()}; break;
           default: shape = {c.P, c.H}; break;
         }
-        const std::string name = std::string("weights[") +
-                                 std::to_string((l * c.D + d) * c.per_dir + k) + "] (" +
-                                 names[kind] + "_l" + std::to_string(l) +
-                                 (d == 1 ? "_reverse" : "") + ")";
-        check_tensor(c.w(weights, l, d, k), name.c_str(), shape, input);
+        const auto name = [&] {
+          return std::string("weights[") + std::to_string((l * c.D + d) * c.per_dir + k) +
+                 "] (" + names[kind] + "_l" + std::to_string(l) + (d == 1 ? "_reverse" : "") +
+                 ")";
+        };
+        check_tensor(c.w(weights, l, d, k), name, shape, input);
       }
     }
   }
@@ -379,6 +388,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
     const std::optional<Tensor>& dropout_masks) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
+  // The ATen calls below are internal arithmetic of a kernel that autograd
+  // sees as one op: keep them off the autograd and tracing layers.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
 #ifdef WITH_CUDA
   const c10::OptionalDeviceGuard guard(input.device());
 #endif
@@ -516,6 +528,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const bool lstm = c.mode == kernels::kLSTM;
   if (lstm && grad_cy.has_value() && grad_cy->defined())
     check_tensor(*grad_cy, "grad_cy", {c.L * c.D, c.B, c.H}, input);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
 #ifdef WITH_CUDA
   const c10::OptionalDeviceGuard guard(input.device());
 #endif

@@ -4,8 +4,12 @@ The C++ library (``fastcells._C``) defines ``torch.ops.fastcells.rnn_forward``
 and ``torch.ops.fastcells.rnn_backward`` with TORCH_LIBRARY schemas and CPU
 (and CUDA) kernels. This module adds:
 
-* fake kernels, so that torch.compile / torch.export can trace the ops;
-* the autograd formula of ``rnn_forward``, which calls ``rnn_backward``.
+* fake kernels, so that torch.compile / torch.export can trace the ops.
+
+The autograd formula of ``rnn_forward`` (which calls ``rnn_backward``) is
+registered in C++ on the Autograd key (csrc/autograd.cpp): a Python
+registration would cost more per call than the whole fused op at the sizes
+forecasting models use.
 
 Shape legend: T steps, B batch, I input size, H hidden, P output size
 (proj_size or H), G gates, L layers, D directions, N rows.
@@ -22,7 +26,6 @@ MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
 _GATES = {0: 4, 1: 3, 2: 1, 3: 1}
 
 _forward = torch.ops.fastcells.rnn_forward.default
-_backward = torch.ops.fastcells.rnn_backward.default
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,32 +73,6 @@ def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidire
     grad_cx = torch.empty_like(cx) if mode == 0 else input.new_empty((0,))
     return (torch.empty_like(input), torch.empty_like(hx), grad_cx,
             [torch.empty_like(w) for w in weights])
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    (input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional, has_biases,
-     proj_size, dropout_masks) = inputs
-    out, _, _, reserve = output
-    ctx.args = (batch_sizes, mode, num_layers, bidirectional, has_biases, proj_size)
-    ctx.n_weights = len(weights)
-    ctx.has_cx = cx is not None
-    ctx.save_for_backward(input, hx, cx, dropout_masks, out, reserve, *weights)
-
-
-def _backward_formula(ctx, grad_output, grad_hy, grad_cy, _grad_reserve):
-    input, hx, cx, masks, out, reserve, *weights = ctx.saved_tensors
-    batch_sizes, mode, num_layers, bidirectional, has_biases, proj_size = ctx.args
-    if mode != 0:
-        grad_cy = None
-    grad_input, grad_hx, grad_cx, grad_weights = _backward(
-        input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional, has_biases,
-        proj_size, masks, out, reserve, grad_output, grad_hy, grad_cy)
-    return (grad_input, list(grad_weights), grad_hx, grad_cx if ctx.has_cx else None,
-            None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("fastcells::rnn_forward", _backward_formula,
-                                setup_context=_setup_context)
 
 
 def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: torch.Tensor,
