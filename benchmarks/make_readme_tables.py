@@ -38,6 +38,10 @@ def machine_sentence(m: dict) -> str:
         s += f", load average {m['loadavg_1_5_15'][0]:.1f} at start"
     if m.get("date_utc"):
         s += f", {m['date_utc'][:10]}"
+    load, cpus = (m.get("loadavg_1_5_15") or [0.0])[0], m.get("logical_cpus") or 1
+    if load > cpus:
+        s += (f". **The machine was busy when this ran (load {load:.1f} on {cpus} CPUs): other jobs competed for "
+              f"the cores, absolute times are inflated and the ratios are indicative only; see the min-max spread**")
     return s
 
 
