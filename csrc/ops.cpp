@@ -28,7 +28,6 @@
 #include <string>
 #include <vector>
 
-#include "cpu/blas_cpu.h"
 #include "cpu/recurrent_cpu.h"
 #include "kernels/cells.h"
 #include "kernels/params.h"
@@ -247,6 +246,7 @@ Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) 
 }
 
 Tensor to_compute(const Tensor& t, at::ScalarType cd) {
+  if (t.scalar_type() == cd && t.is_contiguous()) return t;
   return t.to(cd).contiguous();
 }
 
@@ -315,21 +315,69 @@ Tensor layer_input(const Config& c, int64_t l, const Tensor& x, const Tensor& re
   return y;
 }
 
-// x W_ih^T + folded biases, written into `gates` (N, G*H).
+// ---------------------------------------------------------------- GEMMs
+// The whole-sequence products. On the CPU they run the backend's own blocked
+// kernel directly on the data (cpu::matmul): at forecasting sizes the
+// dispatcher and temporaries of at::mm cost more than the arithmetic, and its
+// BLAS gives different bits for different thread counts. Elsewhere they are
+// ATen calls. All matrices are 2-D with unit column stride.
+
+// out (M, N) = [out +] op(a) op(b)
+template <typename T>
+void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+            bool accumulate) {
+  if (out.is_cpu()) {
+    const int64_t K = trans_a ? a.size(0) : a.size(1);
+    cpu::matmul<T>(out.size(0), out.size(1), K, a.data_ptr<T>(), trans_a ? 1 : a.stride(0),
+                   trans_a ? a.stride(0) : 1, b.data_ptr<T>(), b.stride(0), trans_b,
+                   out.data_ptr<T>(), out.stride(0), accumulate);
+    return;
+  }
+  const Tensor A = trans_a ? a.t() : a;
+  const Tensor B = trans_b ? b.t() : b;
+  if (accumulate) {
+    const_cast<Tensor&>(out).addmm_(A, B);
+  } else {
+    at::mm_out(const_cast<Tensor&>(out), A, B);
+  }
+}
+
+// out (N) = sum over rows of m (R, N), rows added in order.
+template <typename T>
+void column_sum(const Tensor& out, const Tensor& m) {
+  if (!out.is_cpu()) {
+    at::sum_out(const_cast<Tensor&>(out), m, {0});
+    return;
+  }
+  const int64_t R = m.size(0), N = m.size(1), ld = m.stride(0);
+  T* o = out.data_ptr<T>();
+  const T* src = m.data_ptr<T>();
+  std::fill(o, o + N, T(0));
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < N; ++j) o[j] += src[r * ld + j];
+}
+
+// x W_ih^T + folded biases, written into `gates` (N, G*H). GRU keeps b_hn
+// out (it sits inside r * (h W_hn^T + b_hn)); b_hr and b_hz fold in here.
+template <typename T>
 void input_projection(const Config& c, const Tensor& gates, const Tensor& x, const Tensor& w_ih,
                       const Tensor* b_ih, const Tensor* b_hh) {
   if (!c.bias) {
-    at::mm_out(const_cast<Tensor&>(gates), x, w_ih.t());
+    matmul<T>(gates, x, false, w_ih, true, false);
     return;
   }
-  Tensor bias;
-  if (c.mode == kernels::kGRU) {
-    // b_hn stays inside r * (h W_hn^T + b_hn); b_hr and b_hz fold in here.
-    bias = b_ih->clone();
-    bias.narrow(0, 0, 2 * c.H).add_(b_hh->narrow(0, 0, 2 * c.H));
-  } else {
-    bias = *b_ih + *b_hh;
+  const int64_t GH = c.GH(), folded = c.mode == kernels::kGRU ? 2 * c.H : GH;
+  if (gates.is_cpu()) {
+    std::vector<T> bias(b_ih->data_ptr<T>(), b_ih->data_ptr<T>() + GH);
+    const T* bh = b_hh->data_ptr<T>();
+    for (int64_t j = 0; j < folded; ++j) bias[j] += bh[j];
+    T* g = gates.data_ptr<T>();
+    for (int64_t n = 0; n < c.N; ++n) std::copy(bias.begin(), bias.end(), g + n * GH);
+    matmul<T>(gates, x, false, w_ih, true, true);
+    return;
   }
+  Tensor bias = b_ih->clone();
+  bias.narrow(0, 0, folded).add_(b_hh->narrow(0, 0, folded));
   at::addmm_out(const_cast<Tensor&>(gates), bias, x, w_ih.t());
 }
 
@@ -352,7 +400,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
       const Tensor* b_hh = c.bias ? &c.w(w, l, d, 3) : nullptr;
       const Tensor* w_hr = c.P != c.H ? &c.w(w, l, d, c.per_dir - 1) : nullptr;
       const Tensor gates = reserve.narrow(0, c.gates_offset(idx), c.N * c.GH()).view({c.N, c.GH()});
-      input_projection(c, gates, xl, w_ih, b_ih, b_hh);
+      input_projection<T>(c, gates, xl, w_ih, b_ih, b_hh);
 
       kernels::LayerForwardParams<T> p{};
       p.mode = static_cast<int>(c.mode);
@@ -419,6 +467,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
 
   if (!c.packed) output = output.view({c.T, c.B, c.D * c.P});
   const auto out_t = input.scalar_type();
+  if (out_t == cd) return {output, hy, cy, reserve};
   return {output.to(out_t), hy.to(out_t), cy.to(out_t), reserve};
 }
 
@@ -484,18 +533,14 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
 
       // Weight and input gradients: one GEMM each over all time steps.
       const int64_t base = idx * c.per_dir;
-      at::mm_out(const_cast<Tensor&>(gw[base + 0]), dgx.t(), xl);
-      at::mm_out(const_cast<Tensor&>(gw[base + 1]), dgh.t(), hprev);
+      matmul<T>(gw[base + 0], dgx, true, xl, false, false);
+      matmul<T>(gw[base + 1], dgh, true, hprev, false, false);
       if (c.bias) {
-        at::sum_out(const_cast<Tensor&>(gw[base + 2]), dgx, {0});
-        at::sum_out(const_cast<Tensor&>(gw[base + 3]), dgh, {0});
+        column_sum<T>(gw[base + 2], dgx);
+        column_sum<T>(gw[base + 3], dgh);
       }
-      if (proj) at::mm_out(const_cast<Tensor&>(gw[base + c.per_dir - 1]), dh_all.t(), r_all);
-      if (d == 0) {
-        at::mm_out(dxl, dgx, w_ih);
-      } else {
-        dxl.addmm_(dgx, w_ih);
-      }
+      if (proj) matmul<T>(gw[base + c.per_dir - 1], dh_all, true, r_all, false, false);
+      matmul<T>(dxl, dgx, false, w_ih, false, d > 0);
     }
     if (l > 0) {
       go = masks.has_value() ? dxl * masks->select(0, l - 1).reshape({c.N, c.D * c.P}) : dxl;
@@ -570,13 +615,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     });
   }
   const auto out_t = input.scalar_type();
+  grad_input = grad_input.view(input.sizes());
+  if (out_t == cd) return {grad_input, dhx, dcx, gw};
   for (auto& g : gw) g = g.to(out_t);
-  return {grad_input.view(input.sizes()).to(out_t), dhx.to(out_t), dcx.to(out_t), gw};
+  return {grad_input.to(out_t), dhx.to(out_t), dcx.to(out_t), gw};
 }
 
 std::string build_info() {
   std::ostringstream o;
-  o << "cpu_blas=" << (cpu::has_direct_blas() ? "direct" : "aten");
+  o << "cpu=1";
 #ifdef WITH_CUDA
   o << ";cuda=1";
 #else

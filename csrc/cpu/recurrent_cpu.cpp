@@ -37,9 +37,9 @@ constexpr int64_t kParallelWork = 1 << 17;
 // sums k = 0..K-1 in order, whatever the blocking, so results do not depend
 // on the thread count.
 template <typename T, int MR, int NB>
-inline void micro_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ Wt,
-                         int64_t ldw, int64_t K, T* __restrict__ y, int64_t ldy, int64_t nb,
-                         bool accumulate) {
+inline void micro_kernel(const T* __restrict__ x, int64_t ldx, int64_t ksx,
+                         const T* __restrict__ Wt, int64_t ldw, int64_t K, T* __restrict__ y,
+                         int64_t ldy, int64_t nb, bool accumulate) {
   T acc[MR][NB];
   for (int r = 0; r < MR; ++r)
 #pragma omp simd
@@ -48,7 +48,7 @@ inline void micro_kernel(const T* __restrict__ x, int64_t ldx, const T* __restri
     for (int64_t k = 0; k < K; ++k) {
       const T* w = Wt + k * ldw;
       for (int r = 0; r < MR; ++r) {
-        const T a = x[r * ldx + k];
+        const T a = x[r * ldx + k * ksx];
 #pragma omp simd
         for (int c = 0; c < NB; ++c) acc[r][c] += a * w[c];
       }
@@ -57,7 +57,7 @@ inline void micro_kernel(const T* __restrict__ x, int64_t ldx, const T* __restri
     for (int64_t k = 0; k < K; ++k) {
       const T* w = Wt + k * ldw;
       for (int r = 0; r < MR; ++r) {
-        const T a = x[r * ldx + k];
+        const T a = x[r * ldx + k * ksx];
         for (int64_t c = 0; c < nb; ++c) acc[r][c] += a * w[c];
       }
     }
@@ -72,23 +72,33 @@ inline void micro_kernel(const T* __restrict__ x, int64_t ldx, const T* __restri
   }
 }
 
-// y(M, [n0, n1)) (+)= x(M, K) @ Wt(K, .)[:, n0:n1]; y's column n is y[., n].
+// y(M, [n0, n1)) (+)= x(M, K) @ Wt(K, .)[:, n0:n1]; x(m, k) = x[m * ldx + k * ksx].
 template <typename T>
-void panel_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t ldx,
+void panel_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t ldx, int64_t ksx,
               const T* Wt, int64_t ldw, T* y, int64_t ldy, bool accumulate) {
   constexpr int NB = 64 / sizeof(T);  // 16 floats / 8 doubles
   for (int64_t j = n0; j < n1; j += NB) {
     const int64_t nb = std::min<int64_t>(NB, n1 - j);
     int64_t m = 0;
     for (; m + 4 <= M; m += 4)
-      micro_kernel<T, 4, NB>(x + m * ldx, ldx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb, accumulate);
+      micro_kernel<T, 4, NB>(x + m * ldx, ldx, ksx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb,
+                             accumulate);
+    const T* xm = x + m * ldx;
+    T* ym = y + m * ldy + j;
     switch (M - m) {
-      case 3: micro_kernel<T, 3, NB>(x + m * ldx, ldx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb, accumulate); break;
-      case 2: micro_kernel<T, 2, NB>(x + m * ldx, ldx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb, accumulate); break;
-      case 1: micro_kernel<T, 1, NB>(x + m * ldx, ldx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb, accumulate); break;
+      case 3: micro_kernel<T, 3, NB>(xm, ldx, ksx, Wt + j, ldw, K, ym, ldy, nb, accumulate); break;
+      case 2: micro_kernel<T, 2, NB>(xm, ldx, ksx, Wt + j, ldw, K, ym, ldy, nb, accumulate); break;
+      case 1: micro_kernel<T, 1, NB>(xm, ldx, ksx, Wt + j, ldw, K, ym, ldy, nb, accumulate); break;
       default: break;
     }
   }
+}
+
+// Recurrent-step form: x rows contiguous in k.
+template <typename T>
+void panel_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t ldx,
+              const T* Wt, int64_t ldw, T* y, int64_t ldy, bool accumulate) {
+  panel_mm<T>(M, n0, n1, K, x, ldx, 1, Wt, ldw, y, ldy, accumulate);
 }
 
 // Transposed copy: src (R, C) row-major -> dst (C, R).
@@ -333,8 +343,8 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       }
       team_barrier(team);  // every gate gradient of the step is written
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own columns.
-      panel_mm<T>(M, cols.first, cols.second, GH, dgh_base + row0 * GH, GH, p.w_hh, P, dh.data(),
-                  P, gru);
+      panel_mm<T>(M, cols.first, cols.second, GH, dgh_base + row0 * GH, GH, p.w_hh, P,
+                  dh.data(), P, gru);
       team_barrier(team);
     }
     if (tid == 0) {
@@ -344,6 +354,38 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   });
 }
 
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
+            int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  std::vector<T> b_t;
+  if (trans_b) {  // B stored (N, K): make the (K, N) copy the kernel streams
+    b_t.resize(static_cast<size_t>(K * N));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) b_t[k * N + n] = B[n * ldb + k];
+    B = b_t.data();
+    ldb = N;
+  }
+  const int nt = team_size(M * N * std::max<int64_t>(K, 1));
+  // Split the larger output side; every element keeps its own k order.
+  const bool split_rows = M >= N;
+  run_team(nt, [&](int tid, int team) {
+    if (split_rows) {
+      const int64_t per = ((M + team - 1) / team + 3) / 4 * 4;
+      const int64_t m0 = std::min<int64_t>(M, tid * per), m1 = std::min<int64_t>(M, m0 + per);
+      panel_mm<T>(m1 - m0, 0, N, K, A + m0 * a_rs, a_rs, a_ks, B, ldb, C + m0 * ldc, ldc,
+                  accumulate);
+    } else {
+      const auto cols = share(N, tid, team);
+      panel_mm<T>(M, cols.first, cols.second, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
+    }
+  });
+}
+
+template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
+                            const float*, int64_t, bool, float*, int64_t, bool);
+template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
+                             const double*, int64_t, bool, double*, int64_t, bool);
 template void recurrent_forward<float>(const kernels::LayerForwardParams<float>&);
 template void recurrent_forward<double>(const kernels::LayerForwardParams<double>&);
 template void recurrent_backward<float>(const kernels::LayerBackwardParams<float>&);

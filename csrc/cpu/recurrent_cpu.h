@@ -1,10 +1,20 @@
 // CPU backend of the recurrent loop (contract in csrc/kernels/params.h).
 #pragma once
 
+#include <cstdint>
+
 #include "../kernels/params.h"
 
 namespace fastcells {
 namespace cpu {
+
+// C(M, N) = [C +] A(M, K) @ B(K, N), row-major, A(m, k) = A[m * a_rs + k * a_ks];
+// with trans_b, B is stored (N, K) with row stride ldb. Deterministic: each
+// element sums k = 0..K-1 in order whatever the thread count.
+template <typename scalar_t>
+void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t a_rs, int64_t a_ks,
+            const scalar_t* B, int64_t ldb, bool trans_b, scalar_t* C, int64_t ldc,
+            bool accumulate);
 
 template <typename scalar_t>
 void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p);
