@@ -72,4 +72,9 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "data": ["pandas"],
+        "bench": ["pandas", "matplotlib", "tqdm"],
+        "test": ["pytest", "hypothesis", "pandas", "matplotlib", "tqdm"],
+    },
 )

@@ -19,7 +19,8 @@ using torch::autograd::variable_list;
 
 using ForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, at::TensorList, const Tensor&, const std::optional<Tensor>&,
-    at::OptionalIntArrayRef, int64_t, int64_t, bool, bool, int64_t, const std::optional<Tensor>&);
+    at::OptionalIntArrayRef, int64_t, int64_t, bool, bool, int64_t, const std::optional<Tensor>&,
+    bool);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
     const Tensor&, at::TensorList, const Tensor&, const std::optional<Tensor>&,
     at::OptionalIntArrayRef, int64_t, int64_t, bool, bool, int64_t, const std::optional<Tensor>&,
@@ -55,7 +56,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, hy, cy, reserve] =
         forward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                          has_biases, proj_size, dropout_masks);
+                          has_biases, proj_size, dropout_masks, true);
     variable_list to_save{input, hx, cx.value_or(Tensor()), dropout_masks.value_or(Tensor()),
                           output, reserve};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
@@ -110,7 +111,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autograd(
     const Tensor& input, at::TensorList weights, const Tensor& hx,
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks) {
+    const std::optional<Tensor>& dropout_masks, bool need_reserve) {
+  bool wants_grad = false;
+  if (at::GradMode::is_enabled()) {
+    wants_grad = input.requires_grad() || hx.requires_grad() ||
+                 (cx.has_value() && cx->defined() && cx->requires_grad());
+    for (const auto& w : weights) wants_grad = wants_grad || w.requires_grad();
+  }
+  if (!wants_grad) {
+    // No graph will be recorded: run the inference form, which saves nothing.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return forward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers,
+                             bidirectional, has_biases, proj_size, dropout_masks, need_reserve);
+  }
   auto out = RnnFunction::apply(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
   return {out[0], out[1], out[2], out[3]};

@@ -17,12 +17,16 @@
 //   per layer l < L-1:
 //     y_l (N, D*P)    the layer's output (before dropout)
 // The last layer's output is the op's `output` and is saved by autograd.
+// With need_reserve=False (inference; the autograd kernel passes it when no
+// gradient is wanted) `reserve` is empty and the activations live in scratch
+// reused across layers and time chunks.
 #include <Python.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 #include <string>
@@ -372,7 +376,7 @@ void input_projection(const Config& c, const Tensor& gates, const Tensor& x, con
     const T* bh = b_hh->data_ptr<T>();
     for (int64_t j = 0; j < folded; ++j) bias[j] += bh[j];
     T* g = gates.data_ptr<T>();
-    for (int64_t n = 0; n < c.N; ++n) std::copy(bias.begin(), bias.end(), g + n * GH);
+    for (int64_t n = 0; n < gates.size(0); ++n) std::copy(bias.begin(), bias.end(), g + n * GH);
     matmul<T>(gates, x, false, w_ih, true, true);
     return;
   }
@@ -381,17 +385,59 @@ void input_projection(const Config& c, const Tensor& gates, const Tensor& x, con
   at::addmm_out(const_cast<Tensor&>(gates), bias, x, w_ih.t());
 }
 
+// Time chunks [t0, t1) of one direction, in processing order. With `keep`
+// (training) one chunk: the gates of every step are saved anyway. Without it
+// (inference on the CPU) chunks of about kChunkElems gate values, so the
+// scratch stays small whatever T is.
+std::vector<std::pair<int64_t, int64_t>> time_chunks(const Config& c, bool keep, bool reverse,
+                                                     bool cpu) {
+  constexpr int64_t kChunkElems = int64_t(1) << 20;
+  const int64_t step = (keep || !cpu) ? std::max<int64_t>(c.T, 1)
+                                      : std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, c.B * c.GH()));
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  for (int64_t t0 = 0; t0 < c.T; t0 += step) chunks.emplace_back(t0, std::min(c.T, t0 + step));
+  if (chunks.empty()) chunks.emplace_back(0, 0);  // T = 0: the states pass through
+  if (reverse) std::reverse(chunks.begin(), chunks.end());
+  return chunks;
+}
+
+// Forward of the whole stack. With `keep`, gates and intermediate outputs go
+// to `reserve` (layout at the top of this file); without it, to scratch that
+// is reused across layers, directions and time chunks.
 template <typename T>
 void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& w,
                    const Tensor& h0, const std::optional<Tensor>& c0,
                    const std::optional<Tensor>& masks, const Tensor& output, const Tensor& hy,
-                   const Tensor& cy, const Tensor& reserve, const DeviceSchedule& sched) {
+                   const Tensor& cy, const Tensor& reserve, const DeviceSchedule& sched,
+                   bool keep, bool poison) {
   const bool lstm = c.mode == kernels::kLSTM;
+  const bool cpu = x.is_cpu();
+  const auto opts = x.options();
+  // Inference scratch: two layer outputs (ping-pong) and one gate block.
+  Tensor inter[2];
+  Tensor scratch;
+  if (!keep) {
+    for (int k = 0; k < std::min<int64_t>(2, c.L - 1); ++k)
+      inter[k] = alloc({c.N, c.D * c.P}, opts, poison);
+    int64_t rows = 0;
+    for (const auto& ch : time_chunks(c, keep, false, cpu)) {
+      const int64_t t1 = ch.second, t0 = ch.first;
+      if (t1 > t0) rows = std::max(rows, c.offsets[t1 - 1] + c.batch_sizes[t1 - 1] - c.offsets[t0]);
+    }
+    scratch = alloc({rows * (c.GH() + c.EH())}, opts, poison);
+  }
+  Tensor prev_out;  // output of layer l-1 (N, D*P)
   for (const auto l : c10::irange(c.L)) {
-    const Tensor xl = layer_input(c, l, x, reserve, masks);
-    const Tensor out_l = l == c.L - 1
-                             ? output
-                             : reserve.narrow(0, c.inter_offset(l), c.N * c.D * c.P).view({c.N, c.D * c.P});
+    Tensor xl = x;
+    if (l > 0) {
+      xl = masks.has_value() ? prev_out * masks->select(0, l - 1).reshape({c.N, c.D * c.P})
+                             : prev_out;
+    }
+    Tensor out_l = output;
+    if (l < c.L - 1) {
+      out_l = keep ? reserve.narrow(0, c.inter_offset(l), c.N * c.D * c.P).view({c.N, c.D * c.P})
+                   : inter[l % 2];
+    }
     for (const auto d : c10::irange(c.D)) {
       const int64_t idx = l * c.D + d;
       const Tensor& w_ih = c.w(w, l, d, 0);
@@ -399,33 +445,53 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
       const Tensor* b_ih = c.bias ? &c.w(w, l, d, 2) : nullptr;
       const Tensor* b_hh = c.bias ? &c.w(w, l, d, 3) : nullptr;
       const Tensor* w_hr = c.P != c.H ? &c.w(w, l, d, c.per_dir - 1) : nullptr;
-      const Tensor gates = reserve.narrow(0, c.gates_offset(idx), c.N * c.GH()).view({c.N, c.GH()});
-      input_projection<T>(c, gates, xl, w_ih, b_ih, b_hh);
+      bool first_chunk = true;
+      for (const auto& ch : time_chunks(c, keep, d == 1, cpu)) {
+        const int64_t t0 = ch.first, t1 = ch.second;
+        const int64_t row0 = t1 > t0 ? c.offsets[t0] : 0;
+        const int64_t rows = t1 > t0 ? c.offsets[t1 - 1] + c.batch_sizes[t1 - 1] - row0 : 0;
+        std::vector<int64_t> rel_offsets(c.offsets.begin() + t0, c.offsets.begin() + t1);
+        for (auto& o : rel_offsets) o -= row0;
+        const Tensor gates =
+            keep ? reserve.narrow(0, c.gates_offset(idx), c.N * c.GH()).view({c.N, c.GH()})
+                 : scratch.narrow(0, 0, rows * c.GH()).view({rows, c.GH()});
+        T* extra = nullptr;
+        if (c.EH() > 0)
+          extra = keep ? reserve.data_ptr<T>() + c.extra_offset(idx)
+                       : scratch.data_ptr<T>() + rows * c.GH();
+        input_projection<T>(c, gates, xl.narrow(0, row0, rows), w_ih, b_ih, b_hh);
 
-      kernels::LayerForwardParams<T> p{};
-      p.mode = static_cast<int>(c.mode);
-      p.T = static_cast<int>(c.T);
-      p.B = static_cast<int>(c.B);
-      p.H = static_cast<int>(c.H);
-      p.P = static_cast<int>(c.P);
-      p.batch_sizes = c.batch_sizes.data();
-      p.row_offsets = c.offsets.data();
-      p.batch_sizes_dev = sched.batch_sizes.defined() ? sched.batch_sizes.data_ptr<int64_t>() : nullptr;
-      p.row_offsets_dev = sched.offsets.defined() ? sched.offsets.data_ptr<int64_t>() : nullptr;
-      p.reverse = d == 1;
-      p.gates = gates.data_ptr<T>();
-      p.extra = c.EH() > 0 ? reserve.data_ptr<T>() + c.extra_offset(idx) : nullptr;
-      p.w_hh = w_hh.data_ptr<T>();
-      p.b_hn = (c.mode == kernels::kGRU && c.bias) ? b_hh->data_ptr<T>() + 2 * c.H : nullptr;
-      p.w_hr = w_hr ? w_hr->data_ptr<T>() : nullptr;
-      p.out = out_l.data_ptr<T>() + d * c.P;
-      p.ld_out = c.D * c.P;
-      p.h0 = h0.data_ptr<T>() + idx * c.B * c.P;
-      p.hy = hy.data_ptr<T>() + idx * c.B * c.P;
-      p.c0 = lstm ? c0->data_ptr<T>() + idx * c.B * c.H : nullptr;
-      p.cy = lstm ? cy.data_ptr<T>() + idx * c.B * c.H : nullptr;
-      run_forward<T>(p, x.device());
+        kernels::LayerForwardParams<T> p{};
+        p.mode = static_cast<int>(c.mode);
+        p.T = static_cast<int>(t1 - t0);
+        p.B = static_cast<int>(c.B);
+        p.H = static_cast<int>(c.H);
+        p.P = static_cast<int>(c.P);
+        p.batch_sizes = c.batch_sizes.data() + t0;
+        p.row_offsets = rel_offsets.data();
+        // Device schedules only exist for a single whole-sequence chunk.
+        p.batch_sizes_dev = sched.batch_sizes.defined() ? sched.batch_sizes.data_ptr<int64_t>() : nullptr;
+        p.row_offsets_dev = sched.offsets.defined() ? sched.offsets.data_ptr<int64_t>() : nullptr;
+        p.reverse = d == 1;
+        p.gates = gates.data_ptr<T>();
+        p.extra = extra;
+        p.w_hh = w_hh.data_ptr<T>();
+        p.b_hn = (c.mode == kernels::kGRU && c.bias) ? b_hh->data_ptr<T>() + 2 * c.H : nullptr;
+        p.w_hr = w_hr ? w_hr->data_ptr<T>() : nullptr;
+        p.out = out_l.data_ptr<T>() + row0 * c.D * c.P + d * c.P;
+        p.ld_out = c.D * c.P;
+        // Later chunks start from the state the previous one left in hy/cy
+        // (the CPU backend reads h0 before it writes hy).
+        p.h0 = (first_chunk ? h0.data_ptr<T>() : hy.data_ptr<T>()) + idx * c.B * c.P;
+        p.hy = hy.data_ptr<T>() + idx * c.B * c.P;
+        p.c0 = lstm ? (first_chunk ? c0->data_ptr<T>() : cy.data_ptr<T>()) + idx * c.B * c.H
+                    : nullptr;
+        p.cy = lstm ? cy.data_ptr<T>() + idx * c.B * c.H : nullptr;
+        run_forward<T>(p, x.device());
+        first_chunk = false;
+      }
     }
+    prev_out = out_l;
   }
 }
 
@@ -433,7 +499,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
     const Tensor& input, at::TensorList weights, const Tensor& hx,
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks) {
+    const std::optional<Tensor>& dropout_masks, bool need_reserve) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
   // The ATen calls below are internal arithmetic of a kernel that autograd
@@ -454,7 +520,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
 
-  Tensor reserve = alloc({c.reserve_size()}, opts, poison);
+  Tensor reserve = alloc({need_reserve ? c.reserve_size() : 0}, opts, poison);
   Tensor output = alloc({c.N, c.D * c.P}, opts, poison);
   Tensor hy = alloc({c.L * c.D, c.B, c.P}, opts, poison);
   Tensor cy = alloc({c.mode == kernels::kLSTM ? c.L * c.D : 0, c.B, c.H}, opts, poison);
@@ -462,7 +528,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   const DeviceSchedule sched = device_schedule(c, input.device());
 
   AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_forward", [&] {
-    forward_stack<scalar_t>(c, x, w, h0, c0, masks, output, hy, cy, reserve, sched);
+    forward_stack<scalar_t>(c, x, w, h0, c0, masks, output, hy, cy, reserve, sched,
+                            need_reserve, poison);
   });
 
   if (!c.packed) output = output.view({c.T, c.B, c.D * c.P});
@@ -638,7 +705,8 @@ TORCH_LIBRARY(fastcells, m) {
   m.def(
       "rnn_forward(Tensor input, Tensor[] weights, Tensor hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
-      "Tensor? dropout_masks) -> (Tensor output, Tensor hy, Tensor cy, Tensor reserve)");
+      "Tensor? dropout_masks, bool need_reserve=True) -> (Tensor output, Tensor hy, Tensor cy, "
+      "Tensor reserve)");
   m.def(
       "rnn_backward(Tensor input, Tensor[] weights, Tensor hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "

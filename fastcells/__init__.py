@@ -5,9 +5,9 @@
     model = fastcells.convert(model)            # swap torch.nn RNNs in a model
 """
 from . import functional
-from ._ops import MODES, build_info
+from ._ops import MODES, build_info, set_poison_outputs
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional",
-           "MODES", "build_info"]
+           "MODES", "build_info", "set_poison_outputs"]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ Shape legend: T steps, B batch, I input size, H hidden, P output size
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -53,7 +54,7 @@ def _layout(input: torch.Tensor, weights: Sequence[torch.Tensor], batch_sizes, m
 
 @torch.library.register_fake("fastcells::rnn_forward")
 def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                  has_biases, proj_size, dropout_masks):
+                  has_biases, proj_size, dropout_masks, need_reserve=True):
     N, T, B, H, P, D, reserve = _layout(input, weights, batch_sizes, mode, num_layers,
                                         bidirectional, proj_size)
     if batch_sizes is not None:
@@ -62,7 +63,7 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
         output = input.new_empty((T, B, D * P))
     hy = input.new_empty((num_layers * D, B, P))
     cy = input.new_empty((num_layers * D, B, H)) if mode == 0 else input.new_empty((0,))
-    res = input.new_empty((reserve,), dtype=_compute_dtype(input.dtype))
+    res = input.new_empty((reserve if need_reserve else 0,), dtype=_compute_dtype(input.dtype))
     return output, hy, cy, res
 
 
@@ -96,11 +97,25 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: torch.Tensor,
     Returns:
         output (T, B, D*P) or (N, D*P); h_n (L*D, B, P); c_n (L*D, B, H) or None.
     """
+    # Without grad mode nothing will be differentiated: skip saving activations.
     out, hy, cy, _ = _forward(input, list(weights), hx, cx, batch_sizes, mode, num_layers,
-                              bidirectional, has_biases, proj_size, dropout_masks)
+                              bidirectional, has_biases, proj_size, dropout_masks,
+                              torch.is_grad_enabled())
     return out, hy, (cy if mode == 0 else None)
 
 
 def build_info() -> str:
     """How the extension was built, e.g. ``"cpu_blas=direct;cuda=0"``."""
     return torch.ops.fastcells.build_info()
+
+
+def set_poison_outputs(enabled: bool) -> None:
+    """Debug switch: the ops fill every buffer they allocate with NaN before use.
+
+    A kernel that reads memory it did not write then shows up as NaN in the
+    results. Same as setting the environment variable ``FASTCELLS_POISON=1``.
+    """
+    if enabled:
+        os.environ["FASTCELLS_POISON"] = "1"
+    else:
+        os.environ.pop("FASTCELLS_POISON", None)

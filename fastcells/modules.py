@@ -36,7 +36,17 @@ def _dropout_masks(module: nn.RNNBase, rows: Tuple[int, ...], D: int, P: int,
     return keep.div_(1.0 - p)
 
 
-class _FusedRNNBase(nn.RNNBase):
+class _NoTorchScript:
+    """TorchScript cannot compile the fused modules; say what to use instead."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fastcells.{type(self).__name__} cannot be compiled with torch.jit.script "
+            "(its custom op and PackedSequence handling are outside TorchScript). Use "
+            "torch.compile(model, fullgraph=True) or torch.export.export(model, args) instead.")
+
+
+class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
     """Shared forward of LSTM, GRU and RNN (torch.nn semantics)."""
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):  # noqa: C901
@@ -188,7 +198,7 @@ def _cell_forward(cell: nn.RNNCellBase, mode: int, input: Tensor, h0: Optional[T
     return hy, (cy[0] if batched else cy[0, 0])
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(_NoTorchScript, nn.LSTMCell):
     """Fused drop-in for :class:`torch.nn.LSTMCell`; returns ``(h_1, c_1)``."""
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
@@ -196,14 +206,14 @@ class LSTMCell(nn.LSTMCell):
         return _cell_forward(self, MODES["LSTM"], input, h0, c0)
 
 
-class GRUCell(nn.GRUCell):
+class GRUCell(_NoTorchScript, nn.GRUCell):
     """Fused drop-in for :class:`torch.nn.GRUCell`; returns ``h_1``."""
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         return _cell_forward(self, MODES["GRU"], input, hx, None)
 
 
-class RNNCell(nn.RNNCell):
+class RNNCell(_NoTorchScript, nn.RNNCell):
     """Fused drop-in for :class:`torch.nn.RNNCell`; returns ``h_1``."""
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:

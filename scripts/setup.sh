@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what fastcells needs into the current Python and builds the
+# extension against the torch that is installed (no isolated build env).
+# A torch that is already installed (>= 2.4, CPU or CUDA) is kept; otherwise
+# the CPU build of torch 2.13.0 is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch, sys; sys.exit(0 if tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) >= (2, 4) else 1)" 2>/dev/null; then
+  "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q pybind11 ninja numpy pandas pytest hypothesis matplotlib tqdm setuptools wheel
+# MAX_JOBS / TORCH_CUDA_ARCH_LIST / FORCE_CUDA are honoured by setup.py.
+MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation -e .
+"$PY" -c "import fastcells; print('fastcells', fastcells.__version__, fastcells.build_info())"
