@@ -31,11 +31,12 @@ using kernels::kLSTM;
 constexpr int64_t kParallelWork = 1 << 17;
 
 // ---------------------------------------------------------------- products
-// Register-blocked product y[0:MR, 0:nb) (+)= x[0:MR, 0:K) @ Wt[0:K, 0:nb),
-// Wt row stride ldw. MR rows and NB columns of accumulators stay in
-// registers; the compiler vectorises the column loop. Every output element
-// sums k = 0..K-1 in order, whatever the blocking, so results do not depend
-// on the thread count.
+// Register-blocked product y[0:MR, 0:nb) = [y +] x[0:MR, 0:K) @ Wt[0:K, 0:nb),
+// Wt row stride ldw, x(m, k) = x[m * ldx + k * ksx]. MR rows and NB columns
+// of accumulators stay in registers; the compiler vectorises the column loop.
+// With `accumulate` the running sum starts from y, so splitting K into blocks
+// (or the rows and columns among threads) never changes the order in which
+// an element is summed: results do not depend on blocking or thread count.
 template <typename T, int MR, int NB>
 inline void micro_kernel(const T* __restrict__ x, int64_t ldx, int64_t ksx,
                          const T* __restrict__ Wt, int64_t ldw, int64_t K, T* __restrict__ y,
@@ -44,6 +45,10 @@ inline void micro_kernel(const T* __restrict__ x, int64_t ldx, int64_t ksx,
   for (int r = 0; r < MR; ++r)
 #pragma omp simd
     for (int c = 0; c < NB; ++c) acc[r][c] = T(0);
+  if (accumulate) {
+    for (int r = 0; r < MR; ++r)
+      for (int64_t c = 0; c < nb; ++c) acc[r][c] = y[r * ldy + c];
+  }
   if (nb == NB) {
     for (int64_t k = 0; k < K; ++k) {
       const T* w = Wt + k * ldw;
@@ -62,34 +67,39 @@ inline void micro_kernel(const T* __restrict__ x, int64_t ldx, int64_t ksx,
       }
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    T* yr = y + r * ldy;
-    if (accumulate) {
-      for (int64_t c = 0; c < nb; ++c) yr[c] += acc[r][c];
-    } else {
-      for (int64_t c = 0; c < nb; ++c) yr[c] = acc[r][c];
-    }
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int64_t c = 0; c < nb; ++c) y[r * ldy + c] = acc[r][c];
 }
 
-// y(M, [n0, n1)) (+)= x(M, K) @ Wt(K, .)[:, n0:n1]; x(m, k) = x[m * ldx + k * ksx].
+// y(M, [n0, n1)) = [y +] x(M, K) @ Wt(K, .)[:, n0:n1]; x(m, k) = x[m * ldx + k * ksx].
+// Blocked for the caches (K in KC rows, columns in NC): a KC x NC block of Wt
+// stays in L2 while every 4-row block of x runs over it, each 4 x KC slice of
+// x staying in L1 across the NC / NB register panels.
 template <typename T>
 void panel_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t ldx, int64_t ksx,
               const T* Wt, int64_t ldw, T* y, int64_t ldy, bool accumulate) {
   constexpr int NB = 64 / sizeof(T);  // 16 floats / 8 doubles
-  for (int64_t j = n0; j < n1; j += NB) {
-    const int64_t nb = std::min<int64_t>(NB, n1 - j);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      micro_kernel<T, 4, NB>(x + m * ldx, ldx, ksx, Wt + j, ldw, K, y + m * ldy + j, ldy, nb,
-                             accumulate);
-    const T* xm = x + m * ldx;
-    T* ym = y + m * ldy + j;
-    switch (M - m) {
-      case 3: micro_kernel<T, 3, NB>(xm, ldx, ksx, Wt + j, ldw, K, ym, ldy, nb, accumulate); break;
-      case 2: micro_kernel<T, 2, NB>(xm, ldx, ksx, Wt + j, ldw, K, ym, ldy, nb, accumulate); break;
-      case 1: micro_kernel<T, 1, NB>(xm, ldx, ksx, Wt + j, ldw, K, ym, ldy, nb, accumulate); break;
-      default: break;
+  constexpr int64_t KC = 256, NC = 256;
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += KC) {
+    const int64_t kc = std::min<int64_t>(KC, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    const T* xk = x + k0 * ksx;
+    const T* wk = Wt + k0 * ldw;
+    for (int64_t c0 = n0; c0 < n1; c0 += NC) {
+      const int64_t c1 = std::min<int64_t>(n1, c0 + NC);
+      for (int64_t m = 0; m < M; m += 4) {
+        const T* xm = xk + m * ldx;
+        for (int64_t j = c0; j < c1; j += NB) {
+          const int64_t nb = std::min<int64_t>(NB, c1 - j);
+          T* ym = y + m * ldy + j;
+          switch (std::min<int64_t>(4, M - m)) {
+            case 4: micro_kernel<T, 4, NB>(xm, ldx, ksx, wk + j, ldw, kc, ym, ldy, nb, acc); break;
+            case 3: micro_kernel<T, 3, NB>(xm, ldx, ksx, wk + j, ldw, kc, ym, ldy, nb, acc); break;
+            case 2: micro_kernel<T, 2, NB>(xm, ldx, ksx, wk + j, ldw, kc, ym, ldy, nb, acc); break;
+            default: micro_kernel<T, 1, NB>(xm, ldx, ksx, wk + j, ldw, kc, ym, ldy, nb, acc); break;
+          }
+        }
+      }
     }
   }
 }
