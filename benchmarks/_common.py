@@ -180,6 +180,23 @@ def ratio_summary(ref: Sequence[float], new: Sequence[float]) -> dict:
     return summary([a / b for a, b in zip(ref, new)])
 
 
+def module_stmts(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
+    """(forward without grad, forward+backward into every parameter and the input) of an
+    RNN module whose first output is backpropagated with gradient g."""
+    xg = x.detach().clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return m(x)[0]
+
+    def fwd_bwd():
+        y = m(xg)[0]
+        torch.autograd.backward(y, g)
+        return y
+
+    return fwd, fwd_bwd
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -46,22 +46,6 @@ def make_pair(fastcells, cell: str, I: int, H: int, layers: int, dtype, device, 
     return ref, new
 
 
-def module_stmts(m: nn.Module, x: torch.Tensor, g: torch.Tensor):
-    """Forward without grad, and forward+backward into every parameter and the input."""
-    xg = x.detach().clone().requires_grad_(True)
-
-    def fwd():
-        with torch.no_grad():
-            return m(x)[0]
-
-    def fwd_bwd():
-        y = m(xg)[0]
-        torch.autograd.backward(y, g)
-        return y
-
-    return fwd, fwd_bwd
-
-
 def epoch_stmt(m: nn.Module, x: torch.Tensor, y: torch.Tensor, H: int):
     """A training epoch of the tutorial's model around the recurrent module ``m``."""
     head = nn.Linear(H, 1).to(device=x.device, dtype=x.dtype)
@@ -141,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.rand(T, B, I, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
         y = torch.rand(T, B, 1, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
         gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-        f_ref, fb_ref = module_stmts(ref, x, gy)
-        f_new, fb_new = module_stmts(new, x, gy)
+        f_ref, fb_ref = C.module_stmts(ref, x, gy)
+        f_new, fb_new = C.module_stmts(new, x, gy)
         report("airline", cell, T, B, I, H, 2, "fwd", measure(f_ref, f_new, args, device))
         report("airline", cell, T, B, I, H, 2, "fwd+bwd", measure(fb_ref, fb_new, args, device),
                AIRLINE_TARGETS[(cell, "fwd+bwd")])
@@ -161,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 g = torch.Generator().manual_seed(0)
                 x = torch.randn(T, B, I, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
                 gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-                f_ref, fb_ref = module_stmts(ref, x, gy)
-                f_new, fb_new = module_stmts(new, x, gy)
+                f_ref, fb_ref = C.module_stmts(ref, x, gy)
+                f_new, fb_new = C.module_stmts(new, x, gy)
                 report("grid", cell, T, B, I, H, 1, "fwd", measure(f_ref, f_new, grid_args, device), GRID_TARGET)
                 report("grid", cell, T, B, I, H, 1, "fwd+bwd", measure(fb_ref, fb_new, grid_args, device),
                        GRID_TARGET)

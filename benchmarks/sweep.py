@@ -91,18 +91,7 @@ def make_pair(fastcells, cell, p, device):
 
 
 def stmts_for(m, x, g):
-    xg = x.detach().clone().requires_grad_(True)
-
-    def fwd():
-        with torch.no_grad():
-            return m(x)[0]
-
-    def fwd_bwd():
-        y = m(xg)[0]
-        torch.autograd.backward(y, g)
-        return y
-
-    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+    return dict(zip(("fwd", "fwd+bwd"), C.module_stmts(m, x, g)))
 
 
 def label(p) -> str:
