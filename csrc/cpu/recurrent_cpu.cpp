@@ -4,8 +4,9 @@
 // P output size (proj_size or H), G gates, N packed rows.
 //
 // Per step the recurrent product h_{t-1} W_hh^T (M x G*H, M = active rows)
-// runs through a register-blocked kernel over a W_hh^T copy made once per
-// call (no per-step library call, packing or allocation), fused with the gate
+// runs through the register-blocked kernel of gemm_cpu.h over a W_hh^T copy
+// packed once per call (no per-step library call, packing or allocation),
+// followed by the gate
 // nonlinearities of csrc/kernels/cells.h and the state update. Large steps
 // split the hidden units across an OpenMP team that lives for the whole
 // sequence, with a barrier per step.
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "../kernels/cells.h"
+#include "gemm_cpu.h"
 
 namespace fastcells {
 namespace cpu {
@@ -30,95 +32,7 @@ using kernels::kLSTM;
 // Below this many multiply-adds per step the loop runs on one thread.
 constexpr int64_t kParallelWork = 1 << 17;
 
-// ---------------------------------------------------------------- products
-// Register-blocked product y[0:MR, 0:nb) = [y +] x[0:MR, 0:K) @ Wt[0:K, 0:nb),
-// Wt row stride ldw, x(m, k) = x[m * ldx + k * ksx]. MR rows and NB columns
-// of accumulators stay in registers; the compiler vectorises the column loop.
-// With `accumulate` the running sum starts from y, so splitting K into blocks
-// (or the rows and columns among threads) never changes the order in which
-// an element is summed: results do not depend on blocking or thread count.
-template <typename T, int MR, int NB>
-inline void micro_kernel(const T* __restrict__ x, int64_t ldx, int64_t ksx,
-                         const T* __restrict__ Wt, int64_t ldw, int64_t K, T* __restrict__ y,
-                         int64_t ldy, int64_t nb, bool accumulate) {
-  T acc[MR][NB];
-  for (int r = 0; r < MR; ++r)
-#pragma omp simd
-    for (int c = 0; c < NB; ++c) acc[r][c] = T(0);
-  if (accumulate) {
-    for (int r = 0; r < MR; ++r)
-      for (int64_t c = 0; c < nb; ++c) acc[r][c] = y[r * ldy + c];
-  }
-  if (nb == NB) {
-    for (int64_t k = 0; k < K; ++k) {
-      const T* w = Wt + k * ldw;
-      for (int r = 0; r < MR; ++r) {
-        const T a = x[r * ldx + k * ksx];
-#pragma omp simd
-        for (int c = 0; c < NB; ++c) acc[r][c] += a * w[c];
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < K; ++k) {
-      const T* w = Wt + k * ldw;
-      for (int r = 0; r < MR; ++r) {
-        const T a = x[r * ldx + k * ksx];
-        for (int64_t c = 0; c < nb; ++c) acc[r][c] += a * w[c];
-      }
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int64_t c = 0; c < nb; ++c) y[r * ldy + c] = acc[r][c];
-}
-
-// y(M, [n0, n1)) = [y +] x(M, K) @ Wt(K, .)[:, n0:n1]; x(m, k) = x[m * ldx + k * ksx].
-// Blocked for the caches (K in KC rows, columns in NC): a KC x NC block of Wt
-// stays in L2 while every 4-row block of x runs over it, each 4 x KC slice of
-// x staying in L1 across the NC / NB register panels.
-template <typename T>
-void panel_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t ldx, int64_t ksx,
-              const T* Wt, int64_t ldw, T* y, int64_t ldy, bool accumulate) {
-  constexpr int NB = 64 / sizeof(T);  // 16 floats / 8 doubles
-  constexpr int64_t KC = 256, NC = 256;
-  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += KC) {
-    const int64_t kc = std::min<int64_t>(KC, K - k0);
-    const bool acc = accumulate || k0 > 0;
-    const T* xk = x + k0 * ksx;
-    const T* wk = Wt + k0 * ldw;
-    for (int64_t c0 = n0; c0 < n1; c0 += NC) {
-      const int64_t c1 = std::min<int64_t>(n1, c0 + NC);
-      for (int64_t m = 0; m < M; m += 4) {
-        const T* xm = xk + m * ldx;
-        for (int64_t j = c0; j < c1; j += NB) {
-          const int64_t nb = std::min<int64_t>(NB, c1 - j);
-          T* ym = y + m * ldy + j;
-          switch (std::min<int64_t>(4, M - m)) {
-            case 4: micro_kernel<T, 4, NB>(xm, ldx, ksx, wk + j, ldw, kc, ym, ldy, nb, acc); break;
-            case 3: micro_kernel<T, 3, NB>(xm, ldx, ksx, wk + j, ldw, kc, ym, ldy, nb, acc); break;
-            case 2: micro_kernel<T, 2, NB>(xm, ldx, ksx, wk + j, ldw, kc, ym, ldy, nb, acc); break;
-            default: micro_kernel<T, 1, NB>(xm, ldx, ksx, wk + j, ldw, kc, ym, ldy, nb, acc); break;
-          }
-        }
-      }
-    }
-  }
-}
-
-// Recurrent-step form: x rows contiguous in k.
-template <typename T>
-void panel_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t ldx,
-              const T* Wt, int64_t ldw, T* y, int64_t ldy, bool accumulate) {
-  panel_mm<T>(M, n0, n1, K, x, ldx, 1, Wt, ldw, y, ldy, accumulate);
-}
-
-// Transposed copy: src (R, C) row-major -> dst (C, R).
-template <typename T>
-std::vector<T> transposed(const T* src, int64_t R, int64_t C) {
-  std::vector<T> dst(static_cast<size_t>(R * C));
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) dst[c * R + r] = src[r * C + c];
-  return dst;
-}
+using gemm::PackedB;
 
 // ---------------------------------------------------------------- threads
 // The time loop runs inside one OpenMP team (one fork per call, a barrier
@@ -145,9 +59,9 @@ inline void team_barrier(int nt) {
   }
 }
 
-// [lo, hi) of n items for thread tid of nt, in multiples of 8.
-inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int nt) {
-  const int64_t per = ((n + nt - 1) / nt + 7) / 8 * 8;
+// [lo, hi) of n items for thread tid of nt, in multiples of q.
+inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int nt, int64_t q) {
+  const int64_t per = ((n + nt - 1) / nt + q - 1) / q * q;
   const int64_t lo = std::min<int64_t>(n, tid * per);
   return {lo, std::min<int64_t>(n, lo + per)};
 }
@@ -186,15 +100,18 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
   std::vector<T> c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr);
   std::vector<T> rec(static_cast<size_t>(B * GH));
   std::vector<T> r(proj ? static_cast<size_t>(B * H) : 0);
-  const std::vector<T> w_hh_t = transposed(p.w_hh, GH, P);  // (P, G*H)
-  const std::vector<T> w_hr_t = proj ? transposed(p.w_hr, P, H) : std::vector<T>();  // (H, P)
   const std::vector<T> no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0));
   const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
   const int nt = team_size(int64_t(B) * GH * P);
+  // W_hh^T (P, G*H), one segment per gate when the units are split among threads.
+  PackedB<T> w_hh_t, w_hr_t;
+  w_hh_t.pack(p.w_hh, P, true, P, GH, nt > 1 ? H : GH);
+  if (proj) w_hr_t.pack(p.w_hr, H, true, H, P, P);  // W_hr^T (H, P)
+  constexpr int64_t q = PackedB<T>::NB;
 
   run_team(nt, [&](int tid, int team) {
-    const auto units = share(H, tid, team);
-    const auto cols = share(P, tid, team);
+    const auto units = share(H, tid, team, q);
+    const auto cols = share(P, tid, team, q);
     const int64_t u0 = units.first, u1 = units.second;
     T* h_cur = h_a.data();
     T* h_next = h_b.data();
@@ -206,11 +123,10 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
         for (int64_t j = cols.first; j < cols.second; ++j) h_next[b * P + j] = h_cur[b * P + j];
       // Recurrent product for this thread's units of every gate.
       if (team == 1) {
-        panel_mm<T>(M, 0, GH, P, h_cur, P, w_hh_t.data(), GH, rec.data(), GH, false);
+        w_hh_t.mm(M, 0, w_hh_t.panels(), h_cur, P, 1, rec.data(), GH, false);
       } else {
         for (int64_t g = 0; g < G; ++g)
-          panel_mm<T>(M, g * H + u0, g * H + u1, P, h_cur, P, w_hh_t.data(), GH, rec.data(), GH,
-                      false);
+          w_hh_t.mm_cols(M, g * H + u0, g * H + u1, h_cur, P, rec.data(), GH, false);
       }
       for (int64_t b = 0; b < M; ++b) {
         T* gt = p.gates + (row0 + b) * GH;
@@ -255,8 +171,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
       }
       if (proj) {
         team_barrier(team);  // every unit of r is written
-        panel_mm<T>(M, cols.first, cols.second, H, r.data(), H, w_hr_t.data(), P, h_next, P,
-                    false);
+        w_hr_t.mm_cols(M, cols.first, cols.second, r.data(), H, h_next, P, false);
       }
       for (int64_t b = 0; b < M; ++b) {
         const int64_t j0 = proj ? cols.first : u0, j1 = proj ? cols.second : u1;
@@ -287,10 +202,14 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   std::vector<T> dr(proj ? static_cast<size_t>(B * H) : 0);
   const T* dgh_base = gru ? p.dgates_h : p.dgates_x;
   const int nt = team_size(int64_t(B) * GH * P);
+  PackedB<T> w_hh, w_hr;
+  w_hh.pack(p.w_hh, P, false, GH, P, P);          // W_hh (G*H, P)
+  if (proj) w_hr.pack(p.w_hr, H, false, P, H, H);  // W_hr (P, H)
+  constexpr int64_t q = PackedB<T>::NB;
 
   run_team(nt, [&](int tid, int team) {
-    const auto units = share(H, tid, team);
-    const auto cols = share(P, tid, team);
+    const auto units = share(H, tid, team, q);
+    const auto cols = share(P, tid, team, q);
     const int64_t u0 = units.first, u1 = units.second;
     for (int s = 0; s < p.T; ++s) {
       const int t = p.reverse ? s : p.T - 1 - s;
@@ -310,7 +229,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       // 2. Projection: dr = dh_t W_hr (needs every column of dtot).
       if (proj) {
         team_barrier(team);
-        panel_mm<T>(M, u0, u1, P, dtot.data(), P, p.w_hr, H, dr.data(), H, false);
+        w_hr.mm_cols(M, u0, u1, dtot.data(), P, dr.data(), H, false);
       }
       // 3. Gate gradients for this thread's units.
       const T* drow_base = proj ? dr.data() : dtot.data();
@@ -360,8 +279,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       }
       team_barrier(team);  // every gate gradient of the step is written
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own columns.
-      panel_mm<T>(M, cols.first, cols.second, GH, dgh_base + row0 * GH, GH, p.w_hh, P,
-                  dh.data(), P, gru);
+      w_hh.mm_cols(M, cols.first, cols.second, dgh_base + row0 * GH, GH, dh.data(), P, gru);
       team_barrier(team);
     }
     if (tid == 0) {
@@ -375,26 +293,19 @@ template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
             int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
-  std::vector<T> b_t;
-  if (trans_b) {  // B stored (N, K): make the (K, N) copy the kernel streams
-    b_t.resize(static_cast<size_t>(K * N));
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) b_t[k * N + n] = B[n * ldb + k];
-    B = b_t.data();
-    ldb = N;
-  }
+  PackedB<T> b;
+  b.pack(B, ldb, trans_b, K, N, N);
   const int nt = team_size(M * N * std::max<int64_t>(K, 1));
   // Split the larger output side; every element keeps its own k order.
   const bool split_rows = M >= N;
   run_team(nt, [&](int tid, int team) {
     if (split_rows) {
-      const int64_t per = ((M + team - 1) / team + 3) / 4 * 4;
-      const int64_t m0 = std::min<int64_t>(M, tid * per), m1 = std::min<int64_t>(M, m0 + per);
-      panel_mm<T>(m1 - m0, 0, N, K, A + m0 * a_rs, a_rs, a_ks, B, ldb, C + m0 * ldc, ldc,
-                  accumulate);
+      const auto rows = share(M, tid, team, gemm::kMR);
+      b.mm(rows.second - rows.first, 0, b.panels(), A + rows.first * a_rs, a_rs, a_ks,
+           C + rows.first * ldc, ldc, accumulate);
     } else {
-      const auto cols = share(N, tid, team);
-      panel_mm<T>(M, cols.first, cols.second, K, A, a_rs, a_ks, B, ldb, C, ldc, accumulate);
+      const auto panels = share(b.panels(), tid, team, 1);
+      b.mm(M, panels.first, panels.second, A, a_rs, a_ks, C, ldc, accumulate);
     }
   });
 }

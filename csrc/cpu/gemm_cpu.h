@@ -1,0 +1,188 @@
+// Register-blocked CPU product over a packed right-hand side, used for the
+// per-step recurrent products and the whole-sequence GEMMs
+// (csrc/cpu/recurrent_cpu.cpp). Internal to csrc/cpu.
+//
+//   y(M, cols) = [y +] x(M, K) @ B(K, cols),   x(m, k) = x[m * ldx + k * ksx]
+//
+// B is packed once per call into column panels of kNB = two SIMD vectors:
+// panel p holds K rows of kNB contiguous values (zero padded), so the inner
+// loop streams one contiguous block whatever B's layout or leading dimension
+// (a power-of-two stride such as G*H = 1024 floats otherwise maps every row
+// of a panel onto a handful of cache sets). Columns are grouped in segments
+// of S (S = H for a per-gate split of G*H columns, S = N otherwise); each
+// segment starts a new panel, so a thread that owns units [u0, u1) of every
+// gate owns whole panels.
+//
+// Each output element is summed in the order k = 0, 1, ..., K-1 starting
+// from y (with `accumulate`) or zero; K blocking stores and reloads the
+// running sum. Splitting rows, panels or K among threads or blocks therefore
+// never changes a result: the products are deterministic and independent of
+// the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace fastcells {
+namespace cpu {
+namespace gemm {
+
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  static constexpr int kLanes = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  static constexpr int kLanes = 4;
+};
+
+// Panel width (columns) and the row block of the micro-kernel: 6 x 2 vector
+// accumulators, two panel vectors and a broadcast fit the 16 AVX2 registers.
+template <typename T>
+constexpr int64_t kNB = 2 * Simd<T>::kLanes;
+constexpr int kMR = 6;
+constexpr int64_t kKC = 256;  // K block: a KC x kNB panel slice is 8-16 KiB (L1)
+constexpr int64_t kPC = 16;   // panels per column block: KC x 16 panels in L2
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// y[0:R, 0:nb) = [y +] x[0:R, 0:K) @ panel[0:K, 0:nb); panel row stride kNB.
+template <typename T, int R>
+inline void micro_kernel(int64_t K, const T* __restrict__ x, int64_t ldx, int64_t ksx,
+                         const T* __restrict__ panel, T* __restrict__ y, int64_t ldy,
+                         int64_t nb, bool accumulate) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  V c0[R], c1[R];
+  if (accumulate) {
+    for (int r = 0; r < R; ++r) {
+      if (nb == 2 * L) {
+        c0[r] = load<V>(y + r * ldy);
+        c1[r] = load<V>(y + r * ldy + L);
+      } else {
+        T tmp[2 * L] = {};
+        std::copy(y + r * ldy, y + r * ldy + nb, tmp);
+        c0[r] = load<V>(tmp);
+        c1[r] = load<V>(tmp + L);
+      }
+    }
+  } else {
+    for (int r = 0; r < R; ++r) {
+      c0[r] = V{};
+      c1[r] = V{};
+    }
+  }
+  const T* xk = x;
+  for (int64_t k = 0; k < K; ++k, xk += ksx) {
+    const V b0 = load<V>(panel + k * 2 * L);
+    const V b1 = load<V>(panel + k * 2 * L + L);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const T a = xk[r * ldx];
+      c0[r] += a * b0;
+      c1[r] += a * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (nb == 2 * L) {
+      store(y + r * ldy, c0[r]);
+      store(y + r * ldy + L, c1[r]);
+    } else {
+      T tmp[2 * L];
+      store(tmp, c0[r]);
+      store(tmp + L, c1[r]);
+      std::copy(tmp, tmp + nb, y + r * ldy);
+    }
+  }
+}
+
+template <typename T>
+class PackedB {
+ public:
+  static constexpr int64_t NB = kNB<T>;
+
+  PackedB() = default;
+
+  // B(k, n) = trans ? B[n * ldb + k] : B[k * ldb + n], for k < K, n < N;
+  // S divides N into segments (S = N: one segment).
+  void pack(const T* B, int64_t ldb, bool trans, int64_t K, int64_t N, int64_t S) {
+    K_ = K;
+    S_ = S > 0 ? S : 1;
+    per_seg_ = (S_ + NB - 1) / NB;
+    panels_ = N > 0 ? (N / S_) * per_seg_ : 0;
+    data_.assign(static_cast<size_t>(panels_ * K_ * NB), T(0));
+    for (int64_t p = 0; p < panels_; ++p) {
+      const int64_t c0 = col0(p), nb = width(p);
+      T* dst = data_.data() + p * K_ * NB;
+      for (int64_t k = 0; k < K_; ++k)
+        for (int64_t c = 0; c < nb; ++c)
+          dst[k * NB + c] = trans ? B[(c0 + c) * ldb + k] : B[k * ldb + c0 + c];
+    }
+  }
+
+  int64_t panels() const { return panels_; }
+  // The panel holding column c.
+  int64_t panel_at(int64_t c) const { return (c / S_) * per_seg_ + (c % S_) / NB; }
+  int64_t col0(int64_t p) const { return (p / per_seg_) * S_ + (p % per_seg_) * NB; }
+  int64_t width(int64_t p) const { return std::min<int64_t>(NB, S_ - (p % per_seg_) * NB); }
+
+  // y(M, columns of panels [p0, p1)) = [y +] x(M, K) @ B.
+  void mm(int64_t M, int64_t p0, int64_t p1, const T* x, int64_t ldx, int64_t ksx, T* y,
+          int64_t ldy, bool accumulate) const {
+    if (M <= 0 || p0 >= p1) return;
+    for (int64_t k0 = 0; k0 == 0 || k0 < K_; k0 += kKC) {
+      const int64_t kc = std::min<int64_t>(kKC, K_ - k0);
+      const bool acc = accumulate || k0 > 0;
+      const T* xk = x + k0 * ksx;
+      for (int64_t q0 = p0; q0 < p1; q0 += kPC) {
+        const int64_t q1 = std::min<int64_t>(p1, q0 + kPC);
+        for (int64_t m = 0; m < M; m += kMR) {
+          const T* xm = xk + m * ldx;
+          for (int64_t p = q0; p < q1; ++p) {
+            const T* panel = data_.data() + p * K_ * NB + k0 * NB;
+            T* ym = y + m * ldy + col0(p);
+            const int64_t nb = width(p);
+            switch (std::min<int64_t>(kMR, M - m)) {
+              case 6: micro_kernel<T, 6>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
+              case 5: micro_kernel<T, 5>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
+              case 4: micro_kernel<T, 4>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
+              case 3: micro_kernel<T, 3>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
+              case 2: micro_kernel<T, 2>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
+              default: micro_kernel<T, 1>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Same over the columns [c0, c1) of one segment (c0 at a panel boundary).
+  void mm_cols(int64_t M, int64_t c0, int64_t c1, const T* x, int64_t ldx, T* y, int64_t ldy,
+               bool accumulate) const {
+    if (c0 >= c1) return;
+    mm(M, panel_at(c0), panel_at(c1 - 1) + 1, x, ldx, 1, y, ldy, accumulate);
+  }
+
+ private:
+  int64_t K_ = 0, S_ = 1, per_seg_ = 0, panels_ = 0;
+  std::vector<T> data_;
+};
+
+}  // namespace gemm
+}  // namespace cpu
+}  // namespace fastcells
