@@ -354,8 +354,8 @@ void column_sum(const Tensor& out, const Tensor& m) {
     return;
   }
   const int64_t R = m.size(0), N = m.size(1), ld = m.stride(0);
-  T* o = out.data_ptr<T>();
-  const T* src = m.data_ptr<T>();
+  T* __restrict__ o = out.data_ptr<T>();
+  const T* __restrict__ src = m.data_ptr<T>();
   std::fill(o, o + N, T(0));
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = 0; j < N; ++j) o[j] += src[r * ld + j];
@@ -604,7 +604,10 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       matmul<T>(gw[base + 1], dgh, true, hprev, false, false);
       if (c.bias) {
         column_sum<T>(gw[base + 2], dgx);
-        column_sum<T>(gw[base + 3], dgh);
+        if (gru)
+          column_sum<T>(gw[base + 3], dgh);
+        else  // LSTM/RNN: both biases enter the same pre-activation
+          gw[base + 3].copy_(gw[base + 2]);
       }
       if (proj) matmul<T>(gw[base + c.per_dir - 1], dh_all, true, r_all, false, false);
       matmul<T>(dxl, dgx, false, w_ih, false, d > 0);
