@@ -80,13 +80,6 @@ inline void for_units(int64_t u0, int64_t u1, const F& f) {
   }
 }
 
-// Row index of the state a row of step t was computed from, or -1 for h0.
-inline int64_t prev_row(const int64_t* bs, const int64_t* off, int T, int t, int64_t b,
-                        bool reverse) {
-  if (!reverse) return t > 0 ? off[t - 1] + b : -1;
-  return (t + 1 < T && b < bs[t + 1]) ? off[t + 1] + b : -1;
-}
-
 }  // namespace
 
 template <typename T>
@@ -201,6 +194,9 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   std::vector<T> dtot(static_cast<size_t>(B * P));
   std::vector<T> dr(proj ? static_cast<size_t>(B * H) : 0);
   const T* dgh_base = gru ? p.dgates_h : p.dgates_x;
+  const auto prev = [&](int t, int64_t b) {
+    return kernels::prev_row(p.batch_sizes, p.row_offsets, p.T, p.B, t, b, p.reverse);
+  };
   const int nt = team_size(int64_t(B) * GH * P);
   PackedB<T> w_hh, w_hr;
   w_hh.pack(p.w_hh, P, false, GH, P, P);          // W_hh (G*H, P)
@@ -216,7 +212,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
       // 1. h_{t-1} of each row and the total gradient w.r.t. h_t (own columns).
       for (int64_t b = 0; b < M; ++b) {
-        const int64_t pr = prev_row(p.batch_sizes, p.row_offsets, p.T, t, b, p.reverse);
+        const int64_t pr = prev(t, b);
         const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
         std::copy(hp + cols.first, hp + cols.second, p.h_prev + (row0 + b) * P + cols.first);
         T* dt = dtot.data() + b * P;
@@ -240,7 +236,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
         const T* d_in = drow_base + b * ld_d;
         T* dgx = p.dgates_x + row * GH;
         if (lstm) {
-          const int64_t pr = prev_row(p.batch_sizes, p.row_offsets, p.T, t, b, p.reverse);
+          const int64_t pr = prev(t, b);
           const T* cp = pr >= 0 ? p.extra + pr * H : p.c0 + b * H;
           const T* cc = p.extra + row * H;
           T* dcb = dc.data() + b * H;

@@ -66,29 +66,6 @@ void check_call(cudaError_t err, const char* what) {
   }
 }
 
-// Rows active at step t and where they start, from device arrays or dense.
-__device__ __forceinline__ void step_rows_dev(const int64_t* bs_dev, const int64_t* off_dev,
-                                              int t, int B, int& bs, int64_t& off) {
-  if (bs_dev != nullptr) {
-    bs = static_cast<int>(bs_dev[t]);
-    off = off_dev[t];
-  } else {
-    bs = B;
-    off = static_cast<int64_t>(t) * B;
-  }
-}
-
-void step_rows_host(const int64_t* bs_host, const int64_t* off_host, int t, int B, int& bs,
-                    int64_t& off) {
-  if (bs_host != nullptr) {
-    bs = static_cast<int>(bs_host[t]);
-    off = off_host[t];
-  } else {
-    bs = B;
-    off = static_cast<int64_t>(t) * B;
-  }
-}
-
 constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -460,7 +437,7 @@ __global__ void __launch_bounds__(1024) forward_persistent_kernel(const LayerFor
   int bs_next = 0;
   int64_t off_next = 0;
   if (T_ > 0) {
-    step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, p.reverse ? T_ - 1 : 0, B, bs_next,
+    kernels::step_rows(p.batch_sizes_dev, p.row_offsets_dev, p.reverse ? T_ - 1 : 0, B, bs_next,
                   off_next);
     prefetch(bs_next, off_next);
   }
@@ -468,7 +445,7 @@ __global__ void __launch_bounds__(1024) forward_persistent_kernel(const LayerFor
     const int bs = bs_next;
     const int64_t off = off_next;
     if (s + 1 < T_) {
-      step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, p.reverse ? T_ - 2 - s : s + 1, B,
+      kernels::step_rows(p.batch_sizes_dev, p.row_offsets_dev, p.reverse ? T_ - 2 - s : s + 1, B,
                     bs_next, off_next);
     }
     const int na = min(nrows, bs - b0);  // active rows of this group (a prefix); uniform
@@ -705,14 +682,14 @@ __global__ void __launch_bounds__(1024) backward_persistent_kernel(const LayerBa
     const int t = p.reverse ? s : T_ - 1 - s;
     int bs;
     int64_t off;
-    step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, t, B, bs, off);
+    kernels::step_rows(p.batch_sizes_dev, p.row_offsets_dev, t, B, bs, off);
     const int na = min(nrows, bs - b0);
     if (na <= 0) continue;  // uniform across the block
     // Where each row's previous state came from in forward.
     const int tp = p.reverse ? t + 1 : t - 1;
     int bsp = 0;
     int64_t offp = 0;
-    if (tp >= 0 && tp < T_) step_rows_dev(p.batch_sizes_dev, p.row_offsets_dev, tp, B, bsp, offp);
+    if (tp >= 0 && tp < T_) kernels::step_rows(p.batch_sizes_dev, p.row_offsets_dev, tp, B, bsp, offp);
     // Saved values of this thread's first pointwise element, loaded now so
     // that the loads overlap the dh_t and projection phases.
     SavedIn<T> pre{};
@@ -1025,7 +1002,7 @@ void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p, void* wor
     const int t = p.reverse ? p.T - 1 - s : s;
     int bs;
     int64_t off;
-    step_rows_host(p.batch_sizes, p.row_offsets, t, p.B, bs, off);
+    kernels::step_rows(p.batch_sizes, p.row_offsets, t, p.B, bs, off);
     if (bs <= 0) continue;
     T* h_cur = w.h[cur];
     T* h_next = w.h[1 - cur];
@@ -1081,12 +1058,12 @@ void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p, void* w
     const int t = p.reverse ? s : p.T - 1 - s;
     int bs;
     int64_t off;
-    step_rows_host(p.batch_sizes, p.row_offsets, t, p.B, bs, off);
+    kernels::step_rows(p.batch_sizes, p.row_offsets, t, p.B, bs, off);
     if (bs <= 0) continue;
     const int tp = p.reverse ? t + 1 : t - 1;
     int bsp = 0;
     int64_t offp = 0;
-    if (tp >= 0 && tp < p.T) step_rows_host(p.batch_sizes, p.row_offsets, tp, p.B, bsp, offp);
+    if (tp >= 0 && tp < p.T) kernels::step_rows(p.batch_sizes, p.row_offsets, tp, p.B, bsp, offp);
     T* dh_cur = w.dh[cur];
     T* dh_next = w.dh[1 - cur];
     backward_step_prep_kernel<T><<<prep_blocks, 256, 0, stream>>>(p, bs, off, bsp, offp, dh_cur,

@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "cells.h"  // FC_HD
+
 namespace fastcells {
 namespace kernels {
 
@@ -90,6 +92,31 @@ struct LayerBackwardParams {
   scalar_t* dh0;                // (B, P)
   scalar_t* dc0;                // (B, H) LSTM only
 };
+
+// Rows active at step t (n) and the row where step t starts (row0), from
+// the packed schedule, or dense (n = B, row0 = t * B) when `bs` is null.
+FC_HD void step_rows(const int64_t* bs, const int64_t* off, int t, int B, int& n,
+                     int64_t& row0) {
+  if (bs != nullptr) {
+    n = static_cast<int>(bs[t]);
+    row0 = off[t];
+  } else {
+    n = B;
+    row0 = static_cast<int64_t>(t) * B;
+  }
+}
+
+// Row whose state row b of step t continues from, or -1 for h0: step t-1
+// going forward; going in reverse, step t+1 if b is still active there.
+FC_HD int64_t prev_row(const int64_t* bs, const int64_t* off, int T, int B, int t, int64_t b,
+                       bool reverse) {
+  const int tp = reverse ? t + 1 : t - 1;
+  if (tp < 0 || tp >= T) return -1;
+  int n;
+  int64_t row0;
+  step_rows(bs, off, tp, B, n, row0);
+  return b < n ? row0 + b : -1;
+}
 
 }  // namespace kernels
 }  // namespace fastcells
