@@ -215,6 +215,15 @@ def set_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
+def start_training_run(ap, args):
+    """Checks shared by the forecasting scripts, then (fastcells module, thread count)."""
+    if args.epochs < 1:
+        ap.error("--epochs must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    return import_fastcells(), set_threads(args.threads)
+
+
 def fmt_ms(s: float) -> str:
     ms = s * 1e3
     if ms >= 100:

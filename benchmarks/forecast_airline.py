@@ -257,13 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in cells if c not in CELLS]
     if bad:
         ap.error(f"--cell: unknown cell {bad}; choose from lstm, gru, rnn, all")
-    if args.epochs < 1:
-        ap.error("--epochs must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
-
-    fastcells = C.import_fastcells()
-    threads = C.set_threads(args.threads)
+    fastcells, threads = C.start_training_run(ap, args)
     from tqdm import tqdm
 
     data = make_data(C.dtype_of(args.dtype), args.device)

@@ -244,13 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     hiddens = [int(h) for h in args.hidden.split(",")]
     if any(c not in ("lstm", "gru") for c in cells):
         ap.error("--cells: choose from lstm, gru")
-    if args.epochs < 1:
-        ap.error("--epochs must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
-
-    fastcells = C.import_fastcells()
-    threads = C.set_threads(args.threads)
+    fastcells, threads = C.start_training_run(ap, args)
     data = Data(C.dtype_of(args.dtype), args.device)
     machine = C.machine_info(args.device)
     print(f"electricity day-ahead | {C.machine_line(machine)} | {args.device} {args.dtype} | "
