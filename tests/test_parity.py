@@ -307,18 +307,24 @@ def test_dropout_training_gradients_match_reference(mode, packed):
 
 
 # ----------------------------------------------------------------------------- larger sizes
-# The small grid above runs the CPU backend's plain-loop path (tiny per-step
-# products). These cases cross into the BLAS path (per-step product above the
-# backend's threshold, with packed steps on both sides of it) and the
-# multi-threaded pointwise path (many rows times G*H per step).
+# The small grid above runs single-threaded steps with one or two column
+# panels. These cases cross into the OpenMP team (per-step work of at least
+# 2^17 multiply-adds, hidden units split per gate across threads, packed
+# steps on both sides of the threshold), hidden sizes that leave a partial
+# panel in every gate segment (H = 40, 260), and K blocking of the packed
+# products (input size 300 and recurrent size 260 both exceed the 256-row
+# K block, in the input projection, the steps and the weight gradients).
 
 LARGE = {
-    "blas-dense-bidir-2layer": dict(T=6, B=20, I=16, H=48, num_layers=2, bidirectional=True,
+    "team-dense-bidir-2layer": dict(T=6, B=20, I=16, H=48, num_layers=2, bidirectional=True,
                                     kind="dense"),
-    "blas-packed-mixed": dict(T=7, B=20, I=16, H=48, num_layers=1, bidirectional=True,
+    "team-packed-mixed": dict(T=7, B=20, I=16, H=48, num_layers=1, bidirectional=True,
                               kind="packed"),
     "threads-packed": dict(T=3, B=96, I=8, H=128, num_layers=1, bidirectional=True,
                            kind="packed"),
+    "ragged-panels-packed": dict(T=4, B=40, I=20, H=40, num_layers=2, bidirectional=True,
+                                 kind="packed"),
+    "k-blocks": dict(T=3, B=4, I=300, H=260, num_layers=1, bidirectional=False, kind="dense"),
 }
 
 
@@ -328,8 +334,8 @@ LARGE = {
 def test_module_matches_torch_nn_larger_sizes(mode, case, dtype):
     c = LARGE[case]
     kw = dict(num_layers=c["num_layers"], bidirectional=c["bidirectional"])
-    if mode == "LSTM" and case == "blas-dense-bidir-2layer":
-        kw["proj_size"] = 24
+    if mode == "LSTM" and case in ("team-dense-bidir-2layer", "k-blocks"):
+        kw["proj_size"] = 24 if case == "team-dense-bidir-2layer" else 258
     ref = make_nn(mode, c["I"], c["H"], dtype=dtype, **kw)
     mod = make_fastcells_like(ref)
     results = []
