@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,7 +62,6 @@ class Data:
     """Standardised series with calendar features, and window index sets."""
 
     def __init__(self, dtype: torch.dtype, device: str):
-        import numpy as np
 
         from fastcells.datasets import load_electricity
 
@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, data: Data, batch: int = 256) -> tuple[dict, torc
     model.train()
     p = torch.cat(preds) * data.std + data.mean  # (N, 24) kW
     starts = data.val_starts + LOOKBACK
-    truth = torch.tensor([data.y_kw[s:s + HORIZON] for s in starts.tolist()], dtype=torch.float64)
+    truth = torch.from_numpy(np.stack([data.y_kw[s:s + HORIZON] for s in starts.tolist()])).double()
     err = p - truth
     return {"mae_kw": err.abs().mean().item(), "rmse_kw": math.sqrt((err ** 2).mean().item())}, p, secs
 
@@ -194,7 +194,6 @@ def plot(results, preds, data: Data, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     days = 7
     first = data.val_starts[0].item() + LOOKBACK

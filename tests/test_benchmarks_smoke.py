@@ -1,4 +1,8 @@
-"""Smoke test of the README's main command: benchmarks/forecast_airline.py runs and writes sane JSON."""
+"""Smoke tests of the forecasting benchmarks.
+
+The README's main command (benchmarks/forecast_airline.py) and
+benchmarks/forecast_electricity.py run end to end and write sane JSON.
+"""
 import json
 import math
 import subprocess
@@ -45,4 +49,25 @@ def test_forecast_airline_runs(tmp_path):
             assert key in r
         # Same initial weights, three epochs: predictions agree to float32 noise (in thousands of passengers).
         assert r["max_abs_pred_diff_passengers"] < 1e-2
+    _finite_numbers(out["results"])
+
+
+def test_forecast_electricity_runs(tmp_path):
+    """The larger forecasting benchmark end to end on two batches: JSON, figure, equal accuracy."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "forecast_electricity.py"), "--epochs", "1",
+           "--max-batches", "2", "--hidden", "8", "--cells", "lstm,gru", "--out", str(tmp_path),
+           "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "electricity_cpu.json").read_text())
+    assert (tmp_path / "electricity_cpu.png").stat().st_size > 0
+    assert out["config"]["lookback_h"] == 168 and out["config"]["horizon_h"] == 24
+    assert [(r["cell"], r["hidden"]) for r in out["results"]] == [("lstm", 8), ("gru", 8)]
+    for r in out["results"]:
+        for side in ("torch.nn", "fastcells"):
+            assert r[side]["val_mae_kw"] > 0 and r[side]["val_rmse_kw"] >= r[side]["val_mae_kw"]
+        # Same initial weights and batches, two Adam steps: the same forecasts to float32 noise (kW;
+        # the load is in the thousands of kW).
+        assert r["max_abs_val_pred_diff_kw"] < 1.0
+        assert abs(r["torch.nn"]["val_mae_kw"] - r["fastcells"]["val_mae_kw"]) < 0.1
     _finite_numbers(out["results"])
