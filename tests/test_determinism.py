@@ -30,7 +30,8 @@ if not hasattr(fastcells, "LSTM"):
 CASES = [
     ("LSTM", 112, 1, 3, 6, 2, False, False, torch.float32),   # the airline model
     ("GRU", 112, 1, 3, 6, 2, False, False, torch.float32),
-    ("LSTM", 24, 16, 16, 64, 2, True, True, torch.float32),
+    ("LSTM", 24, 16, 16, 64, 2, True, True, torch.float32),    # threads split hidden units
+    ("LSTM", 24, 48, 16, 64, 2, True, True, torch.float32),    # threads split batch rows
     ("GRU", 24, 32, 16, 128, 1, False, False, torch.float32),
     ("RNN", 20, 8, 4, 32, 2, True, True, torch.float64),
     ("LSTM", 16, 8, 8, 48, 1, False, False, torch.bfloat16),

@@ -53,17 +53,50 @@ void run_team(int nt, const F& body) {
   body(omp_get_thread_num(), omp_get_num_threads());
 }
 
-inline void team_barrier(int nt) {
-  if (nt > 1) {
-#pragma omp barrier
-  }
-}
-
 // [lo, hi) of n items for thread tid of nt, in multiples of q.
 inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int nt, int64_t q) {
   const int64_t per = ((n + nt - 1) / nt + q - 1) / q * q;
   const int64_t lo = std::min<int64_t>(n, tid * per);
   return {lo, std::min<int64_t>(n, lo + per)};
+}
+
+// What one thread owns for a whole call. Batch rows never interact, so when
+// there are enough of them and the packed W_hh fits the L2 cache each thread
+// takes a range of rows and runs its own loop with no barrier at all.
+// Otherwise (few rows, or a W_hh too large to stream once per thread) each
+// thread takes a range of hidden units (and output columns) of every row and
+// the team meets at a barrier each step. Either way every element is
+// computed by the same arithmetic, so results do not depend on the split.
+struct Part {
+  int64_t b0, b1;  // batch rows
+  int64_t u0, u1;  // hidden units
+  int64_t c0, c1;  // output columns (P)
+  bool sync;       // units split: barriers needed
+};
+
+constexpr int64_t kRowSplitBytes = 256 * 1024;
+
+inline bool split_by_rows(int nt, int64_t B, int64_t w_hh_elems, size_t elem_size) {
+  return nt > 1 && B >= 2 * gemm::kMR * nt &&
+         w_hh_elems * static_cast<int64_t>(elem_size) <= kRowSplitBytes;
+}
+
+inline Part part_of(bool by_rows, int64_t B, int64_t H, int64_t P, int tid, int team,
+                    int64_t q) {
+  if (team == 1) return {0, B, 0, H, 0, P, false};
+  if (by_rows) {
+    const auto rows = share(B, tid, team, 1);
+    return {rows.first, rows.second, 0, H, 0, P, false};
+  }
+  const auto units = share(H, tid, team, q);
+  const auto cols = share(P, tid, team, q);
+  return {0, B, units.first, units.second, cols.first, cols.second, true};
+}
+
+inline void part_barrier(const Part& pt) {
+  if (pt.sync) {
+#pragma omp barrier
+  }
 }
 
 // Runs f(j) for the units j in [u0, u1) as one SIMD loop. Short ranges (the
@@ -96,32 +129,34 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
   const std::vector<T> no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0));
   const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
   const int nt = team_size(int64_t(B) * GH * P);
+  const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
   // W_hh^T (P, G*H), one segment per gate when the units are split among threads.
   PackedB<T> w_hh_t, w_hr_t;
-  w_hh_t.pack(p.w_hh, P, true, P, GH, nt > 1 ? H : GH);
+  w_hh_t.pack(p.w_hh, P, true, P, GH, nt > 1 && !by_rows ? H : GH);
   if (proj) w_hr_t.pack(p.w_hr, H, true, H, P, P);  // W_hr^T (H, P)
   constexpr int64_t q = PackedB<T>::NB;
 
   run_team(nt, [&](int tid, int team) {
-    const auto units = share(H, tid, team, q);
-    const auto cols = share(P, tid, team, q);
-    const int64_t u0 = units.first, u1 = units.second;
+    const Part pt = part_of(by_rows, B, H, P, tid, team, q);
+    const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
     T* h_cur = h_a.data();
     T* h_next = h_b.data();
     for (int s = 0; s < p.T; ++s) {
       const int t = p.reverse ? p.T - 1 - s : s;
       const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
+      const int64_t b1 = std::min<int64_t>(M, pt.b1);  // this thread's active rows: [b0, b1)
       // Inactive rows keep their state in the buffer written this step.
-      for (int64_t b = M; b < B; ++b)
-        for (int64_t j = cols.first; j < cols.second; ++j) h_next[b * P + j] = h_cur[b * P + j];
-      // Recurrent product for this thread's units of every gate.
-      if (team == 1) {
-        w_hh_t.mm(M, 0, w_hh_t.panels(), h_cur, P, 1, rec.data(), GH, false);
+      for (int64_t b = std::max<int64_t>(M, b0); b < pt.b1; ++b)
+        for (int64_t j = pt.c0; j < pt.c1; ++j) h_next[b * P + j] = h_cur[b * P + j];
+      // Recurrent product for this thread's rows, or its units of every gate.
+      if (!pt.sync) {
+        w_hh_t.mm(b1 - b0, 0, w_hh_t.panels(), h_cur + b0 * P, P, 1, rec.data() + b0 * GH, GH,
+                  false);
       } else {
         for (int64_t g = 0; g < G; ++g)
           w_hh_t.mm_cols(M, g * H + u0, g * H + u1, h_cur, P, rec.data(), GH, false);
       }
-      for (int64_t b = 0; b < M; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         T* gt = p.gates + (row0 + b) * GH;
         const T* rc = rec.data() + b * GH;
         const T* hp = h_cur + b * P;
@@ -163,19 +198,19 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
         }
       }
       if (proj) {
-        team_barrier(team);  // every unit of r is written
-        w_hr_t.mm_cols(M, cols.first, cols.second, r.data(), H, h_next, P, false);
+        part_barrier(pt);  // every unit of r is written
+        w_hr_t.mm_cols(b1 - b0, pt.c0, pt.c1, r.data() + b0 * H, H, h_next + b0 * P, P, false);
       }
-      for (int64_t b = 0; b < M; ++b) {
-        const int64_t j0 = proj ? cols.first : u0, j1 = proj ? cols.second : u1;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t j0 = proj ? pt.c0 : u0, j1 = proj ? pt.c1 : u1;
         std::copy(h_next + b * P + j0, h_next + b * P + j1, p.out + (row0 + b) * p.ld_out + j0);
       }
       std::swap(h_cur, h_next);
-      team_barrier(team);  // h_t complete before step t+1 reads it
+      part_barrier(pt);  // h_t complete before step t+1 reads it
     }
-    if (tid == 0) {
-      std::copy(h_cur, h_cur + B * P, p.hy);
-      if (lstm) std::copy(c.begin(), c.end(), p.cy);
+    if (!pt.sync || tid == 0) {  // final states of this thread's rows (all rows: tid 0)
+      std::copy(h_cur + b0 * P, h_cur + pt.b1 * P, p.hy + b0 * P);
+      if (lstm) std::copy(c.begin() + b0 * H, c.begin() + pt.b1 * H, p.cy + b0 * H);
     }
   });
 }
@@ -198,20 +233,22 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
     return kernels::prev_row(p.batch_sizes, p.row_offsets, p.T, p.B, t, b, p.reverse);
   };
   const int nt = team_size(int64_t(B) * GH * P);
+  const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
   PackedB<T> w_hh, w_hr;
   w_hh.pack(p.w_hh, P, false, GH, P, P);          // W_hh (G*H, P)
   if (proj) w_hr.pack(p.w_hr, H, false, P, H, H);  // W_hr (P, H)
   constexpr int64_t q = PackedB<T>::NB;
 
   run_team(nt, [&](int tid, int team) {
-    const auto units = share(H, tid, team, q);
-    const auto cols = share(P, tid, team, q);
-    const int64_t u0 = units.first, u1 = units.second;
+    const Part pt = part_of(by_rows, B, H, P, tid, team, q);
+    const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
+    const std::pair<int64_t, int64_t> cols{pt.c0, pt.c1};
     for (int s = 0; s < p.T; ++s) {
       const int t = p.reverse ? s : p.T - 1 - s;
       const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
+      const int64_t b1 = std::min<int64_t>(M, pt.b1);  // this thread's active rows: [b0, b1)
       // 1. h_{t-1} of each row and the total gradient w.r.t. h_t (own columns).
-      for (int64_t b = 0; b < M; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t pr = prev(t, b);
         const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
         std::copy(hp + cols.first, hp + cols.second, p.h_prev + (row0 + b) * P + cols.first);
@@ -224,13 +261,13 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       }
       // 2. Projection: dr = dh_t W_hr (needs every column of dtot).
       if (proj) {
-        team_barrier(team);
-        w_hr.mm_cols(M, u0, u1, dtot.data(), P, dr.data(), H, false);
+        part_barrier(pt);
+        w_hr.mm_cols(b1 - b0, u0, u1, dtot.data() + b0 * P, P, dr.data() + b0 * H, H, false);
       }
       // 3. Gate gradients for this thread's units.
       const T* drow_base = proj ? dr.data() : dtot.data();
       const int64_t ld_d = proj ? H : P;
-      for (int64_t b = 0; b < M; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t row = row0 + b;
         const T* g = p.gates + row * GH;
         const T* d_in = drow_base + b * ld_d;
@@ -273,14 +310,15 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
           for_units(u0, u1, [&](int64_t j) { dgx[j] = kernels::rnn_backward<T>(p.mode, g[j], d_in[j]); });
         }
       }
-      team_barrier(team);  // every gate gradient of the step is written
-      // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own columns.
-      w_hh.mm_cols(M, cols.first, cols.second, dgh_base + row0 * GH, GH, dh.data(), P, gru);
-      team_barrier(team);
+      part_barrier(pt);  // every gate gradient of the step is written
+      // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns.
+      w_hh.mm_cols(b1 - b0, cols.first, cols.second, dgh_base + (row0 + b0) * GH, GH,
+                   dh.data() + b0 * P, P, gru);
+      part_barrier(pt);
     }
-    if (tid == 0) {
-      std::copy(dh.begin(), dh.end(), p.dh0);
-      if (lstm) std::copy(dc.begin(), dc.end(), p.dc0);
+    if (!pt.sync || tid == 0) {  // gradients of this thread's rows (all rows: tid 0)
+      std::copy(dh.begin() + b0 * P, dh.begin() + pt.b1 * P, p.dh0 + b0 * P);
+      if (lstm) std::copy(dc.begin() + b0 * H, dc.begin() + pt.b1 * H, p.dc0 + b0 * H);
     }
   });
 }
