@@ -6,10 +6,10 @@
 // Per step the recurrent product h_{t-1} W_hh^T (M x G*H, M = active rows)
 // runs through the register-blocked kernel of gemm_cpu.h over a W_hh^T copy
 // packed once per call (no per-step library call, packing or allocation),
-// followed by the gate
-// nonlinearities of csrc/kernels/cells.h and the state update. Large steps
-// split the hidden units across an OpenMP team that lives for the whole
-// sequence, with a barrier per step.
+// followed by the gate nonlinearities of csrc/kernels/cells.h and the state
+// update. Large steps run on an OpenMP team that lives for the whole
+// sequence: each thread owns a range of batch rows (no barrier) or a range
+// of hidden units of every row (a barrier per step); see Part below.
 #include "recurrent_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -35,9 +35,9 @@ constexpr int64_t kParallelWork = 1 << 17;
 using gemm::PackedB;
 
 // ---------------------------------------------------------------- threads
-// The time loop runs inside one OpenMP team (one fork per call, a barrier
-// per step) when the per-step work is large enough; each thread owns a
-// fixed range of hidden units (and of output columns) for the whole call.
+// The time loop runs inside one OpenMP team (one fork per call) when the
+// per-step work is large enough; each thread owns a fixed Part of the work
+// for the whole call.
 inline int team_size(int64_t work_per_step) {
   if (work_per_step < kParallelWork || omp_in_parallel()) return 1;
   return std::max(1, at::get_num_threads());
