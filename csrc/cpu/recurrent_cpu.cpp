@@ -242,7 +242,6 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   run_team(nt, [&](int tid, int team) {
     const Part pt = part_of(by_rows, B, H, P, tid, team, q);
     const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
-    const std::pair<int64_t, int64_t> cols{pt.c0, pt.c1};
     for (int s = 0; s < p.T; ++s) {
       const int t = p.reverse ? s : p.T - 1 - s;
       const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
@@ -251,13 +250,13 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t pr = prev(t, b);
         const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
-        std::copy(hp + cols.first, hp + cols.second, p.h_prev + (row0 + b) * P + cols.first);
+        std::copy(hp + pt.c0, hp + pt.c1, p.h_prev + (row0 + b) * P + pt.c0);
         T* dt = dtot.data() + b * P;
         const T* go = p.grad_out ? p.grad_out + (row0 + b) * p.ld_gout : nullptr;
-        for (int64_t j = cols.first; j < cols.second; ++j)
+        for (int64_t j = pt.c0; j < pt.c1; ++j)
           dt[j] = dh[b * P + j] + (go ? go[j] : T(0));
         if (proj)
-          std::copy(dt + cols.first, dt + cols.second, p.dh_all + (row0 + b) * P + cols.first);
+          std::copy(dt + pt.c0, dt + pt.c1, p.dh_all + (row0 + b) * P + pt.c0);
       }
       // 2. Projection: dr = dh_t W_hr (needs every column of dtot).
       if (proj) {
@@ -307,12 +306,13 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
             dhb[j] = d.dh_prev_direct;
           });
         } else {
-          for_units(u0, u1, [&](int64_t j) { dgx[j] = kernels::rnn_backward<T>(p.mode, g[j], d_in[j]); });
+          for_units(u0, u1,
+                    [&](int64_t j) { dgx[j] = kernels::rnn_backward<T>(p.mode, g[j], d_in[j]); });
         }
       }
       part_barrier(pt);  // every gate gradient of the step is written
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns.
-      w_hh.mm_cols(b1 - b0, cols.first, cols.second, dgh_base + (row0 + b0) * GH, GH,
+      w_hh.mm_cols(b1 - b0, pt.c0, pt.c1, dgh_base + (row0 + b0) * GH, GH,
                    dh.data() + b0 * P, P, gru);
       part_barrier(pt);
     }
