@@ -327,14 +327,15 @@ Tensor layer_input(const Config& c, int64_t l, const Tensor& x, const Tensor& re
 // ATen calls. All matrices are 2-D with unit column stride.
 
 // out (M, N) = [out +] op(a) op(b)
+// out (M, N) = [out +] op(a) op(b); on the CPU optionally bias (N) + op(a) op(b).
 template <typename T>
 void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
-            bool accumulate) {
+            bool accumulate, const T* cpu_bias = nullptr) {
   if (out.is_cpu()) {
     const int64_t K = trans_a ? a.size(0) : a.size(1);
     cpu::matmul<T>(out.size(0), out.size(1), K, a.data_ptr<T>(), trans_a ? 1 : a.stride(0),
                    trans_a ? a.stride(0) : 1, b.data_ptr<T>(), b.stride(0), trans_b,
-                   out.data_ptr<T>(), out.stride(0), accumulate);
+                   out.data_ptr<T>(), out.stride(0), accumulate, cpu_bias);
     return;
   }
   const Tensor A = trans_a ? a.t() : a;
@@ -353,12 +354,7 @@ void column_sum(const Tensor& out, const Tensor& m) {
     at::sum_out(const_cast<Tensor&>(out), m, {0});
     return;
   }
-  const int64_t R = m.size(0), N = m.size(1), ld = m.stride(0);
-  T* __restrict__ o = out.data_ptr<T>();
-  const T* __restrict__ src = m.data_ptr<T>();
-  std::fill(o, o + N, T(0));
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < N; ++j) o[j] += src[r * ld + j];
+  cpu::column_sum<T>(m.size(0), m.size(1), m.data_ptr<T>(), m.stride(0), out.data_ptr<T>());
 }
 
 // x W_ih^T + folded biases, written into `gates` (N, G*H). GRU keeps b_hn
@@ -375,9 +371,7 @@ void input_projection(const Config& c, const Tensor& gates, const Tensor& x, con
     std::vector<T> bias(b_ih->data_ptr<T>(), b_ih->data_ptr<T>() + GH);
     const T* bh = b_hh->data_ptr<T>();
     for (int64_t j = 0; j < folded; ++j) bias[j] += bh[j];
-    T* g = gates.data_ptr<T>();
-    for (int64_t n = 0; n < gates.size(0); ++n) std::copy(bias.begin(), bias.end(), g + n * GH);
-    matmul<T>(gates, x, false, w_ih, true, true);
+    matmul<T>(gates, x, false, w_ih, true, false, bias.data());  // the GEMM starts from bias
     return;
   }
   Tensor bias = b_ih->clone();

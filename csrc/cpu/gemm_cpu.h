@@ -62,14 +62,24 @@ inline void store(T* p, const V& v) {
 }
 
 // y[0:R, 0:nb) = [y +] x[0:R, 0:K) @ panel[0:K, 0:nb); panel row stride kNB.
+// With `seed` (and not `accumulate`) every row starts from seed[0:nb)
+// instead of zero, as if y held seed broadcast over the rows.
 template <typename T, int R>
 inline void micro_kernel(int64_t K, const T* __restrict__ x, int64_t ldx, int64_t ksx,
                          const T* __restrict__ panel, T* __restrict__ y, int64_t ldy,
-                         int64_t nb, bool accumulate) {
+                         int64_t nb, bool accumulate, const T* __restrict__ seed) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::kLanes;
   V c0[R], c1[R];
-  if (accumulate) {
+  if (!accumulate && seed != nullptr) {
+    T tmp[2 * L] = {};
+    std::copy(seed, seed + nb, tmp);
+    const V s0 = load<V>(tmp), s1 = load<V>(tmp + L);
+    for (int r = 0; r < R; ++r) {
+      c0[r] = s0;
+      c1[r] = s1;
+    }
+  } else if (accumulate) {
     for (int r = 0; r < R; ++r) {
       if (nb == 2 * L) {
         c0[r] = load<V>(y + r * ldy);
@@ -141,13 +151,16 @@ class PackedB {
   int64_t col0(int64_t p) const { return (p / per_seg_) * S_ + (p % per_seg_) * NB; }
   int64_t width(int64_t p) const { return std::min<int64_t>(NB, S_ - (p % per_seg_) * NB); }
 
-  // y(M, columns of panels [p0, p1)) = [y +] x(M, K) @ B.
+  // y(M, columns of panels [p0, p1)) = [y +] x(M, K) @ B. With `bias`
+  // (length N, ignored with `accumulate`) y = bias + x @ B, summed exactly as
+  // if y had been filled with bias first and accumulated into.
   void mm(int64_t M, int64_t p0, int64_t p1, const T* x, int64_t ldx, int64_t ksx, T* y,
-          int64_t ldy, bool accumulate) const {
+          int64_t ldy, bool accumulate, const T* bias = nullptr) const {
     if (M <= 0 || p0 >= p1) return;
     for (int64_t k0 = 0; k0 == 0 || k0 < K_; k0 += kKC) {
       const int64_t kc = std::min<int64_t>(kKC, K_ - k0);
       const bool acc = accumulate || k0 > 0;
+      const bool seeded = !acc && bias != nullptr;
       const T* xk = x + k0 * ksx;
       for (int64_t q0 = p0; q0 < p1; q0 += kPC) {
         const int64_t q1 = std::min<int64_t>(p1, q0 + kPC);
@@ -157,13 +170,14 @@ class PackedB {
             const T* panel = data_.data() + p * K_ * NB + k0 * NB;
             T* ym = y + m * ldy + col0(p);
             const int64_t nb = width(p);
+            const T* sd = seeded ? bias + col0(p) : nullptr;
             switch (std::min<int64_t>(kMR, M - m)) {
-              case 6: micro_kernel<T, 6>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
-              case 5: micro_kernel<T, 5>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
-              case 4: micro_kernel<T, 4>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
-              case 3: micro_kernel<T, 3>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
-              case 2: micro_kernel<T, 2>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
-              default: micro_kernel<T, 1>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc); break;
+              case 6: micro_kernel<T, 6>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+              case 5: micro_kernel<T, 5>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+              case 4: micro_kernel<T, 4>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+              case 3: micro_kernel<T, 3>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+              case 2: micro_kernel<T, 2>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+              default: micro_kernel<T, 1>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
             }
           }
         }

@@ -325,7 +325,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
 
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
-            int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate) {
+            int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate, const T* bias) {
   if (M == 0 || N == 0) return;
   PackedB<T> b;
   b.pack(B, ldb, trans_b, K, N, N);
@@ -336,18 +336,36 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
     if (split_rows) {
       const auto rows = share(M, tid, team, gemm::kMR);
       b.mm(rows.second - rows.first, 0, b.panels(), A + rows.first * a_rs, a_rs, a_ks,
-           C + rows.first * ldc, ldc, accumulate);
+           C + rows.first * ldc, ldc, accumulate, bias);
     } else {
       const auto panels = share(b.panels(), tid, team, 1);
-      b.mm(M, panels.first, panels.second, A, a_rs, a_ks, C, ldc, accumulate);
+      b.mm(M, panels.first, panels.second, A, a_rs, a_ks, C, ldc, accumulate, bias);
+    }
+  });
+}
+
+template <typename T>
+void column_sum(int64_t R, int64_t N, const T* m, int64_t ld, T* out) {
+  const int nt = team_size(R * N * 8);  // one add per element: ~1/8 of a MAC-bound step
+  run_team(nt, [&](int tid, int team) {
+    const auto cols = share(N, tid, team, gemm::kNB<T>);
+    T* __restrict__ o = out;
+    std::fill(o + cols.first, o + cols.second, T(0));
+    for (int64_t r = 0; r < R; ++r) {
+      const T* __restrict__ src = m + r * ld;
+#pragma omp simd
+      for (int64_t j = cols.first; j < cols.second; ++j) o[j] += src[j];
     }
   });
 }
 
 template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
-                            const float*, int64_t, bool, float*, int64_t, bool);
+                            const float*, int64_t, bool, float*, int64_t, bool, const float*);
 template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
-                             const double*, int64_t, bool, double*, int64_t, bool);
+                             const double*, int64_t, bool, double*, int64_t, bool,
+                             const double*);
+template void column_sum<float>(int64_t, int64_t, const float*, int64_t, float*);
+template void column_sum<double>(int64_t, int64_t, const double*, int64_t, double*);
 template void recurrent_forward<float>(const kernels::LayerForwardParams<float>&);
 template void recurrent_forward<double>(const kernels::LayerForwardParams<double>&);
 template void recurrent_backward<float>(const kernels::LayerBackwardParams<float>&);

@@ -9,12 +9,19 @@ namespace fastcells {
 namespace cpu {
 
 // C(M, N) = [C +] A(M, K) @ B(K, N), row-major, A(m, k) = A[m * a_rs + k * a_ks];
-// with trans_b, B is stored (N, K) with row stride ldb. Deterministic: each
-// element sums k = 0..K-1 in order whatever the thread count.
+// with trans_b, B is stored (N, K) with row stride ldb. With `bias` (length
+// N; not with accumulate) C = bias + A @ B, bias broadcast over the rows.
+// Deterministic: each element sums k = 0..K-1 in order (after the bias)
+// whatever the thread count.
 template <typename scalar_t>
 void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t a_rs, int64_t a_ks,
             const scalar_t* B, int64_t ldb, bool trans_b, scalar_t* C, int64_t ldc,
-            bool accumulate);
+            bool accumulate, const scalar_t* bias = nullptr);
+
+// out(N) = sum over the R rows of m (row stride ld), rows added in order 0..R-1
+// for every column whatever the thread count (threads split the columns).
+template <typename scalar_t>
+void column_sum(int64_t R, int64_t N, const scalar_t* m, int64_t ld, scalar_t* out);
 
 template <typename scalar_t>
 void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p);
