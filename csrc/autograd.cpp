@@ -25,7 +25,7 @@ using BackwardFn = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
     const Tensor&, at::TensorList, const Tensor&, const std::optional<Tensor>&,
     at::OptionalIntArrayRef, int64_t, int64_t, bool, bool, int64_t, const std::optional<Tensor>&,
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&);
+    const std::optional<Tensor>&, bool);
 
 c10::TypedOperatorHandle<ForwardFn> forward_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -93,13 +93,16 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     // one slot per tensor; non-tensor arguments get undefined gradients.
     variable_list result(1 + weights.size() + 9);
     if (!grad_out && !grad_hy && !grad_cy) return result;
+    // The input gradient is a whole GEMM of the first layer: skip it when
+    // the input does not require grad (the usual case in training).
+    const bool need_input = ctx->needs_input_grad(0);
     auto [grad_input, grad_hx, grad_cx, grad_weights] = backward_op().call(
         input, weights, hx, cx, batch_sizes, mode, ctx->saved_data["num_layers"].toInt(),
         ctx->saved_data["bidirectional"].toBool(), ctx->saved_data["has_biases"].toBool(),
         ctx->saved_data["proj_size"].toInt(), masks, saved[4], saved[5], grad_out, grad_hy,
-        grad_cy);
+        grad_cy, need_input);
     size_t k = 0;
-    result[k++] = grad_input;
+    result[k++] = need_input ? grad_input : Tensor();
     for (auto& g : grad_weights) result[k++] = std::move(g);
     result[k++] = grad_hx;
     result[k++] = cx.has_value() ? grad_cx : Tensor();

@@ -539,7 +539,8 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
                     const Tensor& reserve, const std::optional<Tensor>& grad_output,
                     const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy,
                     const Tensor& grad_input, const Tensor& dhx, const Tensor& dcx,
-                    const std::vector<Tensor>& gw, const DeviceSchedule& sched, bool poison) {
+                    const std::vector<Tensor>& gw, const DeviceSchedule& sched, bool poison,
+                    bool need_grad_input) {
   const bool lstm = c.mode == kernels::kLSTM, gru = c.mode == kernels::kGRU;
   const bool proj = c.P != c.H;
   const auto opts = x.options();
@@ -604,7 +605,9 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
           gw[base + 3].copy_(gw[base + 2]);
       }
       if (proj) matmul<T>(gw[base + c.per_dir - 1], dh_all, true, r_all, false, false);
-      matmul<T>(dxl, dgx, false, w_ih, false, d > 0);
+      // Layer 0's input gradient only when the caller wants it (autograd asks
+      // for it only if the input requires grad): a whole GEMM saved otherwise.
+      if (l > 0 || need_grad_input) matmul<T>(dxl, dgx, false, w_ih, false, d > 0);
     }
     if (l > 0) {
       go = masks.has_value() ? dxl * masks->select(0, l - 1).reshape({c.N, c.D * c.P}) : dxl;
@@ -618,7 +621,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     const std::optional<Tensor>& dropout_masks, const Tensor& output, const Tensor& reserve,
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
-    const std::optional<Tensor>& grad_cy) {
+    const std::optional<Tensor>& grad_cy, bool need_grad_input) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
   const at::ScalarType cd = compute_type(input.scalar_type());
@@ -657,7 +660,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const auto ghy = to_compute(grad_hy, cd);
   const auto gcy = lstm ? to_compute(grad_cy, cd) : std::nullopt;
 
-  Tensor grad_input = alloc({c.N, c.I}, opts, poison);
+  // Without need_grad_input, grad_input is an empty (0-element) tensor.
+  Tensor grad_input = alloc({need_grad_input ? c.N : 0, c.I}, opts, poison);
   Tensor dhx = alloc({c.L * c.D, c.B, c.P}, opts, poison);
   Tensor dcx = alloc({lstm ? c.L * c.D : 0, c.B, c.H}, opts, poison);
   if (!lstm) dcx = dcx.view({0});
@@ -668,18 +672,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
 
   if (c.N == 0) {
     // No step ran: the states pass straight through, nothing else has a gradient.
-    grad_input.zero_();
+    if (need_grad_input) grad_input.zero_();
     for (auto& g : gw) g.zero_();
     if (ghy.has_value()) dhx.copy_(*ghy); else dhx.zero_();
     if (lstm) { if (gcy.has_value()) dcx.copy_(*gcy); else dcx.zero_(); }
   } else {
     AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_backward", [&] {
       backward_stack<scalar_t>(c, x, w, h0, c0, masks, out, reserve, go, ghy, gcy, grad_input,
-                               dhx, dcx, gw, sched, poison);
+                               dhx, dcx, gw, sched, poison, need_grad_input);
     });
   }
   const auto out_t = input.scalar_type();
-  grad_input = grad_input.view(input.sizes());
+  grad_input = need_grad_input ? grad_input.view(input.sizes()) : grad_input.view({0});
   if (out_t == cd) return {grad_input, dhx, dcx, gw};
   for (auto& g : gw) g = g.to(out_t);
   return {grad_input.to(out_t), dhx.to(out_t), dcx.to(out_t), gw};
@@ -708,8 +712,8 @@ TORCH_LIBRARY(fastcells, m) {
       "rnn_backward(Tensor input, Tensor[] weights, Tensor hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
       "Tensor? dropout_masks, Tensor output, Tensor reserve, Tensor? grad_output, "
-      "Tensor? grad_hy, Tensor? grad_cy) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
-      "Tensor[] grad_weights)");
+      "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True) -> (Tensor grad_input, "
+      "Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
   m.def("build_info() -> str", &build_info);
 }
 

@@ -70,9 +70,10 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
 @torch.library.register_fake("fastcells::rnn_backward")
 def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                    has_biases, proj_size, dropout_masks, output, reserve, grad_output, grad_hy,
-                   grad_cy):
+                   grad_cy, need_grad_input=True):
     grad_cx = torch.empty_like(cx) if mode == 0 else input.new_empty((0,))
-    return (torch.empty_like(input), torch.empty_like(hx), grad_cx,
+    grad_input = torch.empty_like(input) if need_grad_input else input.new_empty((0,))
+    return (grad_input, torch.empty_like(hx), grad_cx,
             [torch.empty_like(w) for w in weights])
 
 

@@ -155,6 +155,58 @@ def test_opcheck_rnn_backward(name, grads):
                           args + (output, reserve, grad_output, grad_hy, grad_cy))
 
 
+@pytest.mark.parametrize("name", ["LSTM-proj-bidir-2layer-packed", "GRU-masks-packed",
+                                  "RNN_RELU-dense-1layer"])
+def test_rnn_backward_without_input_gradient(name):
+    """need_grad_input=False returns a 0-element grad_input and the very same
+    (bitwise) state and weight gradients; the fake kernel agrees (opcheck)."""
+    import fastcells  # noqa: F401
+
+    c = _case(**CASES[name], T=5, B=3, I=3, H=4)
+    args = _args(c)
+    output, hy, cy, reserve = torch.ops.fastcells.rnn_forward.default(*args)
+    g = torch.Generator().manual_seed(5)
+    go, gh = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (output, hy))
+    gc = torch.randn(cy.shape, generator=g, dtype=cy.dtype) if c["mode"] == 0 else None
+    bwd = torch.ops.fastcells.rnn_backward.default
+    full = bwd(*args, output, reserve, go, gh, gc)
+    part = bwd(*args, output, reserve, go, gh, gc, False)
+    assert full[0].shape == c["input"].shape and part[0].numel() == 0
+    assert torch.equal(full[1], part[1]) and torch.equal(full[2], part[2])
+    assert len(full[3]) == len(part[3])
+    for a, b in zip(full[3], part[3]):
+        assert torch.equal(a, b)
+    torch.library.opcheck(bwd, args + (output, reserve, go, gh, gc, False), test_utils=(
+        "test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("input_requires_grad", [False, True])
+def test_module_input_gradient_only_when_required(input_requires_grad):
+    """Training with an input that does not require grad (the usual case) skips
+    the first layer's input gradient: the parameter gradients are bitwise those
+    of the run that computes it, and the input gets no .grad."""
+    import fastcells
+
+    torch.manual_seed(0)
+    m = fastcells.LSTM(5, 7, num_layers=2, bidirectional=True).double()
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    ref_x = x.clone().requires_grad_()
+    m(ref_x)[0].pow(2).sum().backward()
+    expect = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(input_requires_grad)
+    m(xi)[0].pow(2).sum().backward()
+    for p, e in zip(m.parameters(), expect):
+        assert torch.equal(p.grad, e)
+    if input_requires_grad:
+        assert torch.equal(xi.grad, ref_x.grad)
+    else:
+        assert xi.grad is None
+        # Only the input asked for: the gradient is still computed.
+        (gx,) = torch.autograd.grad(m(ref_x)[0].pow(2).sum(), [ref_x])
+        torch.testing.assert_close(gx, ref_x.grad, rtol=0, atol=0)
+
+
 def test_rnn_backward_matches_autograd_of_reference():
     """The backward op called directly gives the reference's gradients."""
     import fastcells  # noqa: F401
