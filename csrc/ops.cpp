@@ -347,16 +347,6 @@ void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, b
   }
 }
 
-// out (N) = sum over rows of m (R, N), rows added in order.
-template <typename T>
-void column_sum(const Tensor& out, const Tensor& m) {
-  if (!out.is_cpu()) {
-    at::sum_out(const_cast<Tensor&>(out), m, {0});
-    return;
-  }
-  cpu::column_sum<T>(m.size(0), m.size(1), m.data_ptr<T>(), m.stride(0), out.data_ptr<T>());
-}
-
 // x W_ih^T + folded biases, written into `gates` (N, G*H). GRU keeps b_hn
 // out (it sits inside r * (h W_hn^T + b_hn)); b_hr and b_hz fold in here.
 template <typename T>
@@ -591,18 +581,23 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       p.dh_all = proj ? dh_all.data_ptr<T>() : nullptr;
       p.dh0 = dhx.data_ptr<T>() + idx * c.B * c.P;
       p.dc0 = lstm ? dcx.data_ptr<T>() + idx * c.B * c.H : nullptr;
+      // The CPU backend sums the bias gradients inside its time loop.
+      const bool loop_bias = c.bias && x.is_cpu();
+      const int64_t base = idx * c.per_dir;
+      p.db_x = loop_bias ? gw[base + 2].data_ptr<T>() : nullptr;
+      p.db_h = loop_bias && gru ? gw[base + 3].data_ptr<T>() : nullptr;
       run_backward<T>(p, x.device());
 
       // Weight and input gradients: one GEMM each over all time steps.
-      const int64_t base = idx * c.per_dir;
       matmul<T>(gw[base + 0], dgx, true, xl, false, false);
       matmul<T>(gw[base + 1], dgh, true, hprev, false, false);
       if (c.bias) {
-        column_sum<T>(gw[base + 2], dgx);
-        if (gru)
-          column_sum<T>(gw[base + 3], dgh);
-        else  // LSTM/RNN: both biases enter the same pre-activation
-          gw[base + 3].copy_(gw[base + 2]);
+        if (!loop_bias) {
+          at::sum_out(const_cast<Tensor&>(gw[base + 2]), dgx, {0});
+          if (gru) at::sum_out(const_cast<Tensor&>(gw[base + 3]), dgh, {0});
+        }
+        // LSTM/RNN: both biases enter the same pre-activation.
+        if (!gru) gw[base + 3].copy_(gw[base + 2]);
       }
       if (proj) matmul<T>(gw[base + c.per_dir - 1], dh_all, true, r_all, false, false);
       // Layer 0's input gradient only when the caller wants it (autograd asks

@@ -218,7 +218,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
 template <typename T>
 void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   const int64_t H = p.H, P = p.P, B = p.B;
-  const int64_t GH = kernels::num_gates(p.mode) * H;
+  const int64_t G = kernels::num_gates(p.mode), GH = G * H;
   const bool lstm = p.mode == kLSTM, gru = p.mode == kGRU, proj = p.w_hr != nullptr;
 
   // dh: gradient w.r.t. the state entering the step processed next (B, P).
@@ -228,6 +228,10 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   if (lstm && p.grad_cy) std::copy(p.grad_cy, p.grad_cy + B * H, dc.begin());
   std::vector<T> dtot(static_cast<size_t>(B * P));
   std::vector<T> dr(proj ? static_cast<size_t>(B * H) : 0);
+  // Per-row running sums of the gate gradients (bias gradients, see params.h).
+  const bool sum_x = p.db_x != nullptr, sum_h = gru && p.db_h != nullptr;
+  std::vector<T> acc_x(sum_x ? static_cast<size_t>(B * GH) : 0, T(0));
+  std::vector<T> acc_h(sum_h ? static_cast<size_t>(B * GH) : 0, T(0));
   const T* dgh_base = gru ? p.dgates_h : p.dgates_x;
   const auto prev = [&](int t, int64_t b) {
     return kernels::prev_row(p.batch_sizes, p.row_offsets, p.T, p.B, t, b, p.reverse);
@@ -309,6 +313,16 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
           for_units(u0, u1,
                     [&](int64_t j) { dgx[j] = kernels::rnn_backward<T>(p.mode, g[j], d_in[j]); });
         }
+        for (int64_t k = 0; sum_x && k < G; ++k) {
+          T* __restrict__ a = acc_x.data() + b * GH + k * H;
+          const T* __restrict__ v = dgx + k * H;
+          for_units(u0, u1, [&](int64_t j) { a[j] += v[j]; });
+        }
+        for (int64_t k = 0; sum_h && k < G; ++k) {
+          T* __restrict__ a = acc_h.data() + b * GH + k * H;
+          const T* __restrict__ v = p.dgates_h + row * GH + k * H;
+          for_units(u0, u1, [&](int64_t j) { a[j] += v[j]; });
+        }
       }
       part_barrier(pt);  // every gate gradient of the step is written
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns.
@@ -321,6 +335,17 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       if (lstm) std::copy(dc.begin() + b0 * H, dc.begin() + pt.b1 * H, p.dc0 + b0 * H);
     }
   });
+  // Bias gradients: the per-row sums added in row order.
+  const auto reduce_rows = [&](const std::vector<T>& acc, T* db) {
+    std::fill(db, db + GH, T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      const T* __restrict__ a = acc.data() + b * GH;
+#pragma omp simd
+      for (int64_t k = 0; k < GH; ++k) db[k] += a[k];
+    }
+  };
+  if (sum_x) reduce_rows(acc_x, p.db_x);
+  if (sum_h) reduce_rows(acc_h, p.db_h);
 }
 
 template <typename T>
@@ -344,28 +369,11 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
   });
 }
 
-template <typename T>
-void column_sum(int64_t R, int64_t N, const T* m, int64_t ld, T* out) {
-  const int nt = team_size(R * N * 8);  // one add per element: ~1/8 of a MAC-bound step
-  run_team(nt, [&](int tid, int team) {
-    const auto cols = share(N, tid, team, gemm::kNB<T>);
-    T* __restrict__ o = out;
-    std::fill(o + cols.first, o + cols.second, T(0));
-    for (int64_t r = 0; r < R; ++r) {
-      const T* __restrict__ src = m + r * ld;
-#pragma omp simd
-      for (int64_t j = cols.first; j < cols.second; ++j) o[j] += src[j];
-    }
-  });
-}
-
 template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
                             const float*, int64_t, bool, float*, int64_t, bool, const float*);
 template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
                              const double*, int64_t, bool, double*, int64_t, bool,
                              const double*);
-template void column_sum<float>(int64_t, int64_t, const float*, int64_t, float*);
-template void column_sum<double>(int64_t, int64_t, const double*, int64_t, double*);
 template void recurrent_forward<float>(const kernels::LayerForwardParams<float>&);
 template void recurrent_forward<double>(const kernels::LayerForwardParams<double>&);
 template void recurrent_backward<float>(const kernels::LayerBackwardParams<float>&);

@@ -18,11 +18,6 @@ void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t a_rs, in
             const scalar_t* B, int64_t ldb, bool trans_b, scalar_t* C, int64_t ldc,
             bool accumulate, const scalar_t* bias = nullptr);
 
-// out(N) = sum over the R rows of m (row stride ld), rows added in order 0..R-1
-// for every column whatever the thread count (threads split the columns).
-template <typename scalar_t>
-void column_sum(int64_t R, int64_t N, const scalar_t* m, int64_t ld, scalar_t* out);
-
 template <typename scalar_t>
 void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p);
 

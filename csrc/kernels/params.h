@@ -91,6 +91,13 @@ struct LayerBackwardParams {
   scalar_t* dh_all;             // (N, P) projected LSTM: dL/dh_t
   scalar_t* dh0;                // (B, P)
   scalar_t* dc0;                // (B, H) LSTM only
+  // Optional (null: not computed). Bias gradients, the sums of dgates_x and
+  // dgates_h over all rows: each row summed over its steps in processing
+  // order, then the rows added in order 0..B-1, so the result does not depend
+  // on how a backend splits the rows. The CPU backend fills them; the CUDA
+  // backend is given null and the op layer sums the rows instead.
+  scalar_t* db_x;               // (G*H)
+  scalar_t* db_h;               // (G*H) GRU only
 };
 
 // Rows active at step t (n) and the row where step t starts (row0), from
