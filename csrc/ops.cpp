@@ -23,6 +23,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -243,10 +244,29 @@ bool poison_enabled() {
   return v != nullptr && v[0] == '1';
 }
 
+// CPU tensors are created without a trip through the dispatcher: at the
+// forecasting sizes an op call allocates a dozen of them and the dispatched
+// at::empty costs more than the arithmetic they hold.
 Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) {
-  Tensor t = at::empty(sizes, opts);
+  Tensor t = opts.device().is_cpu()
+                 ? at::detail::empty_cpu(sizes, opts.dtype().toScalarType(), false, std::nullopt)
+                 : at::empty(sizes, opts);
   if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
+}
+
+// Rows [row0, row0 + rows) of the (.., cols) matrix stored contiguously from
+// element `offset` of t (1-D or 2-D, contiguous), as a (rows, cols) tensor.
+// On the CPU the result is a non-owning view made without the dispatcher
+// (narrow + view cost more than a small layer's arithmetic); it is only used
+// inside the op, while t is alive, and never returned.
+Tensor rows_of(const Tensor& t, int64_t offset, int64_t row0, int64_t rows, int64_t cols) {
+  const int64_t start = offset + row0 * cols;
+  if (t.is_cpu()) {
+    char* base = static_cast<char*>(t.data_ptr()) + start * t.element_size();
+    return at::from_blob(base, {rows, cols}, t.options());
+  }
+  return t.view({-1}).narrow(0, start, rows * cols).view({rows, cols});
 }
 
 Tensor to_compute(const Tensor& t, at::ScalarType cd) {
@@ -314,7 +334,7 @@ void run_backward(const kernels::LayerBackwardParams<T>& p, const at::Device& de
 Tensor layer_input(const Config& c, int64_t l, const Tensor& x, const Tensor& reserve,
                    const std::optional<Tensor>& masks) {
   if (l == 0) return x;
-  Tensor y = reserve.narrow(0, c.inter_offset(l - 1), c.N * c.D * c.P).view({c.N, c.D * c.P});
+  Tensor y = rows_of(reserve, c.inter_offset(l - 1), 0, c.N, c.D * c.P);
   if (masks.has_value()) return y * masks->select(0, l - 1).reshape({c.N, c.D * c.P});
   return y;
 }
@@ -419,8 +439,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
     }
     Tensor out_l = output;
     if (l < c.L - 1) {
-      out_l = keep ? reserve.narrow(0, c.inter_offset(l), c.N * c.D * c.P).view({c.N, c.D * c.P})
-                   : inter[l % 2];
+      out_l = keep ? rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P) : inter[l % 2];
     }
     for (const auto d : c10::irange(c.D)) {
       const int64_t idx = l * c.D + d;
@@ -437,13 +456,13 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         std::vector<int64_t> rel_offsets(c.offsets.begin() + t0, c.offsets.begin() + t1);
         for (auto& o : rel_offsets) o -= row0;
         const Tensor gates =
-            keep ? reserve.narrow(0, c.gates_offset(idx), c.N * c.GH()).view({c.N, c.GH()})
-                 : scratch.narrow(0, 0, rows * c.GH()).view({rows, c.GH()});
+            keep ? rows_of(reserve, c.gates_offset(idx), 0, c.N, c.GH())
+                 : rows_of(scratch, 0, 0, rows, c.GH());
         T* extra = nullptr;
         if (c.EH() > 0)
           extra = keep ? reserve.data_ptr<T>() + c.extra_offset(idx)
                        : scratch.data_ptr<T>() + rows * c.GH();
-        input_projection<T>(c, gates, xl.narrow(0, row0, rows), w_ih, b_ih, b_hh);
+        input_projection<T>(c, gates, rows_of(xl, 0, row0, rows, xl.size(1)), w_ih, b_ih, b_hh);
 
         kernels::LayerForwardParams<T> p{};
         p.mode = static_cast<int>(c.mode);
@@ -546,7 +565,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
     const Tensor xl = layer_input(c, l, x, reserve, masks);
     const Tensor out_l = l == c.L - 1
                              ? output
-                             : reserve.narrow(0, c.inter_offset(l), c.N * c.D * c.P).view({c.N, c.D * c.P});
+                             : rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P);
     Tensor dxl = l == 0 ? grad_input : alloc({c.N, c.D * c.P}, opts, poison);
     for (const auto d : c10::irange(c.D)) {
       const int64_t idx = l * c.D + d;
@@ -597,7 +616,10 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
           if (gru) at::sum_out(const_cast<Tensor&>(gw[base + 3]), dgh, {0});
         }
         // LSTM/RNN: both biases enter the same pre-activation.
-        if (!gru) gw[base + 3].copy_(gw[base + 2]);
+        if (!gru && loop_bias)
+          std::copy(p.db_x, p.db_x + c.GH(), gw[base + 3].data_ptr<T>());
+        else if (!gru)
+          gw[base + 3].copy_(gw[base + 2]);
       }
       if (proj) matmul<T>(gw[base + c.per_dir - 1], dh_all, true, r_all, false, false);
       // Layer 0's input gradient only when the caller wants it (autograd asks
