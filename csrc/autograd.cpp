@@ -18,11 +18,11 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using ForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, at::TensorList, const Tensor&, const std::optional<Tensor>&,
+    const Tensor&, at::TensorList, const std::optional<Tensor>&, const std::optional<Tensor>&,
     at::OptionalIntArrayRef, int64_t, int64_t, bool, bool, int64_t, const std::optional<Tensor>&,
     bool);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
-    const Tensor&, at::TensorList, const Tensor&, const std::optional<Tensor>&,
+    const Tensor&, at::TensorList, const std::optional<Tensor>&, const std::optional<Tensor>&,
     at::OptionalIntArrayRef, int64_t, int64_t, bool, bool, int64_t, const std::optional<Tensor>&,
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
     const std::optional<Tensor>&, bool);
@@ -49,7 +49,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
  public:
   // Saved: input, hx, cx, dropout_masks, output, reserve, weights...
   static variable_list forward(AutogradContext* ctx, const Tensor& input, at::TensorList weights,
-                               const Tensor& hx, const std::optional<Tensor>& cx,
+                               const std::optional<Tensor>& hx, const std::optional<Tensor>& cx,
                                at::OptionalIntArrayRef batch_sizes, int64_t mode,
                                int64_t num_layers, bool bidirectional, bool has_biases,
                                int64_t proj_size, const std::optional<Tensor>& dropout_masks) {
@@ -57,8 +57,8 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     auto [output, hy, cy, reserve] =
         forward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                           has_biases, proj_size, dropout_masks, true);
-    variable_list to_save{input, hx, cx.value_or(Tensor()), dropout_masks.value_or(Tensor()),
-                          output, reserve};
+    variable_list to_save{input, hx.value_or(Tensor()), cx.value_or(Tensor()),
+                          dropout_masks.value_or(Tensor()), output, reserve};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["packed"] = batch_sizes.has_value();
@@ -77,7 +77,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor& input = saved[0];
-    const Tensor& hx = saved[1];
+    const std::optional<Tensor> hx = defined_or_null(saved[1]);
     const std::optional<Tensor> cx = defined_or_null(saved[2]);
     const std::optional<Tensor> masks = defined_or_null(saved[3]);
     const std::vector<Tensor> weights(saved.begin() + 6, saved.end());
@@ -104,20 +104,20 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     size_t k = 0;
     result[k++] = need_input ? grad_input : Tensor();
     for (auto& g : grad_weights) result[k++] = std::move(g);
-    result[k++] = grad_hx;
+    result[k++] = hx.has_value() ? grad_hx : Tensor();
     result[k++] = cx.has_value() ? grad_cx : Tensor();
     return result;
   }
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autograd(
-    const Tensor& input, at::TensorList weights, const Tensor& hx,
+    const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     const std::optional<Tensor>& dropout_masks, bool need_reserve) {
   bool wants_grad = false;
   if (at::GradMode::is_enabled()) {
-    wants_grad = input.requires_grad() || hx.requires_grad() ||
+    wants_grad = input.requires_grad() || (hx.has_value() && hx->defined() && hx->requires_grad()) ||
                  (cx.has_value() && cx->defined() && cx->requires_grad());
     for (const auto& w : weights) wants_grad = wants_grad || w.requires_grad();
   }

@@ -104,7 +104,7 @@ void check_tensor(const Tensor& t, const char* name, at::IntArrayRef expected,
   check_tensor(t, [name] { return name; }, expected, input);
 }
 
-Config check_inputs(const Tensor& input, at::TensorList weights, const Tensor& hx,
+Config check_inputs(const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
                     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes,
                     int64_t mode, int64_t num_layers, bool bidirectional, bool has_biases,
                     int64_t proj_size, const std::optional<Tensor>& dropout_masks) {
@@ -215,10 +215,15 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const Tensor& h
       }
     }
   }
-  check_tensor(hx, "hx", {c.L * c.D, c.B, c.P}, input);
+  // hx (and for LSTM cx) may be None: zero initial states.
+  const bool has_hx = hx.has_value() && hx->defined();
+  const bool has_cx = cx.has_value() && cx->defined();
+  if (has_hx) check_tensor(*hx, "hx", {c.L * c.D, c.B, c.P}, input);
   if (mode == kernels::kLSTM) {
-    TORCH_CHECK(cx.has_value() && cx->defined(), "fastcells: `cx` is required for LSTM");
-    check_tensor(*cx, "cx", {c.L * c.D, c.B, c.H}, input);
+    TORCH_CHECK(has_cx == has_hx, "fastcells: `cx` is required for LSTM when `hx` is given, "
+                "and must be None when `hx` is None (zero initial states); got hx ",
+                has_hx ? "given" : "None", " and cx ", has_cx ? "given" : "None");
+    if (has_cx) check_tensor(*cx, "cx", {c.L * c.D, c.B, c.H}, input);
   } else {
     TORCH_CHECK(!cx.has_value() || !cx->defined(), "fastcells: `cx` must be None for ",
                 kModeNames[mode]);
@@ -276,7 +281,14 @@ Tensor to_compute(const Tensor& t, at::ScalarType cd) {
 
 std::optional<Tensor> to_compute(const std::optional<Tensor>& t, at::ScalarType cd) {
   if (!t.has_value() || !t->defined()) return std::nullopt;
-  return t->to(cd).contiguous();
+  return to_compute(*t, cd);
+}
+
+// An initial state in the compute dtype: `t`, or zeros of `sizes` when None.
+Tensor state_or_zeros(const std::optional<Tensor>& t, at::IntArrayRef sizes,
+                      const at::TensorOptions& opts, at::ScalarType cd) {
+  if (t.has_value() && t->defined()) return to_compute(*t, cd);
+  return alloc(sizes, opts, false).zero_();
 }
 
 template <typename T>
@@ -499,7 +511,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
-    const Tensor& input, at::TensorList weights, const Tensor& hx,
+    const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     const std::optional<Tensor>& dropout_masks, bool need_reserve) {
@@ -518,8 +530,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   std::vector<Tensor> w;
   w.reserve(weights.size());
   for (const auto& t : weights) w.push_back(to_compute(t, cd));
-  const Tensor h0 = to_compute(hx, cd);
-  const auto c0 = to_compute(cx, cd);
+  const Tensor h0 = state_or_zeros(hx, {c.L * c.D, c.B, c.P}, opts, cd);
+  const std::optional<Tensor> c0 =
+      c.mode == kernels::kLSTM
+          ? std::optional<Tensor>(state_or_zeros(cx, {c.L * c.D, c.B, c.H}, opts, cd))
+          : std::nullopt;
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
 
@@ -633,7 +648,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
 }
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
-    const Tensor& input, at::TensorList weights, const Tensor& hx,
+    const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     const std::optional<Tensor>& dropout_masks, const Tensor& output, const Tensor& reserve,
@@ -667,8 +682,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   std::vector<Tensor> w;
   w.reserve(weights.size());
   for (const auto& t : weights) w.push_back(to_compute(t, cd));
-  const Tensor h0 = to_compute(hx, cd);
-  const auto c0 = to_compute(cx, cd);
+  const Tensor h0 = state_or_zeros(hx, {c.L * c.D, c.B, c.P}, opts, cd);
+  const std::optional<Tensor> c0 =
+      c.mode == kernels::kLSTM
+          ? std::optional<Tensor>(state_or_zeros(cx, {c.L * c.D, c.B, c.H}, opts, cd))
+          : std::nullopt;
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
   const Tensor out = to_compute(output, cd).view({c.N, c.D * c.P});
@@ -721,12 +739,12 @@ std::string build_info() {
 
 TORCH_LIBRARY(fastcells, m) {
   m.def(
-      "rnn_forward(Tensor input, Tensor[] weights, Tensor hx, Tensor? cx, int[]? batch_sizes, "
+      "rnn_forward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
       "Tensor? dropout_masks, bool need_reserve=True) -> (Tensor output, Tensor hy, Tensor cy, "
       "Tensor reserve)");
   m.def(
-      "rnn_backward(Tensor input, Tensor[] weights, Tensor hx, Tensor? cx, int[]? batch_sizes, "
+      "rnn_backward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
       "Tensor? dropout_masks, Tensor output, Tensor reserve, Tensor? grad_output, "
       "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True) -> (Tensor grad_input, "

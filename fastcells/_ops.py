@@ -71,13 +71,16 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
 def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                    has_biases, proj_size, dropout_masks, output, reserve, grad_output, grad_hy,
                    grad_cy, need_grad_input=True):
-    grad_cx = torch.empty_like(cx) if mode == 0 else input.new_empty((0,))
+    N, T, B, H, P, D, _ = _layout(input, weights, batch_sizes, mode, num_layers, bidirectional,
+                                  proj_size)
+    grad_hx = input.new_empty((num_layers * D, B, P))
+    grad_cx = input.new_empty((num_layers * D, B, H)) if mode == 0 else input.new_empty((0,))
     grad_input = torch.empty_like(input) if need_grad_input else input.new_empty((0,))
-    return (grad_input, torch.empty_like(hx), grad_cx,
+    return (grad_input, grad_hx, grad_cx,
             [torch.empty_like(w) for w in weights])
 
 
-def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: torch.Tensor,
+def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch.Tensor],
         cx: Optional[torch.Tensor], batch_sizes: Optional[List[int]], mode: int,
         num_layers: int, bidirectional: bool, has_biases: bool, proj_size: int,
         dropout_masks: Optional[torch.Tensor] = None
@@ -88,8 +91,9 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: torch.Tensor,
         input: (T, B, I) time-major, or packed data (N, I) when ``batch_sizes`` is given.
         weights: torch.nn ``_flat_weights`` order: per layer, per direction
             ``w_ih (G*H, I_l), w_hh (G*H, P), [b_ih (G*H), b_hh (G*H)], [w_hr (P, H)]``.
-        hx: (L*D, B, P) initial hidden state.
-        cx: (L*D, B, H) initial cell state for LSTM, else None.
+        hx: (L*D, B, P) initial hidden state, or None for zeros.
+        cx: (L*D, B, H) initial cell state for LSTM (None for zeros, together with hx),
+            else None.
         batch_sizes: PackedSequence batch sizes (non-increasing), or None for dense input.
         mode: 0 LSTM, 1 GRU, 2 RNN tanh, 3 RNN relu (see ``MODES``).
         dropout_masks: None or (L-1, T, B, D*P) / (L-1, N, D*P) multipliers applied to

@@ -79,8 +79,7 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
                                f"Expected {self.input_size}, got {x.shape[-1]}")
 
         if hx is None:
-            h0 = x.new_zeros((L * D, B, P))
-            c0 = x.new_zeros((L * D, B, H)) if is_lstm else None
+            h0 = c0 = None  # zero initial states, created inside the op
         else:
             if is_lstm:
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -180,10 +179,13 @@ def _cell_forward(cell: nn.RNNCellBase, mode: int, input: Tensor, h0: Optional[T
         raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.shape[1]} "
                            f"expected {cell.input_size}")
     B, H = x.shape[0], cell.hidden_size
-    h = x.new_zeros((1, B, H)) if h0 is None else (h0 if batched else h0.unsqueeze(0)).unsqueeze(0)
+    h = None if h0 is None else (h0 if batched else h0.unsqueeze(0)).unsqueeze(0)
     c = None
     if mode == MODES["LSTM"]:
-        c = x.new_zeros((1, B, H)) if c0 is None else (c0 if batched else c0.unsqueeze(0)).unsqueeze(0)
+        c = None if c0 is None else (c0 if batched else c0.unsqueeze(0)).unsqueeze(0)
+        if (h is None) != (c is None):  # the op takes both states or neither
+            h = x.new_zeros((1, B, H)) if h is None else h
+            c = x.new_zeros((1, B, H)) if c is None else c
     weights = [cell.weight_ih, cell.weight_hh]
     if cell.bias:
         weights += [cell.bias_ih, cell.bias_hh]

@@ -180,6 +180,57 @@ def test_rnn_backward_without_input_gradient(name):
         "test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("name", ["LSTM-proj-bidir-2layer-packed", "GRU-packed-bidir-2layer",
+                                  "RNN_TANH-dense-1layer"])
+def test_ops_with_none_initial_states(name):
+    """hx (and cx) None means zero initial states: the same outputs and
+    gradients as explicit zeros; the fake kernels agree (opcheck)."""
+    import fastcells
+
+    c = _case(**CASES[name], T=4, B=3, I=3, H=4)
+    args = list(_args(c))
+    zeros = list(args)
+    zeros[2] = torch.zeros_like(c["hx"])
+    if c["cx"] is not None:
+        zeros[3] = torch.zeros_like(c["cx"])
+    args[2] = args[3] = None
+    fwd, bwd = torch.ops.fastcells.rnn_forward.default, torch.ops.fastcells.rnn_backward.default
+    got, exp = fwd(*args), fwd(*zeros)
+    for a, b in zip(got, exp):
+        assert torch.equal(a, b)
+    output, hy, cy, reserve = exp
+    g = torch.Generator().manual_seed(3)
+    go, gh = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (output, hy))
+    gc = torch.randn(cy.shape, generator=g, dtype=cy.dtype) if c["mode"] == 0 else None
+    tail = (output, reserve, go, gh, gc)
+    gb, eb = bwd(*args, *tail), bwd(*zeros, *tail)
+    for a, b in zip(gb[:3], eb[:3]):
+        assert torch.equal(a, b)
+    for a, b in zip(gb[3], eb[3]):
+        assert torch.equal(a, b)
+    torch.library.opcheck(fwd, tuple(args), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(bwd, tuple(args) + tail, test_utils=("test_schema", "test_faketensor"))
+    # Through autograd: weight gradients as with explicit zero states.
+    grads = []
+    for states in ((None, None), (zeros[2], zeros[3])):
+        ws = [w.detach().clone().requires_grad_() for w in c["weights"]]
+        out, hn, cn = fastcells.functional.rnn(c["input"], ws, *states, *args[4:])
+        grads.append(torch.autograd.grad(out.pow(2).sum() + hn.sum(), ws))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_lstm_op_needs_both_states_or_neither():
+    import fastcells  # noqa: F401
+
+    c = _case(**CASES["LSTM-dense-1layer"])
+    args = list(_args(c))
+    for h, cs in ((None, c["cx"]), (c["hx"], None)):
+        args[2], args[3] = h, cs
+        with pytest.raises(RuntimeError, match="cx"):
+            torch.ops.fastcells.rnn_forward.default(*args)
+
+
 @pytest.mark.parametrize("input_requires_grad", [False, True])
 def test_module_input_gradient_only_when_required(input_requires_grad):
     """Training with an input that does not require grad (the usual case) skips
