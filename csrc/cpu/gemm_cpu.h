@@ -121,6 +121,58 @@ inline void micro_kernel(int64_t K, const T* __restrict__ x, int64_t ldx, int64_
   }
 }
 
+// C(M, NN) = [C +] A(M, K) B(K, NN) for a right-hand side only NN <= 6
+// columns wide and A stored with unit stride along M (A(m, k) = A[m + k * a_ks],
+// e.g. the transposed gate gradients of dW_ih = dG^T x with few input
+// features), where 16-column panels would be mostly padding. Vectors run along
+// M; each element still sums k = 0..K-1 in order from zero or C, with the same
+// fused multiply-adds as micro_kernel, so results are bit-identical to it.
+template <typename T, int NN>
+void narrow_mm(int64_t M, int64_t K, const T* __restrict__ A, int64_t a_ks,
+               const T* __restrict__ B, int64_t ldb, T* __restrict__ C, int64_t ldc,
+               bool accumulate) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {  // K block: A rows stay in L2
+    const int64_t k1 = std::min<int64_t>(K, k0 + kKC);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t m0 = 0; m0 < M; m0 += 2 * L) {
+      const int64_t mb = std::min<int64_t>(2 * L, M - m0);
+      T tmp[2 * L] = {};
+      V c0[NN], c1[NN];
+      for (int n = 0; n < NN; ++n) {
+        if (acc)
+          for (int64_t i = 0; i < mb; ++i) tmp[i] = C[(m0 + i) * ldc + n];
+        c0[n] = acc ? load<V>(tmp) : V{};
+        c1[n] = acc ? load<V>(tmp + L) : V{};
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const T* a = A + k * a_ks + m0;
+        V a0, a1;
+        if (mb == 2 * L) {
+          a0 = load<V>(a);
+          a1 = load<V>(a + L);
+        } else {
+          std::copy(a, a + mb, tmp);
+          a0 = load<V>(tmp);
+          a1 = load<V>(tmp + L);
+        }
+        const T* bk = B + k * ldb;
+        for (int n = 0; n < NN; ++n) {
+          const T bv = bk[n];
+          c0[n] += bv * a0;
+          c1[n] += bv * a1;
+        }
+      }
+      for (int n = 0; n < NN; ++n) {
+        store(tmp, c0[n]);
+        store(tmp + L, c1[n]);
+        for (int64_t i = 0; i < mb; ++i) C[(m0 + i) * ldc + n] = tmp[i];
+      }
+    }
+  }
+}
+
 template <typename T>
 class PackedB {
  public:

@@ -352,6 +352,26 @@ template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
             int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate, const T* bias) {
   if (M == 0 || N == 0) return;
+  if (a_rs == 1 && !trans_b && N <= 6 && bias == nullptr && M >= gemm::kNB<T>) {
+    // Few output columns (dW_ih with few input features): no padded panels.
+    const int nt = team_size(M * N * std::max<int64_t>(K, 1));
+    run_team(nt, [&](int tid, int team) {
+      const auto rows = share(M, tid, team, gemm::kNB<T>);
+      const int64_t m0 = rows.first, mr = rows.second - rows.first;
+      if (mr <= 0) return;
+      const T* a = A + m0;
+      T* c = C + m0 * ldc;
+      switch (N) {
+        case 1: gemm::narrow_mm<T, 1>(mr, K, a, a_ks, B, ldb, c, ldc, accumulate); break;
+        case 2: gemm::narrow_mm<T, 2>(mr, K, a, a_ks, B, ldb, c, ldc, accumulate); break;
+        case 3: gemm::narrow_mm<T, 3>(mr, K, a, a_ks, B, ldb, c, ldc, accumulate); break;
+        case 4: gemm::narrow_mm<T, 4>(mr, K, a, a_ks, B, ldb, c, ldc, accumulate); break;
+        case 5: gemm::narrow_mm<T, 5>(mr, K, a, a_ks, B, ldb, c, ldc, accumulate); break;
+        default: gemm::narrow_mm<T, 6>(mr, K, a, a_ks, B, ldb, c, ldc, accumulate); break;
+      }
+    });
+    return;
+  }
   PackedB<T> b;
   b.pack(B, ldb, trans_b, K, N, N);
   const int nt = team_size(M * N * std::max<int64_t>(K, 1));
