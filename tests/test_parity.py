@@ -313,7 +313,8 @@ def test_dropout_training_gradients_match_reference(mode, packed):
 # steps on both sides of the threshold), hidden sizes that leave a partial
 # panel in every gate segment (H = 40, 260), and K blocking of the packed
 # products (input size 300 and recurrent size 260 both exceed the 256-row
-# K block, in the input projection, the steps and the weight gradients).
+# K block, in the input projection, the steps and the weight gradients),
+# and weight gradients only a few columns wide (narrow-weight-grads).
 
 LARGE = {
     "team-dense-bidir-2layer": dict(T=6, B=20, I=16, H=48, num_layers=2, bidirectional=True,
@@ -325,6 +326,10 @@ LARGE = {
     "ragged-panels-packed": dict(T=4, B=40, I=20, H=40, num_layers=2, bidirectional=True,
                                  kind="packed"),
     "k-blocks": dict(T=3, B=4, I=300, H=260, num_layers=1, bidirectional=False, kind="dense"),
+    # Weight gradients with at most 6 columns (input size 5, hidden 6) over more
+    # than 256 rows: the narrow product, K blocks and a partial row block.
+    "narrow-weight-grads": dict(T=50, B=9, I=5, H=6, num_layers=2, bidirectional=True,
+                                kind="dense"),
 }
 
 
