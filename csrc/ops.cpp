@@ -5,10 +5,10 @@
 // H hidden, P output size (proj_size or H), G gates, L layers, D directions,
 // N rows (T*B dense, sum(batch_sizes) packed).
 //
-// The driver does what is a GEMM over all time steps with ATen (input
-// projection, weight and input gradients) and hands the time loop of each
-// layer/direction to the backend (csrc/cpu or csrc/cuda) through the params
-// structs of csrc/kernels/params.h.
+// The driver does what is a GEMM over all time steps (input projection,
+// weight and input gradients; the CPU's own packed kernel, ATen on CUDA) and
+// hands the time loop of each layer/direction to the backend (csrc/cpu or
+// csrc/cuda) through the params structs of csrc/kernels/params.h.
 //
 // Saved for backward (`reserve`, 1-D, compute dtype), in this order:
 //   per layer l, direction d (index l*D + d):
@@ -358,7 +358,6 @@ Tensor layer_input(const Config& c, int64_t l, const Tensor& x, const Tensor& re
 // BLAS gives different bits for different thread counts. Elsewhere they are
 // ATen calls. All matrices are 2-D with unit column stride.
 
-// out (M, N) = [out +] op(a) op(b)
 // out (M, N) = [out +] op(a) op(b); on the CPU optionally bias (N) + op(a) op(b).
 template <typename T>
 void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
