@@ -267,6 +267,8 @@ Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) 
 // inside the op, while t is alive, and never returned.
 Tensor rows_of(const Tensor& t, int64_t offset, int64_t row0, int64_t rows, int64_t cols) {
   const int64_t start = offset + row0 * cols;
+  TORCH_INTERNAL_ASSERT(t.is_contiguous() && start + rows * cols <= t.numel(),
+                        "fastcells: rows_of outside its tensor");
   if (t.is_cpu()) {
     char* base = static_cast<char*>(t.data_ptr()) + start * t.element_size();
     return at::from_blob(base, {rows, cols}, t.options());
