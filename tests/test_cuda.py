@@ -161,6 +161,11 @@ def test_parity_float64(monkeypatch, path, cfg):
 @pytest.mark.parametrize("path", ["auto", "stepwise"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
 def test_parity_float32(monkeypatch, path, cfg):
+    # cuDNN (the torch.nn reference) runs float32 RNNs in TF32 on Ampere and
+    # newer unless told not to, and cuBLAS (fastcells' whole-sequence GEMMs) may
+    # too: compare full float32 arithmetic on both sides.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     _parity(monkeypatch, path, cfg, torch.float32, TIGHT[torch.float32])
 
 
