@@ -30,7 +30,9 @@ pytestmark = [
 
 DEV = "cuda"
 PATHS = ["auto", "persistent", "persistent_global", "stepwise"]
-TIGHT = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-4)}
+# float32: the CPU suite's tolerance for gradients summed over many steps
+# (cuDNN and fastcells add the terms in different orders).
+TIGHT = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-4, rtol=1e-4)}
 
 
 @pytest.fixture(autouse=True)
