@@ -115,10 +115,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autograd(
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     const std::optional<Tensor>& dropout_masks, bool need_reserve) {
+  const auto requires_grad = [](const std::optional<Tensor>& t) {
+    return t.has_value() && t->defined() && t->requires_grad();
+  };
   bool wants_grad = false;
   if (at::GradMode::is_enabled()) {
-    wants_grad = input.requires_grad() || (hx.has_value() && hx->defined() && hx->requires_grad()) ||
-                 (cx.has_value() && cx->defined() && cx->requires_grad());
+    wants_grad = input.requires_grad() || requires_grad(hx) || requires_grad(cx);
     for (const auto& w : weights) wants_grad = wants_grad || w.requires_grad();
   }
   if (!wants_grad) {

@@ -293,6 +293,17 @@ Tensor state_or_zeros(const std::optional<Tensor>& t, at::IntArrayRef sizes,
   return alloc(sizes, opts, false).zero_();
 }
 
+// (h0, c0) in the compute dtype, zeros where hx/cx are None; c0 LSTM only.
+std::pair<Tensor, std::optional<Tensor>> initial_states(const Config& c,
+                                                        const std::optional<Tensor>& hx,
+                                                        const std::optional<Tensor>& cx,
+                                                        const at::TensorOptions& opts,
+                                                        at::ScalarType cd) {
+  Tensor h0 = state_or_zeros(hx, {c.L * c.D, c.B, c.P}, opts, cd);
+  if (c.mode != kernels::kLSTM) return {h0, std::nullopt};
+  return {h0, state_or_zeros(cx, {c.L * c.D, c.B, c.H}, opts, cd)};
+}
+
 template <typename T>
 const T* ptr_or_null(const std::optional<Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
@@ -531,11 +542,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   std::vector<Tensor> w;
   w.reserve(weights.size());
   for (const auto& t : weights) w.push_back(to_compute(t, cd));
-  const Tensor h0 = state_or_zeros(hx, {c.L * c.D, c.B, c.P}, opts, cd);
-  const std::optional<Tensor> c0 =
-      c.mode == kernels::kLSTM
-          ? std::optional<Tensor>(state_or_zeros(cx, {c.L * c.D, c.B, c.H}, opts, cd))
-          : std::nullopt;
+  const auto states = initial_states(c, hx, cx, opts, cd);
+  const Tensor& h0 = states.first;
+  const std::optional<Tensor>& c0 = states.second;
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
 
@@ -632,10 +641,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
           if (gru) at::sum_out(const_cast<Tensor&>(gw[base + 3]), dgh, {0});
         }
         // LSTM/RNN: both biases enter the same pre-activation.
-        if (!gru && loop_bias)
-          std::copy(p.db_x, p.db_x + c.GH(), gw[base + 3].data_ptr<T>());
-        else if (!gru)
-          gw[base + 3].copy_(gw[base + 2]);
+        if (!gru) gw[base + 3].copy_(gw[base + 2]);
       }
       if (proj) matmul<T>(gw[base + c.per_dir - 1], dh_all, true, r_all, false, false);
       // Layer 0's input gradient only when the caller wants it (autograd asks
@@ -683,11 +689,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   std::vector<Tensor> w;
   w.reserve(weights.size());
   for (const auto& t : weights) w.push_back(to_compute(t, cd));
-  const Tensor h0 = state_or_zeros(hx, {c.L * c.D, c.B, c.P}, opts, cd);
-  const std::optional<Tensor> c0 =
-      c.mode == kernels::kLSTM
-          ? std::optional<Tensor>(state_or_zeros(cx, {c.L * c.D, c.B, c.H}, opts, cd))
-          : std::nullopt;
+  const auto states = initial_states(c, hx, cx, opts, cd);
+  const Tensor& h0 = states.first;
+  const std::optional<Tensor>& c0 = states.second;
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
   const Tensor out = to_compute(output, cd).view({c.N, c.D * c.P});

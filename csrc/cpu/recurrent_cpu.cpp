@@ -229,9 +229,11 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   std::vector<T> dtot(static_cast<size_t>(B * P));
   std::vector<T> dr(proj ? static_cast<size_t>(B * H) : 0);
   // Per-row running sums of the gate gradients (bias gradients, see params.h).
-  const bool sum_x = p.db_x != nullptr, sum_h = gru && p.db_h != nullptr;
+  // GRU's recurrent side differs from the input side only in the n slot, so
+  // acc_h holds that slot alone.
+  const bool sum_x = p.db_x != nullptr, sum_h = sum_x && gru && p.db_h != nullptr;
   std::vector<T> acc_x(sum_x ? static_cast<size_t>(B * GH) : 0, T(0));
-  std::vector<T> acc_h(sum_h ? static_cast<size_t>(B * GH) : 0, T(0));
+  std::vector<T> acc_h(sum_h ? static_cast<size_t>(B * H) : 0, T(0));
   const T* dgh_base = gru ? p.dgates_h : p.dgates_x;
   const auto prev = [&](int t, int64_t b) {
     return kernels::prev_row(p.batch_sizes, p.row_offsets, p.T, p.B, t, b, p.reverse);
@@ -318,9 +320,9 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
           const T* __restrict__ v = dgx + k * H;
           for_units(u0, u1, [&](int64_t j) { a[j] += v[j]; });
         }
-        for (int64_t k = 0; sum_h && k < G; ++k) {
-          T* __restrict__ a = acc_h.data() + b * GH + k * H;
-          const T* __restrict__ v = p.dgates_h + row * GH + k * H;
+        if (sum_h) {
+          T* __restrict__ a = acc_h.data() + b * H;
+          const T* __restrict__ v = p.dgates_h + row * GH + 2 * H;
           for_units(u0, u1, [&](int64_t j) { a[j] += v[j]; });
         }
       }
@@ -335,17 +337,20 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       if (lstm) std::copy(dc.begin() + b0 * H, dc.begin() + pt.b1 * H, p.dc0 + b0 * H);
     }
   });
-  // Bias gradients: the per-row sums added in row order.
-  const auto reduce_rows = [&](const std::vector<T>& acc, T* db) {
-    std::fill(db, db + GH, T(0));
+  // Bias gradients: the per-row sums (n values wide) added in row order.
+  const auto reduce_rows = [&](const std::vector<T>& acc, int64_t n, T* db) {
+    std::fill(db, db + n, T(0));
     for (int64_t b = 0; b < B; ++b) {
-      const T* __restrict__ a = acc.data() + b * GH;
+      const T* __restrict__ a = acc.data() + b * n;
 #pragma omp simd
-      for (int64_t k = 0; k < GH; ++k) db[k] += a[k];
+      for (int64_t k = 0; k < n; ++k) db[k] += a[k];
     }
   };
-  if (sum_x) reduce_rows(acc_x, p.db_x);
-  if (sum_h) reduce_rows(acc_h, p.db_h);
+  if (sum_x) reduce_rows(acc_x, GH, p.db_x);
+  if (sum_h) {  // r, z slots: the same gradients as the input side
+    std::copy(p.db_x, p.db_x + 2 * H, p.db_h);
+    reduce_rows(acc_h, H, p.db_h + 2 * H);
+  }
 }
 
 template <typename T>

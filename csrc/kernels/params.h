@@ -97,7 +97,7 @@ struct LayerBackwardParams {
   // on how a backend splits the rows. The CPU backend fills them; the CUDA
   // backend is given null and the op layer sums the rows instead.
   scalar_t* db_x;               // (G*H)
-  scalar_t* db_h;               // (G*H) GRU only
+  scalar_t* db_h;               // (G*H) GRU only, together with db_x
 };
 
 // Rows active at step t (n) and the row where step t starts (row0), from
