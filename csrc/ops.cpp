@@ -325,9 +325,10 @@ DeviceSchedule device_schedule(const Config& c, const at::Device& dev) {
 }
 
 template <typename T>
-void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev) {
+void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev,
+                 cpu::ForwardPack<T>* cpu_keep = nullptr) {
   if (dev.is_cpu()) {
-    cpu::recurrent_forward<T>(p);
+    cpu::recurrent_forward<T>(p, cpu_keep);
     return;
   }
 #ifdef WITH_CUDA
@@ -372,14 +373,17 @@ Tensor layer_input(const Config& c, int64_t l, const Tensor& x, const Tensor& re
 // ATen calls. All matrices are 2-D with unit column stride.
 
 // out (M, N) = [out +] op(a) op(b); on the CPU optionally bias (N) + op(a) op(b).
+// On the CPU, `keep_b` (optional) keeps op(b) packed for later products with
+// the same b (see cpu::matmul).
 template <typename T>
 void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
-            bool accumulate, const T* cpu_bias = nullptr) {
+            bool accumulate, const T* cpu_bias = nullptr,
+            cpu::gemm::PackedB<T>* keep_b = nullptr) {
   if (out.is_cpu()) {
     const int64_t K = trans_a ? a.size(0) : a.size(1);
     cpu::matmul<T>(out.size(0), out.size(1), K, a.data_ptr<T>(), trans_a ? 1 : a.stride(0),
                    trans_a ? a.stride(0) : 1, b.data_ptr<T>(), b.stride(0), trans_b,
-                   out.data_ptr<T>(), out.stride(0), accumulate, cpu_bias);
+                   out.data_ptr<T>(), out.stride(0), accumulate, cpu_bias, keep_b);
     return;
   }
   const Tensor A = trans_a ? a.t() : a;
@@ -393,11 +397,13 @@ void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, b
 
 // x W_ih^T + folded biases, written into `gates` (N, G*H). GRU keeps b_hn
 // out (it sits inside r * (h W_hn^T + b_hn)); b_hr and b_hz fold in here.
+// `keep` as in matmul (W_ih^T packed once for all time chunks).
 template <typename T>
 void input_projection(const Config& c, const Tensor& gates, const Tensor& x, const Tensor& w_ih,
-                      const Tensor* b_ih, const Tensor* b_hh) {
+                      const Tensor* b_ih, const Tensor* b_hh,
+                      cpu::gemm::PackedB<T>* keep = nullptr) {
   if (!c.bias) {
-    matmul<T>(gates, x, false, w_ih, true, false);
+    matmul<T>(gates, x, false, w_ih, true, false, nullptr, keep);
     return;
   }
   const int64_t GH = c.GH(), folded = c.mode == kernels::kGRU ? 2 * c.H : GH;
@@ -405,7 +411,7 @@ void input_projection(const Config& c, const Tensor& gates, const Tensor& x, con
     std::vector<T> bias(b_ih->data_ptr<T>(), b_ih->data_ptr<T>() + GH);
     const T* bh = b_hh->data_ptr<T>();
     for (int64_t j = 0; j < folded; ++j) bias[j] += bh[j];
-    matmul<T>(gates, x, false, w_ih, true, false, bias.data());  // the GEMM starts from bias
+    matmul<T>(gates, x, false, w_ih, true, false, bias.data(), keep);  // the GEMM starts from bias
     return;
   }
   Tensor bias = b_ih->clone();
@@ -473,6 +479,9 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
       const Tensor* b_hh = c.bias ? &c.w(w, l, d, 3) : nullptr;
       const Tensor* w_hr = c.P != c.H ? &c.w(w, l, d, c.per_dir - 1) : nullptr;
       bool first_chunk = true;
+      // CPU: the weights are packed by the first chunk and reused by the rest.
+      cpu::gemm::PackedB<T> w_ih_packed;
+      cpu::ForwardPack<T> w_hh_packed;
       for (const auto& ch : time_chunks(c, keep, d == 1, cpu)) {
         const int64_t t0 = ch.first, t1 = ch.second;
         const int64_t row0 = t1 > t0 ? c.offsets[t0] : 0;
@@ -486,7 +495,8 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         if (c.EH() > 0)
           extra = keep ? reserve.data_ptr<T>() + c.extra_offset(idx)
                        : scratch.data_ptr<T>() + rows * c.GH();
-        input_projection<T>(c, gates, rows_of(xl, 0, row0, rows, xl.size(1)), w_ih, b_ih, b_hh);
+        input_projection<T>(c, gates, rows_of(xl, 0, row0, rows, xl.size(1)), w_ih, b_ih, b_hh,
+                            &w_ih_packed);
 
         kernels::LayerForwardParams<T> p{};
         p.mode = static_cast<int>(c.mode);
@@ -514,7 +524,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         p.c0 = lstm ? (first_chunk ? c0->data_ptr<T>() : cy.data_ptr<T>()) + idx * c.B * c.H
                     : nullptr;
         p.cy = lstm ? cy.data_ptr<T>() + idx * c.B * c.H : nullptr;
-        run_forward<T>(p, x.device());
+        run_forward<T>(p, x.device(), &w_hh_packed);
         first_chunk = false;
       }
     }

@@ -23,7 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 namespace fastcells {
 namespace cpu {
@@ -183,18 +183,50 @@ class PackedB {
   // B(k, n) = trans ? B[n * ldb + k] : B[k * ldb + n], for k < K, n < N;
   // S divides N into segments (S = N: one segment).
   void pack(const T* B, int64_t ldb, bool trans, int64_t K, int64_t N, int64_t S) {
+    init(K, N, S);
+    pack_panels(B, ldb, trans, 0, panels_);
+    ready_ = true;
+  }
+
+  // pack() in parts, so that a thread team can fill disjoint panel ranges:
+  // init() sizes the (uninitialised) storage, pack_panels() writes panels
+  // [p0, p1), padding included, and set_ready() records that every panel is
+  // written (a pack can then serve several products).
+  void init(int64_t K, int64_t N, int64_t S) {
+    ready_ = false;
     K_ = K;
     S_ = S > 0 ? S : 1;
     per_seg_ = (S_ + NB - 1) / NB;
     panels_ = N > 0 ? (N / S_) * per_seg_ : 0;
-    data_.assign(static_cast<size_t>(panels_ * K_ * NB), T(0));
-    for (int64_t p = 0; p < panels_; ++p) {
+    data_.reset(new T[static_cast<size_t>(std::max<int64_t>(1, panels_ * K_ * NB))]);
+  }
+
+  void pack_panels(const T* B, int64_t ldb, bool trans, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = col0(p), nb = width(p);
-      T* dst = data_.data() + p * K_ * NB;
-      for (int64_t k = 0; k < K_; ++k)
-        for (int64_t c = 0; c < nb; ++c)
-          dst[k * NB + c] = trans ? B[(c0 + c) * ldb + k] : B[k * ldb + c0 + c];
+      T* dst = data_.get() + p * K_ * NB;
+      if (trans) {
+        // Column c of the panel is row c0 + c of B, read as one sequential
+        // stream (B is often not in cache: the weights are read once per
+        // call), written down the panel (K x kNB values, cache resident).
+        for (int64_t c = 0; c < nb; ++c) {
+          const T* src = B + (c0 + c) * ldb;
+          for (int64_t k = 0; k < K_; ++k) dst[k * NB + c] = src[k];
+        }
+      } else {
+        for (int64_t k = 0; k < K_; ++k)
+          std::copy(B + k * ldb + c0, B + k * ldb + c0 + nb, dst + k * NB);
+      }
+      for (int64_t k = 0; nb < NB && k < K_; ++k)  // padding of a partial panel
+        std::fill(dst + k * NB + nb, dst + (k + 1) * NB, T(0));
     }
+  }
+
+  void set_ready() { ready_ = true; }
+  bool ready() const { return ready_; }
+  // Whether this pack holds a K x N right-hand side in segments of S.
+  bool holds(int64_t K, int64_t N, int64_t S) const {
+    return ready_ && K_ == K && S_ == S && panels_ == (N > 0 ? (N / S) * ((S + NB - 1) / NB) : 0);
   }
 
   int64_t panels() const { return panels_; }
@@ -219,7 +251,7 @@ class PackedB {
         for (int64_t m = 0; m < M; m += kMR) {
           const T* xm = xk + m * ldx;
           for (int64_t p = q0; p < q1; ++p) {
-            const T* panel = data_.data() + p * K_ * NB + k0 * NB;
+            const T* panel = data_.get() + p * K_ * NB + k0 * NB;
             T* ym = y + m * ldy + col0(p);
             const int64_t nb = width(p);
             const T* sd = seeded ? bias + col0(p) : nullptr;
@@ -246,7 +278,8 @@ class PackedB {
 
  private:
   int64_t K_ = 0, S_ = 1, per_seg_ = 0, panels_ = 0;
-  std::vector<T> data_;
+  bool ready_ = false;
+  std::unique_ptr<T[]> data_;
 };
 
 }  // namespace gemm

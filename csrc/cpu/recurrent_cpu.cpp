@@ -53,6 +53,14 @@ void run_team(int nt, const F& body) {
   body(omp_get_thread_num(), omp_get_num_threads());
 }
 
+// A barrier for a team started by run_team (none for a team of one, which
+// runs outside any parallel region).
+inline void team_barrier(int team) {
+  if (team > 1) {
+#pragma omp barrier
+  }
+}
+
 // [lo, hi) of n items for thread tid of nt, in multiples of q.
 inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int nt, int64_t q) {
   const int64_t per = ((n + nt - 1) / nt + q - 1) / q * q;
@@ -93,6 +101,14 @@ inline Part part_of(bool by_rows, int64_t B, int64_t H, int64_t P, int tid, int 
   return {0, B, units.first, units.second, cols.first, cols.second, true};
 }
 
+// Thread tid's share of the panels of b (after b.init); the team must meet
+// at a barrier before any thread reads b.
+template <typename T>
+void pack_share(PackedB<T>& b, const T* B, int64_t ldb, bool trans, int tid, int team) {
+  const auto ps = share(b.panels(), tid, team, 1);
+  b.pack_panels(B, ldb, trans, ps.first, ps.second);
+}
+
 inline void part_barrier(const Part& pt) {
   if (pt.sync) {
 #pragma omp barrier
@@ -116,7 +132,7 @@ inline void for_units(int64_t u0, int64_t u1, const F& f) {
 }  // namespace
 
 template <typename T>
-void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
+void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* keep) {
   const int64_t H = p.H, P = p.P, B = p.B;
   const int64_t G = kernels::num_gates(p.mode), GH = G * H;
   const bool lstm = p.mode == kLSTM, gru = p.mode == kGRU, proj = p.w_hr != nullptr;
@@ -130,13 +146,26 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
   const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
   const int nt = team_size(int64_t(B) * GH * P);
   const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
-  // W_hh^T (P, G*H), one segment per gate when the units are split among threads.
-  PackedB<T> w_hh_t, w_hr_t;
-  w_hh_t.pack(p.w_hh, P, true, P, GH, nt > 1 && !by_rows ? H : GH);
-  if (proj) w_hr_t.pack(p.w_hr, H, true, H, P, P);  // W_hr^T (H, P)
+  // W_hh^T (P, G*H), one segment per gate when the units are split among
+  // threads, and W_hr^T (H, P); packed by the team unless `keep` holds them.
+  ForwardPack<T> local;
+  ForwardPack<T>& wp = keep ? *keep : local;
+  PackedB<T>& w_hh_t = wp.w_hh_t;
+  PackedB<T>& w_hr_t = wp.w_hr_t;
+  const int64_t seg = nt > 1 && !by_rows ? H : GH;
+  const bool fill = !w_hh_t.holds(P, GH, seg) || (proj && !w_hr_t.holds(H, P, P));
+  if (fill) {
+    w_hh_t.init(P, GH, seg);
+    if (proj) w_hr_t.init(H, P, P);
+  }
   constexpr int64_t q = PackedB<T>::NB;
 
   run_team(nt, [&](int tid, int team) {
+    if (fill) {
+      pack_share(w_hh_t, p.w_hh, P, true, tid, team);
+      if (proj) pack_share(w_hr_t, p.w_hr, H, true, tid, team);
+      team_barrier(team);
+    }
     const Part pt = part_of(by_rows, B, H, P, tid, team, q);
     const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
     T* h_cur = h_a.data();
@@ -213,6 +242,8 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p) {
       if (lstm) std::copy(c.begin() + b0 * H, c.begin() + pt.b1 * H, p.cy + b0 * H);
     }
   });
+  w_hh_t.set_ready();
+  if (proj) w_hr_t.set_ready();
 }
 
 template <typename T>
@@ -241,11 +272,14 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   const int nt = team_size(int64_t(B) * GH * P);
   const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
   PackedB<T> w_hh, w_hr;
-  w_hh.pack(p.w_hh, P, false, GH, P, P);          // W_hh (G*H, P)
-  if (proj) w_hr.pack(p.w_hr, H, false, P, H, H);  // W_hr (P, H)
+  w_hh.init(GH, P, P);          // W_hh (G*H, P)
+  if (proj) w_hr.init(P, H, H);  // W_hr (P, H)
   constexpr int64_t q = PackedB<T>::NB;
 
   run_team(nt, [&](int tid, int team) {
+    pack_share(w_hh, p.w_hh, P, false, tid, team);
+    if (proj) pack_share(w_hr, p.w_hr, H, false, tid, team);
+    team_barrier(team);
     const Part pt = part_of(by_rows, B, H, P, tid, team, q);
     const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
     for (int s = 0; s < p.T; ++s) {
@@ -355,9 +389,10 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
 
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
-            int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate, const T* bias) {
+            int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate, const T* bias,
+            PackedB<T>* keep_b) {
   if (M == 0 || N == 0) return;
-  if (a_rs == 1 && !trans_b && N <= 6 && bias == nullptr && M >= gemm::kNB<T>) {
+  if (a_rs == 1 && !trans_b && N <= 6 && bias == nullptr && M >= gemm::kNB<T> && !keep_b) {
     // Few output columns (dW_ih with few input features): no padded panels.
     const int nt = team_size(M * N * std::max<int64_t>(K, 1));
     run_team(nt, [&](int tid, int team) {
@@ -377,12 +412,18 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
     });
     return;
   }
-  PackedB<T> b;
-  b.pack(B, ldb, trans_b, K, N, N);
+  PackedB<T> local;
+  PackedB<T>& b = keep_b ? *keep_b : local;
+  const bool fill = !b.holds(K, N, N);
+  if (fill) b.init(K, N, N);
   const int nt = team_size(M * N * std::max<int64_t>(K, 1));
   // Split the larger output side; every element keeps its own k order.
   const bool split_rows = M >= N;
   run_team(nt, [&](int tid, int team) {
+    if (fill) {
+      pack_share(b, B, ldb, trans_b, tid, team);
+      team_barrier(team);
+    }
     if (split_rows) {
       const auto rows = share(M, tid, team, gemm::kMR);
       b.mm(rows.second - rows.first, 0, b.panels(), A + rows.first * a_rs, a_rs, a_ks,
@@ -392,15 +433,19 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
       b.mm(M, panels.first, panels.second, A, a_rs, a_ks, C, ldc, accumulate, bias);
     }
   });
+  b.set_ready();
 }
 
 template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
-                            const float*, int64_t, bool, float*, int64_t, bool, const float*);
+                            const float*, int64_t, bool, float*, int64_t, bool, const float*,
+                            PackedB<float>*);
 template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
                              const double*, int64_t, bool, double*, int64_t, bool,
-                             const double*);
-template void recurrent_forward<float>(const kernels::LayerForwardParams<float>&);
-template void recurrent_forward<double>(const kernels::LayerForwardParams<double>&);
+                             const double*, PackedB<double>*);
+template void recurrent_forward<float>(const kernels::LayerForwardParams<float>&,
+                                       ForwardPack<float>*);
+template void recurrent_forward<double>(const kernels::LayerForwardParams<double>&,
+                                        ForwardPack<double>*);
 template void recurrent_backward<float>(const kernels::LayerBackwardParams<float>&);
 template void recurrent_backward<double>(const kernels::LayerBackwardParams<double>&);
 
