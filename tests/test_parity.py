@@ -314,7 +314,10 @@ def test_dropout_training_gradients_match_reference(mode, packed):
 # panel in every gate segment (H = 40, 260), and K blocking of the packed
 # products (input size 300 and recurrent size 260 both exceed the 256-row
 # K block, in the input projection, the steps and the weight gradients),
-# and weight gradients only a few columns wide (narrow-weight-grads).
+# weight gradients only a few columns wide (narrow-weight-grads), and weight
+# gradients whose transposed gate gradients are copied block by block first
+# (rows of G*H >= 4 KiB, >= 256 output columns, over more than one K block
+# and a partial row block: copied-grad-blocks).
 
 LARGE = {
     "team-dense-bidir-2layer": dict(T=6, B=20, I=16, H=48, num_layers=2, bidirectional=True,
@@ -330,6 +333,8 @@ LARGE = {
     # than 256 rows: the narrow product, K blocks and a partial row block.
     "narrow-weight-grads": dict(T=50, B=9, I=5, H=6, num_layers=2, bidirectional=True,
                                 kind="dense"),
+    "copied-grad-blocks": dict(T=30, B=10, I=8, H=260, num_layers=1, bidirectional=False,
+                               kind="dense"),
 }
 
 

@@ -238,33 +238,36 @@ class PackedB {
   // y(M, columns of panels [p0, p1)) = [y +] x(M, K) @ B. With `bias`
   // (length N, ignored with `accumulate`) y = bias + x @ B, summed exactly as
   // if y had been filled with bias first and accumulated into.
+  //
+  // x stored transposed (ldx == 1) with a long stride between its k rows
+  // (the gate gradients dG^T of the weight-gradient GEMMs, ksx = G*H) is
+  // copied block by block (kKC x kMC) into rows of kMC contiguous values
+  // first: read in place, a 4 KiB or larger power-of-two stride maps every k
+  // of a block onto the same few cache sets. Only worth it when the block is
+  // reused by enough panels. The sums are the same either way.
   void mm(int64_t M, int64_t p0, int64_t p1, const T* x, int64_t ldx, int64_t ksx, T* y,
           int64_t ldy, bool accumulate, const T* bias = nullptr) const {
     if (M <= 0 || p0 >= p1) return;
+    constexpr int64_t kMC = 16 * kMR;
+    const bool copy_x = ldx == 1 && ksx * static_cast<int64_t>(sizeof(T)) >= 4096 &&
+                        (p1 - p0) * NB >= 256 && M >= kMR && bias == nullptr;
+    std::unique_ptr<T[]> xbuf(copy_x ? new T[kKC * kMC] : nullptr);
     for (int64_t k0 = 0; k0 == 0 || k0 < K_; k0 += kKC) {
       const int64_t kc = std::min<int64_t>(kKC, K_ - k0);
       const bool acc = accumulate || k0 > 0;
       const bool seeded = !acc && bias != nullptr;
-      const T* xk = x + k0 * ksx;
-      for (int64_t q0 = p0; q0 < p1; q0 += kPC) {
-        const int64_t q1 = std::min<int64_t>(p1, q0 + kPC);
-        for (int64_t m = 0; m < M; m += kMR) {
-          const T* xm = xk + m * ldx;
-          for (int64_t p = q0; p < q1; ++p) {
-            const T* panel = data_.get() + p * K_ * NB + k0 * NB;
-            T* ym = y + m * ldy + col0(p);
-            const int64_t nb = width(p);
-            const T* sd = seeded ? bias + col0(p) : nullptr;
-            switch (std::min<int64_t>(kMR, M - m)) {
-              case 6: micro_kernel<T, 6>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-              case 5: micro_kernel<T, 5>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-              case 4: micro_kernel<T, 4>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-              case 3: micro_kernel<T, 3>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-              case 2: micro_kernel<T, 2>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-              default: micro_kernel<T, 1>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-            }
+      if (copy_x) {
+        for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+          const int64_t mc = std::min<int64_t>(kMC, M - m0);
+          for (int64_t k = 0; k < kc; ++k) {
+            const T* src = x + (k0 + k) * ksx + m0;
+            std::copy(src, src + mc, xbuf.get() + k * kMC);
           }
+          block(mc, p0, p1, k0, kc, xbuf.get(), 1, kMC, y + m0 * ldy, ldy, acc, nullptr);
         }
+      } else {
+        block(M, p0, p1, k0, kc, x + k0 * ksx, ldx, ksx, y, ldy, acc,
+              seeded ? bias : nullptr);
       }
     }
   }
@@ -277,6 +280,32 @@ class PackedB {
   }
 
  private:
+  // One K block [k0, k0 + kc) of mm over rows [0, M); xk points at its k0.
+  // `seed` (bias) only on a first block without accumulation.
+  void block(int64_t M, int64_t p0, int64_t p1, int64_t k0, int64_t kc, const T* xk,
+             int64_t ldx, int64_t ksx, T* y, int64_t ldy, bool acc, const T* seed) const {
+    for (int64_t q0 = p0; q0 < p1; q0 += kPC) {
+      const int64_t q1 = std::min<int64_t>(p1, q0 + kPC);
+      for (int64_t m = 0; m < M; m += kMR) {
+        const T* xm = xk + m * ldx;
+        for (int64_t p = q0; p < q1; ++p) {
+          const T* panel = data_.get() + p * K_ * NB + k0 * NB;
+          T* ym = y + m * ldy + col0(p);
+          const int64_t nb = width(p);
+          const T* sd = seed ? seed + col0(p) : nullptr;
+          switch (std::min<int64_t>(kMR, M - m)) {
+            case 6: micro_kernel<T, 6>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+            case 5: micro_kernel<T, 5>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+            case 4: micro_kernel<T, 4>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+            case 3: micro_kernel<T, 3>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+            case 2: micro_kernel<T, 2>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+            default: micro_kernel<T, 1>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
+          }
+        }
+      }
+    }
+  }
+
   int64_t K_ = 0, S_ = 1, per_seg_ = 0, panels_ = 0;
   bool ready_ = false;
   std::unique_ptr<T[]> data_;
