@@ -3,6 +3,9 @@
 1. The seed's airline model (T=112, B=1, I=3, H=6, 2 layers), LSTM and GRU:
    forward (no grad), forward+backward of the recurrent module, and a whole training
    epoch (zero_grad, forward, Linear head, MSE loss, backward, Adam step).
+   Also the fixed cost of a fastcells forward+backward: the same LSTM on one step
+   (T=1), against torch.nn on all 112 (row "fixed"). That ratio bounds the speed-up
+   reachable by making the recurrence itself faster.
 2. Single-layer forward and forward+backward at (T, B, I, H) = (128, 32, 8, 32),
    (168, 64, 16, 64), (168, 64, 64, 128), (256, 32, 128, 256), (64, 128, 256, 512).
 
@@ -130,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         report("airline", cell, T, B, I, H, 2, "fwd", measure(f_ref, f_new, args, device))
         report("airline", cell, T, B, I, H, 2, "fwd+bwd", measure(fb_ref, fb_new, args, device),
                AIRLINE_TARGETS[(cell, "fwd+bwd")])
+        if cell == "lstm":
+            # The fixed cost of one fastcells fwd+bwd call: the same module on one
+            # step (T=1), timed against torch.nn on the whole sequence. Its ratio is
+            # the speed-up fastcells would reach if its 112 steps cost nothing.
+            _, fb_one = C.module_stmts(new, x[:1], gy[:1])
+            report("airline", cell, 1, B, I, H, 2, "fixed", measure(fb_ref, fb_one, args, device))
         ref_e, new_e = make_pair(fastcells, cell, I, H, 2, dtype, device)
         report("airline", cell, T, B, I, H, 2, "epoch",
                measure(epoch_stmt(ref_e, x, y, H), epoch_stmt(new_e, x, y, H), args, device),
@@ -180,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                              "alternate A B / B A each round; speed-up = torch.nn / fastcells per round",
                    "fwd": "module(x) under no_grad", "fwd+bwd": "module(x) then backward with a fixed grad "
                    "output into all parameters and x",
-                   "epoch": "zero_grad, forward, Linear(H,1), MSELoss, backward, Adam(lr=0.1) step"},
+                   "epoch": "zero_grad, forward, Linear(H,1), MSELoss, backward, Adam(lr=0.1) step",
+                   "fixed": "torch.nn fwd+bwd at T=112 against fastcells fwd+bwd of the same model at T=1 "
+                   "(row T=1): the speed-up bound set by fastcells' per-call cost"},
         "rows": rows,
         "targets_passed": n_tgt - n_fail,
         "targets_total": n_tgt,

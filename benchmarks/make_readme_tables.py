@@ -100,6 +100,11 @@ def speed_section(d: dict, slower: list[str]) -> str:
             slower.append(f"{r['cell'].upper()} {shape} {r['what']} ({sp['median']:.2f}x)")
     out.append(C.md_table(["cell", "T,B,I,H", "measure", "torch.nn ms", "fastcells ms", "speed-up", "target"], rows))
     out.append(f"\nTargets met: {d['targets_passed']} of {d['targets_total']}.\n")
+    if any(r["what"] == "fixed" for r in d["rows"]):
+        out.append("\nRow `fixed`: torch.nn's forward+backward of the airline LSTM on all 112 steps against "
+                   "fastcells' on one step (T=1), i.e. the speed-up fastcells would reach if its recurrence "
+                   "cost nothing. Its per-call cost (module code, dispatcher, autograd engine, one "
+                   "gradient accumulation per parameter) bounds the fwd+bwd ratio there.\n")
     return "".join(out)
 
 
