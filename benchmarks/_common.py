@@ -99,6 +99,8 @@ def machine_info(device: str = "cpu") -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        info["cuda_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info
 
 
@@ -209,6 +211,19 @@ def dtype_of(name: str) -> torch.dtype:
             "float16": torch.float16}[name]
 
 
+def add_tf32_flag(ap) -> None:
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA float32: let torch.nn (cuDNN, cuBLAS) use TF32 tensor cores, as torch does "
+                         "by default for cuDNN. Off by default, so that both sides compute in full float32 "
+                         "(fastcells never uses TF32) and their predictions can be compared")
+
+
+def set_tf32(enabled: bool) -> None:
+    """Sets torch's TF32 switches for cuDNN and CUDA matmuls (machine_info records them)."""
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+
+
 def set_threads(n: int | None) -> int:
     if n:
         torch.set_num_threads(n)
@@ -221,6 +236,7 @@ def start_training_run(ap, args):
         ap.error("--epochs must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    set_tf32(args.tf32)
     return import_fastcells(), set_threads(args.threads)
 
 

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     ap.add_argument("--threads", type=int, default=None)
+    C.add_tf32_flag(ap)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds per measurement")
     ap.add_argument("--grid-repeats", type=int, default=3, help="rounds for the single-layer grid")
     ap.add_argument("--min-run-time", type=float, default=0.2, help="seconds per blocked_autorange")
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: no CUDA device is available")
 
     fastcells = C.import_fastcells()
+    C.set_tf32(args.tf32)
     threads = C.set_threads(args.threads)
     dtype, device = C.dtype_of(args.dtype), args.device
     machine = C.machine_info(device)

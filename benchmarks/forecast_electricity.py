@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     ap.add_argument("--threads", type=int, default=None)
+    C.add_tf32_flag(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=C.RESULTS)
     ap.add_argument("--no-plot", action="store_true")

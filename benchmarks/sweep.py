@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", default="lstm,gru,rnn")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    C.add_tf32_flag(ap)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds per point")
     ap.add_argument("--min-run-time", type=float, default=0.1, help="seconds per blocked_autorange")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 points")
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: no CUDA device is available")
 
     fastcells = C.import_fastcells()
+    C.set_tf32(args.tf32)
     threads = C.set_threads(args.threads)
     device = args.device
     machine = C.machine_info(device)

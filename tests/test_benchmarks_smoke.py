@@ -71,3 +71,28 @@ def test_forecast_electricity_runs(tmp_path):
         assert r["max_abs_val_pred_diff_kw"] < 1.0
         assert abs(r["torch.nn"]["val_mae_kw"] - r["fastcells"]["val_mae_kw"]) < 0.1
     _finite_numbers(out["results"])
+
+
+def test_tf32_flag_defaults_off_and_sets_both_switches():
+    """CUDA comparisons run torch.nn in full float32 unless --tf32 is given."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import _common as C
+    finally:
+        sys.path.pop(0)
+    ap = argparse.ArgumentParser()
+    C.add_tf32_flag(ap)
+    assert ap.parse_args([]).tf32 is False
+    assert ap.parse_args(["--tf32"]).tf32 is True
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        C.set_tf32(True)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        C.set_tf32(False)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
