@@ -251,11 +251,16 @@ bool poison_enabled() {
 
 // CPU tensors are created without a trip through the dispatcher: at the
 // forecasting sizes an op call allocates a dozen of them and the dispatched
-// at::empty costs more than the arithmetic they hold.
+// at::empty costs more than the arithmetic they hold. Large ones are advised
+// to use huge pages before anything touches them (csrc/cpu/memory_cpu.h).
 Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) {
-  Tensor t = opts.device().is_cpu()
-                 ? at::detail::empty_cpu(sizes, opts.dtype().toScalarType(), false, std::nullopt)
-                 : at::empty(sizes, opts);
+  Tensor t;
+  if (opts.device().is_cpu()) {
+    t = at::detail::empty_cpu(sizes, opts.dtype().toScalarType(), false, std::nullopt);
+    cpu::advise_huge_pages(t.data_ptr(), t.nbytes());
+  } else {
+    t = at::empty(sizes, opts);
+  }
   if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }

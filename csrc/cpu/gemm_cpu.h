@@ -25,6 +25,8 @@
 #include <cstring>
 #include <memory>
 
+#include "memory_cpu.h"
+
 namespace fastcells {
 namespace cpu {
 namespace gemm {
@@ -198,7 +200,9 @@ class PackedB {
     S_ = S > 0 ? S : 1;
     per_seg_ = (S_ + NB - 1) / NB;
     panels_ = N > 0 ? (N / S_) * per_seg_ : 0;
-    data_.reset(new T[static_cast<size_t>(std::max<int64_t>(1, panels_ * K_ * NB))]);
+    const size_t n = static_cast<size_t>(std::max<int64_t>(1, panels_ * K_ * NB));
+    data_.reset(new T[n]);
+    advise_huge_pages(data_.get(), n * sizeof(T));
   }
 
   void pack_panels(const T* B, int64_t ldb, bool trans, int64_t p0, int64_t p1) {
