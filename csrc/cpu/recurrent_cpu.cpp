@@ -5,9 +5,10 @@
 //
 // Per step the recurrent product h_{t-1} W_hh^T (M x G*H, M = active rows)
 // runs through the register-blocked kernel of gemm_cpu.h over a W_hh^T copy
-// packed once per call (no per-step library call, packing or allocation),
-// followed by the gate nonlinearities of csrc/kernels/cells.h and the state
-// update. Large steps run on an OpenMP team that lives for the whole
+// packed by the thread team once per call, or once for all the time chunks
+// of an inference call (ForwardPack); there is no per-step library call,
+// packing or allocation. The gate nonlinearities of csrc/kernels/cells.h and
+// the state update follow. Large steps run on an OpenMP team that lives for the whole
 // sequence: each thread owns a range of batch rows (no barrier) or a range
 // of hidden units of every row (a barrier per step); see Part below.
 #include "recurrent_cpu.h"
