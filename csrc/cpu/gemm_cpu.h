@@ -182,18 +182,12 @@ class PackedB {
 
   PackedB() = default;
 
-  // B(k, n) = trans ? B[n * ldb + k] : B[k * ldb + n], for k < K, n < N;
-  // S divides N into segments (S = N: one segment).
-  void pack(const T* B, int64_t ldb, bool trans, int64_t K, int64_t N, int64_t S) {
-    init(K, N, S);
-    pack_panels(B, ldb, trans, 0, panels_);
-    ready_ = true;
-  }
-
-  // pack() in parts, so that a thread team can fill disjoint panel ranges:
-  // init() sizes the (uninitialised) storage, pack_panels() writes panels
-  // [p0, p1), padding included, and set_ready() records that every panel is
-  // written (a pack can then serve several products).
+  // Packs B(k, n) = trans ? B[n * ldb + k] : B[k * ldb + n], for k < K,
+  // n < N, in parts so that a thread team can fill disjoint panel ranges:
+  // init() sizes the (uninitialised) storage, S dividing N into segments
+  // (S = N: one segment); pack_panels() writes panels [p0, p1), padding
+  // included; set_ready() records that every panel is written (a pack can
+  // then serve several products, see holds()).
   void init(int64_t K, int64_t N, int64_t S) {
     ready_ = false;
     K_ = K;
@@ -227,7 +221,6 @@ class PackedB {
   }
 
   void set_ready() { ready_ = true; }
-  bool ready() const { return ready_; }
   // Whether this pack holds a K x N right-hand side in segments of S.
   bool holds(int64_t K, int64_t N, int64_t S) const {
     return ready_ && K_ == K && S_ == S && panels_ == (N > 0 ? (N / S) * ((S + NB - 1) / NB) : 0);
