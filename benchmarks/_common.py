@@ -215,7 +215,8 @@ def add_tf32_flag(ap) -> None:
     ap.add_argument("--tf32", action="store_true",
                     help="CUDA float32: let torch.nn (cuDNN, cuBLAS) use TF32 tensor cores, as torch does "
                          "by default for cuDNN. Off by default, so that both sides compute in full float32 "
-                         "(fastcells never uses TF32) and their predictions can be compared")
+                         "and their predictions can be compared. fastcells' cuBLAS products follow the "
+                         "same switch; its persistent kernels never use TF32")
 
 
 def set_tf32(enabled: bool) -> None:

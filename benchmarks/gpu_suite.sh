@@ -7,14 +7,15 @@
 #   benchmarks/gpu_suite.sh build cudatests targets   # only the named stages, in order
 #
 # Stages (each bounded by `timeout`; seconds in brackets):
-#   build        FORCE_CUDA=1 pip install --no-build-isolation -e .; checks cuda=1 [420]
-#   cudatests    pytest tests/test_cuda.py tests/test_cuda_compile.py (fast feedback) [400]
+#   build        FORCE_CUDA=1 pip install --no-build-isolation -e .; checks cuda=1 [300]
+#   cudatests    pytest tests/test_cuda.py tests/test_cuda_compile.py (fast feedback) [150]
 #   tests        the full pytest suite [560]
-#   targets      fwd+bwd of the issue's target shapes, fastcells vs torch.nn (cuDNN),
-#                float32 and bfloat16, LSTM and GRU -> targets_cuda.json / .md [300]
-#   sweep        benchmarks/sweep.py --device cuda [560]
-#   airline      benchmarks/forecast_airline.py --device cuda [400]
-#   electricity  benchmarks/forecast_electricity.py --device cuda [400]
+#   targets      benchmarks/cuda_targets.py: fwd+bwd of the issue's target shapes,
+#                fastcells (auto and forced stepwise loop) vs torch.nn (cuDNN),
+#                float32 and bfloat16, LSTM and GRU -> targets_cuda.json / .md [200]
+#   sweep        benchmarks/sweep.py --device cuda --min-run-time 0.05 [240]
+#   airline      benchmarks/forecast_airline.py --device cuda [150]
+#   electricity  benchmarks/forecast_electricity.py --device cuda [120]
 # The whole run is held to BUDGET seconds (default 570, under a 10-minute
 # device call): each stage gets min(its limit, what is left), and stages that
 # no longer fit are skipped with a note. Everything takes longer than one call,
@@ -98,69 +99,9 @@ alltests() {
   "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=20 --junitxml="$LOGS/junit_all.xml"
 }
 
-# The issue's speed targets, measured against cuDNN in one run: forward +
-# backward of one layer, (T, B, I, H), float32 and bfloat16, LSTM and GRU,
-# interleaved A B / B A rounds, median ratio torch.nn / fastcells.
+# The issue's speed targets against cuDNN: benchmarks/cuda_targets.py.
 targets() {
-  "$PY" - "$RES" <<'EOF'
-import copy, json, statistics, sys
-from pathlib import Path
-import torch
-from torch import nn
-from torch.utils import benchmark
-import fastcells
-
-out_dir = Path(sys.argv[1])
-dev = "cuda"
-shapes = [(112, 1, 3, 6), (168, 64, 16, 64), (168, 64, 64, 128), (512, 16, 32, 256),
-          (64, 64, 256, 512), (64, 128, 512, 1024)]
-rows = []
-for cell in ("LSTM", "GRU"):
-    for dtype in (torch.float32, torch.bfloat16):
-        for (T, B, I, H) in shapes:
-            torch.manual_seed(0)
-            ref = getattr(nn, cell)(I, H).to(dev, dtype)
-            fc = getattr(fastcells, cell)(I, H).to(dev, dtype)
-            fc.load_state_dict(ref.state_dict())
-            x = torch.randn(T, B, I, device=dev, dtype=dtype, requires_grad=True)
-            gy = torch.randn(T, B, H, device=dev, dtype=dtype)
-
-            def step(m):
-                y, _ = m(x)
-                y.backward(gy)
-
-            times = {"torch.nn": [], "fastcells": []}
-            for r in range(3):
-                order = [("torch.nn", ref), ("fastcells", fc)]
-                if r % 2:
-                    order.reverse()
-                for name, m in order:
-                    t = benchmark.Timer("step(m); torch.cuda.synchronize()",
-                                        globals={"step": step, "m": m, "torch": torch})
-                    times[name].append(t.blocked_autorange(min_run_time=0.2).median)
-            ratios = [a / b for a, b in zip(times["torch.nn"], times["fastcells"])]
-            row = {"cell": cell, "dtype": str(dtype).replace("torch.", ""), "T": T, "B": B, "I": I,
-                   "H": H, "torch_nn_ms": 1e3 * statistics.median(times["torch.nn"]),
-                   "fastcells_ms": 1e3 * statistics.median(times["fastcells"]),
-                   "speedup": statistics.median(ratios), "speedup_min": min(ratios),
-                   "speedup_max": max(ratios)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-gpu = torch.cuda.get_device_name()
-meta = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(), "build": fastcells._ops.build_info(),
-        "what": "one layer, forward+backward, median of 3 interleaved rounds; speedup = torch.nn / fastcells"}
-(out_dir / "targets_cuda.json").write_text(json.dumps({"machine": meta, "rows": rows}, indent=1))
-lines = [f"GPU: {gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {meta['cudnn']}", "",
-         "| cell | dtype | T | B | I | H | torch.nn ms | fastcells ms | speed-up (min-max) |",
-         "|---|---|---|---|---|---|---|---|---|"]
-for r in rows:
-    lines.append(f"| {r['cell']} | {r['dtype']} | {r['T']} | {r['B']} | {r['I']} | {r['H']} | "
-                 f"{r['torch_nn_ms']:.3f} | {r['fastcells_ms']:.3f} | {r['speedup']:.2f}x "
-                 f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) |")
-(out_dir / "targets_cuda.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
+  "$PY" benchmarks/cuda_targets.py --out "$RES"
 }
 
 export PY LOGS RES
@@ -168,13 +109,13 @@ export -f build cudatests alltests targets
 machine
 for stage in "${stages[@]}"; do
   case "$stage" in
-    build) run_stage build 420 build ;;
-    cudatests) run_stage cudatests 400 cudatests ;;
+    build) run_stage build 300 build ;;
+    cudatests) run_stage cudatests 150 cudatests ;;
     tests) run_stage tests 560 alltests ;;
-    targets) run_stage targets 300 targets ;;
-    sweep) run_stage sweep 560 "$PY" benchmarks/sweep.py --device cuda --out "$RES" ;;
-    airline) run_stage airline 400 "$PY" benchmarks/forecast_airline.py --device cuda --out "$RES" --no-progress ;;
-    electricity) run_stage electricity 400 "$PY" benchmarks/forecast_electricity.py --device cuda --out "$RES" ;;
+    targets) run_stage targets 200 targets ;;
+    sweep) run_stage sweep 240 "$PY" benchmarks/sweep.py --device cuda --min-run-time 0.05 --out "$RES" ;;
+    airline) run_stage airline 150 "$PY" benchmarks/forecast_airline.py --device cuda --out "$RES" --no-progress ;;
+    electricity) run_stage electricity 120 "$PY" benchmarks/forecast_electricity.py --device cuda --out "$RES" ;;
     *) note "unknown stage '$stage'"; STATUS=1 ;;
   esac
 done

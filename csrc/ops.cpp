@@ -38,6 +38,7 @@
 #include "kernels/params.h"
 
 #ifdef WITH_CUDA
+#include <ATen/cuda/CUDABlas.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -329,6 +330,19 @@ DeviceSchedule device_schedule(const Config& c, const at::Device& dev) {
   return s;
 }
 
+#ifdef WITH_CUDA
+// cuda::GemmFn of the stepwise CUDA loop: cuBLAS through ATen, on the current
+// stream, under torch's own settings (TF32 follows
+// torch.backends.cuda.matmul.allow_tf32, as it does for torch.mm). cuBLAS is
+// column-major, so the row-major C = A op(B) is computed as C^T = op(B)^T A^T.
+template <typename T>
+void cublas_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                 int64_t ldb, bool trans_b, bool accumulate, T* C, int64_t ldc) {
+  at::cuda::blas::gemm<T>(trans_b ? 't' : 'n', 'n', N, M, K, T(1), B, ldb, A, lda,
+                          accumulate ? T(1) : T(0), C, ldc);
+}
+#endif
+
 template <typename T>
 void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev,
                  cpu::ForwardPack<T>* cpu_keep = nullptr) {
@@ -339,7 +353,8 @@ void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev,
 #ifdef WITH_CUDA
   const auto bytes = cuda::forward_workspace_bytes<T>(p);
   Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(dev));
-  cuda::recurrent_forward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+  cuda::recurrent_forward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream(),
+                             &cublas_gemm<T>);
 #else
   TORCH_CHECK(false, "fastcells: no CUDA backend in this build");
 #endif
@@ -354,7 +369,8 @@ void run_backward(const kernels::LayerBackwardParams<T>& p, const at::Device& de
 #ifdef WITH_CUDA
   const auto bytes = cuda::backward_workspace_bytes<T>(p);
   Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(dev));
-  cuda::recurrent_backward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+  cuda::recurrent_backward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream(),
+                              &cublas_gemm<T>);
 #else
   TORCH_CHECK(false, "fastcells: no CUDA backend in this build");
 #endif

@@ -96,3 +96,27 @@ def test_tf32_flag_defaults_off_and_sets_both_switches():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_cuda_targets_table_and_no_gpu_exit():
+    """benchmarks/cuda_targets.py: the markdown row shows both fastcells loops,
+    and without a GPU the script says so and exits 2 instead of timing anything."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cuda_targets
+    finally:
+        sys.path.pop(0)
+    meta = {"gpu": "GPU X", "torch": "t", "cuda": "c", "cudnn": 1, "cudnn_allow_tf32": False}
+    row = {"cell": "LSTM", "dtype": "float32", "T": 112, "B": 1, "I": 3, "H": 6, "torch_nn_ms": 2.0,
+           "fastcells_ms": 1.0, "fastcells_stepwise_ms": 4.0, "speedup": 2.0, "speedup_min": 1.5,
+           "speedup_max": 2.5, "speedup_stepwise": 0.5}
+    md = cuda_targets.markdown(meta, [row])
+    assert "GPU X" in md and "TF32 off" in md
+    assert "| LSTM | float32 | 112 | 1 | 3 | 6 | 2.000 | 1.000 | 2.00x (1.50-2.50) | 4.000 | 0.50x |" in md
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cuda_targets.py")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "needs a CUDA device" in proc.stderr

@@ -4,7 +4,7 @@ Covers: forward and every gradient (input, initial state, all weights) for
 LSTM/GRU/RNN, dense and packed, uni/bidirectional, 1-2 layers, LSTM
 projection; both loop implementations of csrc/cuda (the persistent kernel with
 weights in shared memory or streamed from global memory, and the stepwise
-GEMM + pointwise path, forced through FASTCELLS_CUDA_RECURRENT); float64 to
+cuBLAS + pointwise path, forced through FASTCELLS_CUDA_RECURRENT); float64 to
 ~1e-10, float32 to the usual tolerance, float16/bfloat16 no worse than 2x
 torch.nn's own error against float64; gradcheck in float64; bit-identical
 gradients over two runs; a training step captured in a CUDA graph; a
@@ -272,13 +272,16 @@ def test_backward_bit_identical(monkeypatch, path, mode):
 
 # ------------------------------------------------------------- CUDA graphs
 
+@pytest.mark.parametrize("path", ["auto", "stepwise"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_cuda_graph_training_step(monkeypatch, mode):
+def test_cuda_graph_training_step(monkeypatch, mode, path):
     """A whole training step (forward, loss, backward, SGD) captured once and
-    replayed matches the same steps run eagerly."""
+    replayed matches the same steps run eagerly (stepwise: the per-step cuBLAS
+    products are captured too)."""
     import fastcells
 
     monkeypatch.delenv("FASTCELLS_POISON", raising=False)
+    set_path(monkeypatch, path)
     torch.manual_seed(0)
     T, B, I, H = 24, 8, 4, 16
     rnn = getattr(fastcells, mode)(I, H, num_layers=2).to(DEV)

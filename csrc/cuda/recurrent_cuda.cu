@@ -18,13 +18,15 @@
 //    weight element loaded once and reused for 4 rows in registers, then the
 //    pointwise cell, separated by __syncthreads().
 //
-//  * stepwise (large H): per step a tiled GEMM kernel for the recurrent
-//    product and a fused pointwise kernel (plus a GEMM for the projection),
-//    with the state double-buffered in the workspace.
+//  * stepwise (large H): per step one matrix product for the recurrent term
+//    and a fused pointwise kernel (plus a product for the projection), with
+//    the state double-buffered in the workspace. The products go through the
+//    caller's GemmFn (cuBLAS in the extension), which runs on the same stream.
 //
-// Both are deterministic (fixed summation order, no atomics), run on the
-// caller's stream, allocate nothing and never synchronise with the host, so
-// they can be captured into a CUDA graph. The environment variable
+// Both are deterministic (fixed summation order, no atomics; cuBLAS gives
+// the same bits for the same shapes on the same device), run on the caller's
+// stream, allocate nothing and never synchronise with the host, so they can
+// be captured into a CUDA graph. The environment variable
 // FASTCELLS_CUDA_RECURRENT = auto | persistent | persistent_global | stepwise
 // forces a path (tests use it to cover both on small shapes).
 
@@ -199,82 +201,6 @@ void launch_transpose(const T* src, T* dst, int rows, int cols, cudaStream_t str
   const dim3 grid((cols + 31) / 32, (rows + 31) / 32);
   transpose_kernel<T><<<grid, block, 0, stream>>>(src, dst, rows, cols);
   check_launch("transpose kernel launch");
-}
-
-// C[m, n] = sum_k A[m, k] B[k, n] (+ D[m, n]), written to C and, if given, C2.
-// Row-major with leading dimensions; 64x64 tiles, 256 threads, 4x4 outputs
-// per thread, fixed summation order.
-constexpr int kTM = 64, kTN = 64, kTK = 16;
-
-template <typename T>
-__global__ void __launch_bounds__(256)
-    gemm_kernel(int M, int N, int K, const T* __restrict__ A, int64_t lda,
-                const T* __restrict__ Bm, int64_t ldb, const T* __restrict__ D, int64_t ldd,
-                T* __restrict__ C, int64_t ldc, T* __restrict__ C2, int64_t ldc2) {
-  __shared__ T As[kTK][kTM + 1];
-  __shared__ T Bs[kTK][kTN];
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int m0 = blockIdx.y * kTM, n0 = blockIdx.x * kTN;
-  T acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
-
-  for (int k0 = 0; k0 < K; k0 += kTK) {
-#pragma unroll
-    for (int l = 0; l < (kTM * kTK) / 256; ++l) {
-      const int idx = threadIdx.x + l * 256;
-      const int mm = idx / kTK, kk = idx % kTK;
-      const int m = m0 + mm, k = k0 + kk;
-      As[kk][mm] = (m < M && k < K) ? A[static_cast<int64_t>(m) * lda + k] : T(0);
-    }
-#pragma unroll
-    for (int l = 0; l < (kTK * kTN) / 256; ++l) {
-      const int idx = threadIdx.x + l * 256;
-      const int kk = idx / kTN, nn = idx % kTN;
-      const int k = k0 + kk, n = n0 + nn;
-      Bs[kk][nn] = (k < K && n < N) ? Bm[static_cast<int64_t>(k) * ldb + n] : T(0);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kTK; ++kk) {
-      T a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int m = m0 + ty + 16 * i;
-    if (m >= M) continue;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int n = n0 + tx + 16 * j;
-      if (n >= N) continue;
-      T v = acc[i][j];
-      if (D != nullptr) v += D[static_cast<int64_t>(m) * ldd + n];
-      C[static_cast<int64_t>(m) * ldc + n] = v;
-      if (C2 != nullptr) C2[static_cast<int64_t>(m) * ldc2 + n] = v;
-    }
-  }
-}
-
-template <typename T>
-void launch_gemm(int M, int N, int K, const T* A, int64_t lda, const T* Bm, int64_t ldb,
-                 const T* D, int64_t ldd, T* C, int64_t ldc, T* C2, int64_t ldc2,
-                 cudaStream_t stream) {
-  if (M <= 0 || N <= 0) return;
-  const dim3 grid((N + kTN - 1) / kTN, (M + kTM - 1) / kTM);
-  gemm_kernel<T><<<grid, 256, 0, stream>>>(M, N, K, A, lda, Bm, ldb, D, ldd, C, ldc, C2, ldc2);
-  check_launch("recurrent GEMM kernel launch");
 }
 
 // dst[i] = src ? src[i] : 0
@@ -888,8 +814,8 @@ void set_smem(K kernel, size_t smem) {
 // Workspace layout (shared by the size query and the run).
 template <typename T>
 struct FwdWork {
-  T* wt;      // (P, GH) W_hh^T
-  T* wrt;     // (H, P) W_hr^T
+  T* wt;      // (P, GH) W_hh^T (persistent_global only)
+  T* wrt;     // (H, P) W_hr^T (persistent_global only)
   T* h[2];    // (B, P) double-buffered state
   T* c;       // (B, H)
   T* hh;      // (B, GH) h W_hh^T of one step
@@ -921,7 +847,6 @@ struct BwdWork {
   T* dht;     // (B, P) dL/dh_t of one step
   T* dr;      // (B, H) dL/dr (projection)
   T* dc;      // (B, H) dL/dc (LSTM)
-  T* direct;  // (B, P) GRU z*dh
   T* dg;      // (B, GH) GRU recurrent-side grads when dgates_h is null
   size_t bytes;
 };
@@ -937,7 +862,6 @@ BwdWork<T> carve_backward(const LayerBackwardParams<T>& p, void* workspace) {
   w.dht = cv.take<T>(B * P);
   w.dr = p.w_hr != nullptr ? cv.take<T>(B * H) : nullptr;
   w.dc = p.mode == kLSTM ? cv.take<T>(B * H) : nullptr;
-  w.direct = p.mode == kGRU ? cv.take<T>(B * P) : nullptr;
   w.dg = p.mode == kGRU ? cv.take<T>(B * GH) : nullptr;
   w.bytes = cv.used;
   return w;
@@ -965,7 +889,7 @@ size_t forward_workspace_bytes(const kernels::LayerForwardParams<scalar_t>& p) {
 
 template <typename scalar_t>
 void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p, void* workspace,
-                       void* stream_ptr) {
+                       void* stream_ptr, GemmFn<scalar_t> gemm) {
   using T = scalar_t;
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const bool proj = p.w_hr != nullptr;
@@ -990,9 +914,8 @@ void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p, void* wor
     return;
   }
 
-  // Stepwise: W^T once, then per step GEMM + pointwise (+ projection GEMM).
-  launch_transpose<T>(p.w_hh, w.wt, p.P, GH, stream);
-  if (proj) launch_transpose<T>(p.w_hr, w.wrt, p.H, p.P, stream);
+  // Stepwise: per step h W_hh^T, the pointwise cell (+ r W_hr^T).
+  if (gemm == nullptr) throw std::runtime_error("fastcells CUDA: no GEMM for the stepwise path");
   const size_t BP = static_cast<size_t>(p.B) * p.P, BH = static_cast<size_t>(p.B) * p.H;
   copy_or_zero<T>(w.h[0], p.h0, BP, stream, "copy h0");
   if (p.mode == kLSTM) copy_or_zero<T>(w.c, p.c0, BH, stream, "copy c0");
@@ -1006,13 +929,17 @@ void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p, void* wor
     if (bs <= 0) continue;
     T* h_cur = w.h[cur];
     T* h_next = w.h[1 - cur];
-    launch_gemm<T>(bs, GH, p.P, h_cur, p.P, w.wt, GH, nullptr, 0, w.hh, GH, nullptr, 0, stream);
+    gemm(bs, GH, p.P, h_cur, p.P, p.w_hh, p.P, /*trans_b=*/true, /*accumulate=*/false, w.hh, GH);
     forward_step_pointwise_kernel<T><<<pw_blocks, 256, 0, stream>>>(p, bs, off, w.hh, h_cur,
                                                                     h_next, w.c, w.r);
     check_launch("stepwise forward pointwise kernel launch");
     if (proj) {
-      launch_gemm<T>(bs, p.P, p.H, w.r, p.H, w.wrt, p.P, nullptr, 0, h_next, p.P,
-                     p.out + off * p.ld_out, p.ld_out, stream);
+      gemm(bs, p.P, p.H, w.r, p.H, p.w_hr, p.H, /*trans_b=*/true, /*accumulate=*/false, h_next,
+           p.P);
+      check_call(cudaMemcpy2DAsync(p.out + off * p.ld_out, p.ld_out * sizeof(T), h_next,
+                                   p.P * sizeof(T), p.P * sizeof(T), bs,
+                                   cudaMemcpyDeviceToDevice, stream),
+                 "copy projected h to the output");
     }
     cur = 1 - cur;
   }
@@ -1029,7 +956,7 @@ size_t backward_workspace_bytes(const kernels::LayerBackwardParams<scalar_t>& p)
 
 template <typename scalar_t>
 void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p, void* workspace,
-                        void* stream_ptr) {
+                        void* stream_ptr, GemmFn<scalar_t> gemm) {
   using T = scalar_t;
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const bool proj = p.w_hr != nullptr;
@@ -1049,6 +976,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p, void* w
     return;
   }
 
+  if (gemm == nullptr) throw std::runtime_error("fastcells CUDA: no GEMM for the stepwise path");
   const size_t BP = static_cast<size_t>(p.B) * p.P, BH = static_cast<size_t>(p.B) * p.H;
   copy_or_zero<T>(w.dh[0], p.grad_hy, BP, stream, "copy grad_hy");
   if (p.mode == kLSTM) copy_or_zero<T>(w.dc, p.grad_cy, BH, stream, "copy grad_cy");
@@ -1070,8 +998,8 @@ void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p, void* w
                                                                   dh_next, w.dht);
     check_launch("stepwise backward prep kernel launch");
     if (proj) {
-      launch_gemm<T>(bs, p.H, p.P, w.dht, p.P, p.w_hr, p.H, nullptr, 0, w.dr, p.H, nullptr, 0,
-                     stream);
+      gemm(bs, p.H, p.P, w.dht, p.P, p.w_hr, p.H, /*trans_b=*/false, /*accumulate=*/false, w.dr,
+           p.H);
     }
     // Recurrent-side gradient rows: dgates_x for LSTM/RNN; for GRU dgates_h
     // (or a workspace buffer when the caller passed none).
@@ -1081,12 +1009,15 @@ void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p, void* w
     } else {
       dg_rows = p.dgates_x + off * GH;
     }
+    // GRU: the direct term z*dh goes straight into dh_next's active rows and
+    // the product below adds dg W_hh to it.
+    const bool gru = p.mode == kGRU;
     backward_step_pointwise_kernel<T>
         <<<pointwise_blocks(static_cast<int64_t>(bs) * p.H), 256, 0, stream>>>(
-            p, bs, off, bsp, offp, proj ? w.dr : w.dht, w.dc, w.direct, dg_rows);
+            p, bs, off, bsp, offp, proj ? w.dr : w.dht, w.dc, gru ? dh_next : nullptr, dg_rows);
     check_launch("stepwise backward pointwise kernel launch");
-    launch_gemm<T>(bs, p.P, GH, dg_rows, GH, p.w_hh, p.P, p.mode == kGRU ? w.direct : nullptr,
-                   p.P, dh_next, p.P, nullptr, 0, stream);
+    gemm(bs, p.P, GH, dg_rows, GH, p.w_hh, p.P, /*trans_b=*/false, /*accumulate=*/gru, dh_next,
+         p.P);
     cur = 1 - cur;
   }
   copy_or_zero<T>(p.dh0, w.dh[cur], BP, stream, "copy dh0");
@@ -1097,9 +1028,11 @@ void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p, void* w
 
 #define FASTCELLS_INSTANTIATE(T)                                                              \
   template size_t forward_workspace_bytes<T>(const kernels::LayerForwardParams<T>&);         \
-  template void recurrent_forward<T>(const kernels::LayerForwardParams<T>&, void*, void*);   \
+  template void recurrent_forward<T>(const kernels::LayerForwardParams<T>&, void*, void*,   \
+                                     GemmFn<T>);                                            \
   template size_t backward_workspace_bytes<T>(const kernels::LayerBackwardParams<T>&);       \
-  template void recurrent_backward<T>(const kernels::LayerBackwardParams<T>&, void*, void*);
+  template void recurrent_backward<T>(const kernels::LayerBackwardParams<T>&, void*, void*, \
+                                      GemmFn<T>);
 
 FASTCELLS_INSTANTIATE(float)
 FASTCELLS_INSTANTIATE(double)
