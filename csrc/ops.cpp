@@ -38,7 +38,6 @@
 #include "kernels/params.h"
 
 #ifdef WITH_CUDA
-#include <ATen/cuda/CUDABlas.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -331,15 +330,24 @@ DeviceSchedule device_schedule(const Config& c, const at::Device& dev) {
 }
 
 #ifdef WITH_CUDA
-// cuda::GemmFn of the stepwise CUDA loop: cuBLAS through ATen, on the current
-// stream, under torch's own settings (TF32 follows
-// torch.backends.cuda.matmul.allow_tf32, as it does for torch.mm). cuBLAS is
-// column-major, so the row-major C = A op(B) is computed as C^T = op(B)^T A^T.
+// cuda::GemmFn of the stepwise CUDA loop: torch.mm (cuBLAS) on views of the
+// loop's buffers, on the current stream and device (the op's device guard),
+// under torch's own settings (TF32 follows torch.backends.cuda.matmul.allow_tf32).
 template <typename T>
-void cublas_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-                 int64_t ldb, bool trans_b, bool accumulate, T* C, int64_t ldc) {
-  at::cuda::blas::gemm<T>(trans_b ? 't' : 'n', 'n', N, M, K, T(1), B, ldb, A, lda,
-                          accumulate ? T(1) : T(0), C, ldc);
+void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               bool trans_b, bool accumulate, T* C, int64_t ldc) {
+  const auto opts = at::TensorOptions()
+                        .dtype(c10::CppTypeToScalarType<T>::value)
+                        .device(at::kCUDA, c10::cuda::current_device());
+  const Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  const Tensor b = trans_b ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
+                           : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
 }
 #endif
 
@@ -354,7 +362,7 @@ void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev,
   const auto bytes = cuda::forward_workspace_bytes<T>(p);
   Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(dev));
   cuda::recurrent_forward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream(),
-                             &cublas_gemm<T>);
+                             &aten_gemm<T>);
 #else
   TORCH_CHECK(false, "fastcells: no CUDA backend in this build");
 #endif
@@ -370,7 +378,7 @@ void run_backward(const kernels::LayerBackwardParams<T>& p, const at::Device& de
   const auto bytes = cuda::backward_workspace_bytes<T>(p);
   Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(dev));
   cuda::recurrent_backward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream(),
-                              &cublas_gemm<T>);
+                              &aten_gemm<T>);
 #else
   TORCH_CHECK(false, "fastcells: no CUDA backend in this build");
 #endif

@@ -5,7 +5,7 @@
 // null for dense input. `stream` is a cudaStream_t; `workspace` is device
 // memory of at least *_workspace_bytes(p) bytes, allocated by the caller.
 // `gemm` is the matrix product the per-step (large H) path runs on, supplied
-// by the caller (ops.cpp: cuBLAS through ATen) so that this backend stays
+// by the caller (ops.cpp: torch.mm, i.e. cuBLAS) so that this backend stays
 // torch-free.
 #pragma once
 
