@@ -13,7 +13,9 @@
 #   targets      benchmarks/cuda_targets.py: fwd+bwd of the target shapes,
 #                fastcells (auto and forced stepwise loop) vs torch.nn (cuDNN),
 #                float32 and bfloat16, LSTM and GRU -> targets_cuda.json / .md [200]
-#   sweep        benchmarks/sweep.py --device cuda --min-run-time 0.05 [240]
+#   sweep        benchmarks/sweep.py --device cuda --min-run-time 0.05, stopping after
+#                SWEEP_MINUTES (default 3.5) with the shapes measured so far [300]
+#                (the whole standard grid took ~5 min on an H200)
 #   airline      benchmarks/forecast_airline.py --device cuda [150]
 #   electricity  benchmarks/forecast_electricity.py --device cuda [120]
 # The whole run is held to BUDGET seconds (default 570, under a 10-minute
@@ -113,7 +115,7 @@ for stage in "${stages[@]}"; do
     cudatests) run_stage cudatests 150 cudatests ;;
     tests) run_stage tests 560 alltests ;;
     targets) run_stage targets 200 targets ;;
-    sweep) run_stage sweep 240 "$PY" benchmarks/sweep.py --device cuda --min-run-time 0.05 --out "$RES" ;;
+    sweep) run_stage sweep 300 "$PY" benchmarks/sweep.py --device cuda --min-run-time 0.05 --max-minutes "${SWEEP_MINUTES:-3.5}" --out "$RES" ;;
     airline) run_stage airline 150 "$PY" benchmarks/forecast_airline.py --device cuda --out "$RES" --no-progress ;;
     electricity) run_stage electricity 120 "$PY" benchmarks/forecast_electricity.py --device cuda --out "$RES" ;;
     *) note "unknown stage '$stage'"; STATUS=1 ;;

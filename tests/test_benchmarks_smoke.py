@@ -120,3 +120,20 @@ def test_cuda_targets_table_and_no_gpu_exit():
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "needs a CUDA device" in proc.stderr
+
+
+def test_sweep_stops_at_max_minutes_and_says_so(tmp_path):
+    """benchmarks/sweep.py --max-minutes: the shapes measured before the limit are
+    written (JSON, markdown), the grid is marked incomplete and no PASS is claimed."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--quick", "--cells", "rnn",
+           "--max-minutes", "0.0001", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "sweep_cpu_quick.json").read_text())
+    assert out["config"]["shapes_total"] == 4
+    assert out["config"]["shapes_not_measured"] == 3
+    assert [(r["cell"], r["mode"]) for r in out["rows"]] == [("rnn", "fwd"), ("rnn", "fwd+bwd")]
+    assert out["forecast_regime_pass"] in (None, False)
+    assert "Incomplete grid" in (tmp_path / "sweep_cpu_quick.md").read_text()
+    assert "PASS" not in proc.stdout
+    _finite_numbers(out["rows"])

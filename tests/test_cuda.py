@@ -173,7 +173,8 @@ def test_parity_float32(monkeypatch, path, cfg):
 
 # Shapes that make the automatic choice pick each implementation: small H
 # (weights in shared memory, several rows per block when B exceeds the SM
-# count), H = 128 (LSTM: weights streamed from L2), H = 256 and 320 (stepwise).
+# count), H = 128 (LSTM: weights streamed from L2), H = 256 (RNN: streamed
+# from L2; LSTM and GRU: stepwise), H = 320 (stepwise).
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 @pytest.mark.parametrize("shape", [(9, 300, 5, 16), (6, 8, 7, 128), (6, 8, 7, 256), (5, 70, 6, 320)],
                          ids=lambda s: "x".join(map(str, s)))

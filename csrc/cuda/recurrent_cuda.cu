@@ -9,7 +9,8 @@
 //
 // Two ways to run the loop:
 //
-//  * persistent (H <= 128, or larger H whose weights fit in shared memory):
+//  * persistent (W_hh of at most 64 Ki elements, e.g. LSTM H <= 128, or
+//    larger when the weights fit in shared memory):
 //    one launch for the whole sequence. Batch rows are independent in the
 //    recurrence, so each thread block owns a group of RB
 //    rows, keeps their state (h, c, dh, dc) in shared memory and loops over all
@@ -86,13 +87,14 @@ struct Carver {
 
 enum class Path { kPersistentSmem, kPersistentGlobal, kStepwise };
 
-// Largest hidden size for which the persistent kernel streams weights from
-// global memory instead of running the per-step (cuBLAS) loop. Measured on an
-// H200 (benchmarks/results/targets_cuda.md, LSTM and GRU fwd+bwd, float32 and
-// bfloat16): at H = 256 the per-step loop took 0.55-0.9x the persistent
-// kernel's time at B = 16 and 64; at H = 128, B = 64 it took 1.25x (LSTM)
-// and 4.5x (GRU).
-constexpr int kPersistentGlobalMaxH = 128;
+// Largest W_hh (G*H x P elements) that the persistent kernel streams from
+// global memory each step instead of running the per-step (cuBLAS) loop.
+// Measured on an H200 (benchmarks/results/targets_cuda.md, LSTM and GRU
+// fwd+bwd, float32 and bfloat16, B = 16 and 64): with 768 Ki (GRU, H = 256)
+// or 1 Mi (LSTM, H = 256) weights the per-step loop took 0.55-0.9x the
+// persistent kernel's time; with 64 Ki (LSTM, H = 128) it took 1.25x.
+// RNN at H = 256 (64 Ki) therefore stays persistent.
+constexpr int64_t kPersistentGlobalMaxWeights = 64 * 1024;
 
 int forced_path() {
   const char* env = std::getenv("FASTCELLS_CUDA_RECURRENT");
@@ -796,7 +798,7 @@ Plan plan_loop(int mode, int B, int H, int P, bool proj, bool backward) {
     while (RB > 1 && bytes(RB, true) > cap) --RB;
     return Plan{Path::kPersistentSmem, RB, bytes(RB, true)};
   }
-  if (forced == 1 || H <= kPersistentGlobalMaxH) {
+  if (forced == 1 || static_cast<int64_t>(GH) * P <= kPersistentGlobalMaxWeights) {
     // Weights from L2: larger row groups amortise the weight traffic.
     if (forced != 1 && RB < 4) RB = B < 4 ? B : 4;
     while (RB > 1 && bytes(RB, false) > cap) --RB;
