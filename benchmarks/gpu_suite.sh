@@ -18,17 +18,27 @@
 #                (the whole standard grid took ~5 min on an H200)
 #   airline      benchmarks/forecast_airline.py --device cuda [150]
 #   electricity  benchmarks/forecast_electricity.py --device cuda [120]
+#   crashcheck   the packed bad-input tests under cuda-gdb, for a native backtrace of
+#                the segfault seen on the H200 host (see below) [120]
 # The whole run is held to BUDGET seconds (default 570, under a 10-minute
 # device call): each stage gets min(its limit, what is left), and stages that
-# no longer fit are skipped with a note. Everything takes longer than one call,
-# so on a lent machine run it as several calls on the same warm machine (the
-# build stays), most informative first:
-#   1) build cudatests targets   2) tests airline   3) electricity sweep
+# no longer fit are skipped with a note.
+#
+# Device time is short (15 minutes a session, each machine start ~30 s, given
+# back 30 s after a call), so plan few calls with the stages in priority
+# order. Measured on an H200 (2026-11-30): build 30 s, cudatests 20-25 s,
+# targets 85 s, airline 41 s, electricity 20 s, the standard sweep ~5 min; the
+# full suite crashed after 25 s (segfault in a CPU bad-input test with packed
+# input, tests/test_bad_input.py::test_hand_made_packed_with_empty_steps, not
+# reproduced off that machine), hence crashcheck.
+#   e.g. BUDGET=480: build cudatests targets airline electricity sweep
 #
 # Logs go to $OUT (the device tool's output folder) when set, else to
 # benchmarks/results/gpu_logs; benchmark results to $OUT/results, else
 # benchmarks/results. A summary line per stage is appended to summary.txt.
-# The script keeps going after a failed stage and exits non-zero if any failed.
+# With $OUT set, everything is also packed into $OUT/gpu_suite.tgz at the end
+# (the device tool returns at most 8 files). The script keeps going after a
+# failed stage and exits non-zero if any failed.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -98,7 +108,13 @@ cudatests() {
 }
 
 alltests() {
-  "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=20 --junitxml="$LOGS/junit_all.xml"
+  PYTHONFAULTHANDLER=1 "$PY" -m pytest -q -rfE -p no:cacheprovider --durations=20 \
+    --junitxml="$LOGS/junit_all.xml"
+}
+
+crashcheck() {
+  cuda-gdb -q -batch -ex "set pagination off" -ex run -ex "bt 40" -ex "info threads" \
+    --args "$PY" -m pytest -q -x -p no:cacheprovider tests/test_bad_input.py -k packed
 }
 
 # The issue's speed targets against cuDNN: benchmarks/cuda_targets.py.
@@ -107,13 +123,14 @@ targets() {
 }
 
 export PY LOGS RES
-export -f build cudatests alltests targets
+export -f build cudatests alltests crashcheck targets
 machine
 for stage in "${stages[@]}"; do
   case "$stage" in
     build) run_stage build 300 build ;;
     cudatests) run_stage cudatests 150 cudatests ;;
     tests) run_stage tests 560 alltests ;;
+    crashcheck) run_stage crashcheck 120 crashcheck ;;
     targets) run_stage targets 200 targets ;;
     sweep) run_stage sweep 300 "$PY" benchmarks/sweep.py --device cuda --min-run-time 0.05 --max-minutes "${SWEEP_MINUTES:-3.5}" --out "$RES" ;;
     airline) run_stage airline 150 "$PY" benchmarks/forecast_airline.py --device cuda --out "$RES" --no-progress ;;
@@ -122,4 +139,7 @@ for stage in "${stages[@]}"; do
   esac
 done
 note "done, status $STATUS; logs in $LOGS, results in $RES"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu_suite.tgz" -C "$OUT" --exclude gpu_suite.tgz . 2>/dev/null || true
+fi
 exit $STATUS
