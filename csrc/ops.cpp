@@ -142,14 +142,23 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
     TORCH_CHECK(input.dim() == 2, "fastcells: packed `input` must be 2-D (N, input_size), got ",
                 input.dim(), "-D of shape ", shape_str(input.sizes()));
     const auto bs = *batch_sizes;
-    c.T = static_cast<int64_t>(bs.size());
+    const auto steps = static_cast<int64_t>(bs.size());
+    // Trailing empty steps (batch size 0 after the last non-empty one) hold no
+    // rows and change no state: they are dropped, which is what torch.nn's
+    // loop over them amounts to. A zero anywhere else is an error.
     int64_t total = 0;
-    for (const auto t : c10::irange(c.T)) {
-      TORCH_CHECK(bs[t] > 0, "fastcells: `batch_sizes` must be positive, got ", bs[t],
-                  " at step ", t);
+    c.T = steps;
+    for (const auto t : c10::irange(steps)) {
+      TORCH_CHECK(bs[t] >= 0 && (bs[t] > 0 || t > 0),
+                  "fastcells: `batch_sizes` must be positive (only steps after the last "
+                  "non-empty one may be 0), got ", bs[t], " at step ", t);
       TORCH_CHECK(t == 0 || bs[t] <= bs[t - 1],
                   "fastcells: `batch_sizes` must be non-increasing, got ", bs[t - 1],
                   " then ", bs[t], " at step ", t);
+      if (bs[t] == 0) {
+        c.T = std::min(c.T, t);  // the rest are zero too (non-increasing, checked on)
+        continue;
+      }
       c.batch_sizes.push_back(bs[t]);
       c.offsets.push_back(total);
       total += bs[t];

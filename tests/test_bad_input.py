@@ -234,19 +234,39 @@ def test_packed_zero_length_is_rejected_by_packing():
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
-@pytest.mark.parametrize("batch_sizes", [[2, 1, 0], [2, 0]], ids=["trailing0", "only0"])
+@pytest.mark.parametrize("batch_sizes", [[2, 1, 0], [2, 0], [2, 2, 1, 0, 0]],
+                         ids=["trailing0", "only0", "two_trailing0"])
 def test_hand_made_packed_with_empty_steps(mode, batch_sizes):
-    """torch.nn runs steps with no rows; fastcells may do the same or reject them
-    with a message naming batch_sizes."""
+    """Trailing steps with batch size 0 hold no rows: torch.nn runs them as
+    no-ops, fastcells drops them. Outputs, final states and every gradient
+    (input, initial state, weights) must equal torch.nn's."""
     ref, mod = _pair(mode, dtype=torch.float64)
     n = sum(batch_sizes)
-    x = PackedSequence(torch.randn(n, I, dtype=torch.float64), torch.tensor(batch_sizes))
-    try:
-        got = mod(x)
-    except ERRORS as e:
-        assert "batch_sizes" in str(e), str(e)
-        return
-    assert_close_list(flatten_result(got), flatten_result(ref(x)), torch.float64)
+    data = torch.randn(n, I, dtype=torch.float64)
+    hx = _hx(mode, (2, batch_sizes[0], H), dtype=torch.float64)
+    hx = tuple(h.normal_().requires_grad_() for h in hx) if mode == "LSTM" else hx.normal_().requires_grad_()
+    results, grads = [], []
+    for m in (ref, mod):
+        x = data.clone().requires_grad_()
+        got = m(PackedSequence(x, torch.tensor(batch_sizes)), hx)
+        flat = flatten_result(got)
+        sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape)).sum()
+            for t in flat).backward()
+        states = list(hx) if mode == "LSTM" else [hx]
+        results.append(flat)
+        grads.append(grads_of([x] + states + list(m.parameters())))
+    assert_close_list(results[1], results[0], torch.float64)
+    assert_close_list(grads[1], grads[0], torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_hand_made_packed_with_empty_first_step_is_rejected(mode):
+    """A first batch size of 0 (no rows at all, batch size 0) is an error that
+    names batch_sizes."""
+    _, mod = _pair(mode, dtype=torch.float64)
+    x = PackedSequence(torch.randn(0, I, dtype=torch.float64), torch.tensor([0, 0]))
+    with pytest.raises(ERRORS, match="batch_sizes"):
+        mod(x)
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)

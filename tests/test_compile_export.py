@@ -268,6 +268,14 @@ def test_opcheck_rnn_forward_slow(case):
     _opcheck(torch.ops.fastcells.rnn_forward.default, _op_args(*case))
 
 
+def test_opcheck_rnn_forward_trailing_empty_steps():
+    """Packed batch sizes ending in empty steps (dropped by the op): the fake
+    kernel's shapes match the real ones, with gradients."""
+    args = list(_op_args(0, 2, True, True, 0, True, False))
+    args[4] = args[4] + [0, 0]
+    _opcheck(torch.ops.fastcells.rnn_forward.default, tuple(args))
+
+
 def test_opcheck_rnn_forward_bfloat16_fake():
     """The fake kernel must give reserve's float32 dtype for bf16 inputs."""
     args = _op_args(0, 2, False, True, 0, False, False, dtype=torch.bfloat16,
