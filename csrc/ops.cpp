@@ -360,6 +360,18 @@ void aten_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
 }
 #endif
 
+#ifdef WITH_CUDA
+// Runs one CUDA loop (`run`: cuda::recurrent_forward or _backward) with a
+// workspace of `bytes(p)` bytes from torch's caching allocator, on the
+// current stream.
+template <typename T, typename Params, typename Bytes, typename Run>
+void run_cuda(const Params& p, const at::Device& dev, Bytes bytes, Run run) {
+  Tensor ws = at::empty({static_cast<int64_t>(bytes(p))},
+                        at::TensorOptions().dtype(at::kByte).device(dev));
+  run(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream(), &aten_gemm<T>);
+}
+#endif
+
 template <typename T>
 void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev,
                  cpu::ForwardPack<T>* cpu_keep = nullptr) {
@@ -368,10 +380,7 @@ void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev,
     return;
   }
 #ifdef WITH_CUDA
-  const auto bytes = cuda::forward_workspace_bytes<T>(p);
-  Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(dev));
-  cuda::recurrent_forward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream(),
-                             &aten_gemm<T>);
+  run_cuda<T>(p, dev, &cuda::forward_workspace_bytes<T>, &cuda::recurrent_forward<T>);
 #else
   TORCH_CHECK(false, "fastcells: no CUDA backend in this build");
 #endif
@@ -384,10 +393,7 @@ void run_backward(const kernels::LayerBackwardParams<T>& p, const at::Device& de
     return;
   }
 #ifdef WITH_CUDA
-  const auto bytes = cuda::backward_workspace_bytes<T>(p);
-  Tensor ws = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(dev));
-  cuda::recurrent_backward<T>(p, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream(),
-                              &aten_gemm<T>);
+  run_cuda<T>(p, dev, &cuda::backward_workspace_bytes<T>, &cuda::recurrent_backward<T>);
 #else
   TORCH_CHECK(false, "fastcells: no CUDA backend in this build");
 #endif
