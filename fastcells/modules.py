@@ -13,10 +13,12 @@ with ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from ._ops import MODES, rnn
@@ -48,6 +50,19 @@ class _NoTorchScript:
 
 class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
     """Shared forward of LSTM, GRU and RNN (torch.nn semantics)."""
+
+    def _current_weights(self):
+        """The weights in torch.nn's flat order, as the forward must see them.
+
+        ``_flat_weights`` follows assignments (RNNBase.__setattr__, so hook-based
+        weight_norm / spectral_norm and weight-drop style reassignments work),
+        but not parametrizations (torch.nn.utils.parametrize, e.g.
+        parametrizations.weight_norm), whose weights are recomputed on every
+        attribute access; torch.nn re-reads them in forward too.
+        """
+        if "parametrizations" in self._modules:
+            return [getattr(self, n) for n in self._flat_weights_names]
+        return self._flat_weights
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):  # noqa: C901
         name = type(self).__name__
@@ -108,7 +123,7 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
 
         rows = (x.shape[0],) if batch_sizes is not None else (x.shape[0], B)
         masks = _dropout_masks(self, rows, D, P, x)
-        out, hy, cy = rnn(x, self._flat_weights, h0, c0, batch_sizes, MODES[self.mode], L,
+        out, hy, cy = rnn(x, self._current_weights(), h0, c0, batch_sizes, MODES[self.mode], L,
                           self.bidirectional, self.bias, self.proj_size, masks)
 
         if batch_sizes is not None:
@@ -252,4 +267,10 @@ def convert(model: nn.Module) -> nn.Module:
         for child_name, child in list(parent.named_children()):
             if type(child) in _SWAPS:
                 setattr(parent, child_name, _swap(child))
+            elif parametrize.type_before_parametrizations(child) in _SWAPS:
+                warnings.warn(
+                    f"fastcells.convert: left `{child_name}` "
+                    f"({parametrize.type_before_parametrizations(child).__name__}) as torch.nn: it "
+                    "has parametrizations, whose class cannot be swapped. Convert first, then "
+                    "register the parametrizations on the fastcells module.", stacklevel=2)
     return model
