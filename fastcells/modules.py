@@ -52,17 +52,23 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
     """Shared forward of LSTM, GRU and RNN (torch.nn semantics)."""
 
     def _current_weights(self):
-        """The weights in torch.nn's flat order, as the forward must see them.
+        """The weights in torch.nn's flat order, as this call must see them.
 
-        ``_flat_weights`` follows assignments (RNNBase.__setattr__, so hook-based
-        weight_norm / spectral_norm and weight-drop style reassignments work),
-        but not parametrizations (torch.nn.utils.parametrize, e.g.
-        parametrizations.weight_norm), whose weights are recomputed on every
-        attribute access; torch.nn re-reads them in forward too.
+        ``_flat_weights`` follows assignments through RNNBase.__setattr__ (new
+        Parameters, hook-based weight_norm / spectral_norm). It does not follow
+        parametrizations (torch.nn.utils.parametrize, parametrizations.weight_norm:
+        recomputed on every attribute access), tensors put straight into
+        ``_parameters`` (torch.func.functional_call) or weights moved out of
+        ``_parameters`` (weight drop). torch.nn re-reads its weights in forward for
+        these, and so does this: when any flat weight is not the registered
+        Parameter, every weight is read by attribute.
         """
-        if "parametrizations" in self._modules:
-            return [getattr(self, n) for n in self._flat_weights_names]
-        return self._flat_weights
+        params = self._parameters
+        flat = self._flat_weights
+        for name, w in zip(self._flat_weights_names, flat):
+            if params.get(name) is not w:
+                return [getattr(self, n) for n in self._flat_weights_names]
+        return flat
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):  # noqa: C901
         name = type(self).__name__

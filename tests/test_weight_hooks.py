@@ -148,3 +148,37 @@ def test_parametrized_module_compiles_fullgraph():
     expect.sum().backward()
     assert_close_list([fc.parametrizations.weight_hh_l0.original1.grad],
                       [ref.parametrizations.weight_hh_l0.original1.grad], torch.float64)
+
+
+@pytest.mark.parametrize("cls_name", ["LSTM", "GRU"])
+def test_functional_call_uses_the_given_tensors(cls_name):
+    """torch.func.functional_call puts tensors straight into _parameters: the
+    call must use them (outputs and gradients w.r.t. them as torch.nn's), and the
+    module's own weights again afterwards."""
+    from torch.func import functional_call
+
+    ref, fc = _pair(cls_name, num_layers=2, bidirectional=True)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    given = {k: (v.detach() * 1.5 + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype))
+             .requires_grad_() for k, v in ref.named_parameters()}
+    results = []
+    for m in (ref, fc):
+        out = functional_call(m, given, (x,))[0]
+        grads = torch.autograd.grad(out.sum(), list(given.values()))
+        results.append(([out], list(grads)))
+    assert_close_list(results[1][0], results[0][0], torch.float64)
+    assert_close_list(results[1][1], results[0][1], torch.float64)
+    assert_close_list([fc(x)[0]], [ref(x)[0]], torch.float64)
+
+
+def test_torch_func_grad_raises_instead_of_returning_zeros():
+    """torch.func transforms cannot see through the C++ autograd node: they must
+    raise, not return a gradient that ignores the weights."""
+    from torch.func import functional_call, grad
+
+    _, fc = _pair("LSTM")
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    params = {k: v.detach() for k, v in fc.named_parameters()}
+    with pytest.raises(RuntimeError, match="functorch"):
+        grad(lambda p: functional_call(fc, p, (x,))[0].sum())(params)
