@@ -9,7 +9,9 @@ final states and every gradient that reaches a leaf):
 * the hook-based torch.nn.utils.weight_norm, which reassigns the weight in a
   forward pre-hook;
 * weight drop (AWD-LSTM style): the Parameter is replaced by a plain tensor
-  computed from it before each forward.
+  computed from it before each forward; pruning (torch.nn.utils.prune) does the
+  same in a pre-hook;
+* torch.func.functional_call, which puts tensors straight into _parameters.
 
 ``fastcells.convert`` leaves a parametrized torch.nn module alone, with a
 warning (its class is a parametrized subclass that cannot be swapped).
@@ -182,3 +184,14 @@ def test_torch_func_grad_raises_instead_of_returning_zeros():
     params = {k: v.detach() for k, v in fc.named_parameters()}
     with pytest.raises(RuntimeError, match="functorch"):
         grad(lambda p: functional_call(fc, p, (x,))[0].sum())(params)
+
+
+def test_pruning():
+    """torch.nn.utils.prune replaces the weight with a masked tensor in a
+    forward pre-hook."""
+    import torch.nn.utils.prune as prune
+
+    ref, fc = _pair("LSTM", num_layers=2)
+    for m in (ref, fc):
+        prune.l1_unstructured(m, "weight_hh_l1", amount=0.5)
+    _compare(ref, fc)
