@@ -10,36 +10,14 @@
 
 #include <vector>
 
+#include "op_handles.h"
+
 namespace fastcells {
 namespace {
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using ForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, at::TensorList, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    at::OptionalIntArrayRef, int64_t, int64_t, bool, bool, int64_t, const std::optional<Tensor>&,
-    bool);
-using BackwardFn = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
-    const Tensor&, at::TensorList, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    at::OptionalIntArrayRef, int64_t, int64_t, bool, bool, int64_t, const std::optional<Tensor>&,
-    const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, bool);
-
-c10::TypedOperatorHandle<ForwardFn> forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastcells::rnn_forward", "")
-                             .typed<ForwardFn>();
-  return op;
-}
-
-c10::TypedOperatorHandle<BackwardFn> backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastcells::rnn_backward", "")
-                             .typed<BackwardFn>();
-  return op;
-}
 
 std::optional<Tensor> defined_or_null(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;

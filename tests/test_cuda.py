@@ -336,6 +336,31 @@ def test_cuda_graph_training_step(monkeypatch, mode, path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+# ------------------------------------------------------------------ autocast
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_autocast_runs_in_the_region_dtype(mode, dtype):
+    """Under torch.autocast("cuda") fastcells returns the region's dtype like
+    torch.nn (cuDNN), gives exactly what the same module cast to that dtype
+    gives, and its gradients reach the float32 parameters."""
+    import fastcells
+
+    torch.manual_seed(0)
+    ref = getattr(nn, mode)(4, 16, num_layers=2).to(DEV)
+    fc = getattr(fastcells, mode)(4, 16, num_layers=2).to(DEV)
+    fc.load_state_dict(ref.state_dict())
+    x = torch.randn(12, 3, 4, device=DEV)
+    with torch.autocast("cuda", dtype=dtype):
+        out_ref = ref(x)[0]
+        out = fc(x)[0]
+    assert out.dtype == out_ref.dtype == dtype
+    low = copy.deepcopy(fc).to(dtype)
+    assert torch.equal(out, low(x.to(dtype))[0])
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fc.parameters())
+
+
 # ------------------------------------------------------------------ streams
 
 @pytest.mark.parametrize("path", ["auto", "stepwise"])

@@ -332,3 +332,22 @@ def test_create_graph_first_order_and_clear_double_backward_error(mode):
     xi, grads = firsts[1]
     with pytest.raises(RuntimeError, match="second derivatives"):
         torch.autograd.grad(grads[0].sum(), xi)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_cpu_autocast_keeps_float32(mode):
+    """Under CPU autocast fastcells computes in float32 (as torch.nn's GRU, RNN and
+    cells do there) and gives exactly its float32 results."""
+    import fastcells
+
+    torch.manual_seed(0)
+    m = getattr(fastcells, mode)(3, 5, num_layers=2)
+    x = torch.randn(6, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)[0]
+    assert out.dtype == torch.float32
+    assert torch.equal(out, m(x)[0])
+    if mode == "GRU":
+        ref = torch.nn.GRU(3, 5, num_layers=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ref(x)[0].dtype == torch.float32
