@@ -103,9 +103,10 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
         output (T, B, D*P) or (N, D*P); h_n (L*D, B, P); c_n (L*D, B, H) or None.
     """
     # Without grad mode nothing will be differentiated: skip saving activations.
+    # A torch.jit.trace graph keeps them (it may later run with grad mode on).
     out, hy, cy, _ = _forward(input, list(weights), hx, cx, batch_sizes, mode, num_layers,
                               bidirectional, has_biases, proj_size, dropout_masks,
-                              torch.is_grad_enabled())
+                              torch.is_grad_enabled() or torch.jit.is_tracing())
     return out, hy, (cy if mode == 0 else None)
 
 

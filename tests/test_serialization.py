@@ -224,3 +224,31 @@ def test_torch_jit_script_works_or_fails_clearly(name, kwargs):
     x = _input(name)
     for u, v in zip(_flat(scripted(x)), _flat(mod(x))):
         torch.testing.assert_close(u, v)
+
+
+@pytest.mark.parametrize("cls_name", ["LSTM", "GRU"])
+def test_torch_jit_trace(cls_name):
+    """torch.jit.trace (with its default consistency check) records the op; the
+    traced module matches eager at another sequence length and batch size, trains
+    with the same gradients, and survives torch.jit.save / load."""
+    import fastcells
+
+    torch.manual_seed(0)
+    m = getattr(fastcells, cls_name)(3, 5, num_layers=2).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    traced = torch.jit.trace(m, (x,))
+    x2 = torch.randn(9, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x2)[0], m(x2)[0], atol=0, rtol=0)
+    grads = []
+    for f in (traced, m):
+        m.zero_grad()
+        f(x2)[0].sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    torch.testing.assert_close(loaded(x2)[0], m(x2)[0], atol=0, rtol=0)
