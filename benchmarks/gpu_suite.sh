@@ -31,7 +31,11 @@
 # full suite crashed after 25 s (segfault in a CPU bad-input test with packed
 # input, tests/test_bad_input.py::test_hand_made_packed_with_empty_steps, not
 # reproduced off that machine), hence crashcheck.
-#   e.g. BUDGET=480: build cudatests targets airline electricity sweep
+# Suggested single call (timeout_s 590; about 9 minutes; the machine's start
+# adds ~30 s): first run scripts/cuda_build_check.sh on the development
+# machine, then
+#   PYTHON=python3 BUDGET=560 benchmarks/gpu_suite.sh build crashcheck cudatests \
+#       targets airline electricity sweep tests
 #
 # Logs go to $OUT (the device tool's output folder) when set, else to
 # benchmarks/results/gpu_logs; benchmark results to $OUT/results, else
