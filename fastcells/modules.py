@@ -279,4 +279,11 @@ def convert(model: nn.Module) -> nn.Module:
                     f"({parametrize.type_before_parametrizations(child).__name__}) as torch.nn: it "
                     "has parametrizations, whose class cannot be swapped. Convert first, then "
                     "register the parametrizations on the fastcells module.", stacklevel=2)
+            elif (isinstance(child, tuple(_SWAPS))
+                  and not isinstance(child, tuple(_SWAPS.values()))):
+                warnings.warn(
+                    f"fastcells.convert: left `{child_name}` ({type(child).__name__}) as torch.nn: "
+                    "it subclasses a torch.nn RNN class, and its own code may depend on that "
+                    "class. Make it subclass the fastcells class instead to use the fused op.",
+                    stacklevel=2)
     return model

@@ -195,3 +195,20 @@ def test_pruning():
     for m in (ref, fc):
         prune.l1_unstructured(m, "weight_hh_l1", amount=0.5)
     _compare(ref, fc)
+
+
+def test_convert_warns_about_subclasses_and_skips_fastcells_modules():
+    """A user subclass of a torch.nn RNN class is left alone with a warning;
+    modules that already are fastcells (whose cells subclass torch.nn's) are
+    skipped without one."""
+
+    class MyGRU(nn.GRU):
+        pass
+
+    model = nn.Sequential(MyGRU(I, H), nn.LSTM(H, H), fastcells.GRUCell(H, H))
+    with pytest.warns(UserWarning, match="MyGRU"):
+        fastcells.convert(model)
+    assert type(model[0]) is MyGRU and isinstance(model[1], fastcells.LSTM)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastcells.convert(nn.Sequential(fastcells.LSTMCell(I, H), fastcells.GRU(I, H)))
