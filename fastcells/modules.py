@@ -265,7 +265,9 @@ def convert(model: nn.Module) -> nn.Module:
     The swap is in place and keeps the very same Parameter objects, so an
     optimizer built before the call keeps training the converted model.
     Returns ``model``, or the fastcells module when ``model`` itself is one of
-    the six torch.nn classes.
+    the six torch.nn classes. Modules it cannot swap are left as they are with a
+    warning: ones with parametrizations (convert first, then parametrize) and
+    user subclasses of the torch.nn classes.
     """
     if type(model) in _SWAPS:
         return _swap(model)
