@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fastcells
-from conftest import HAVE_FASTCELLS, assert_close_list
+from conftest import HAVE_FASTCELLS, assert_close_list, flatten_result, weighted_loss
 
 pytestmark = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension not built")
 
@@ -48,13 +48,8 @@ def _pair(cls_name: str, **kw):
 
 def _run(m: nn.Module, x: torch.Tensor):
     """Outputs and the gradients of every leaf parameter after a fixed loss."""
-    out, state = m(x)
-    states = list(state) if isinstance(state, tuple) else [state]
-    loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape)).sum()
-               for t in [out] + states)
-    params = [p for p in m.parameters()]
-    grads = torch.autograd.grad(loss, params)
-    return [out] + states, list(grads)
+    flat = flatten_result(m(x))
+    return flat, list(torch.autograd.grad(weighted_loss(flat), list(m.parameters())))
 
 
 def _compare(ref: nn.Module, fc: nn.Module):
