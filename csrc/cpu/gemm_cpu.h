@@ -193,7 +193,7 @@ class PackedB {
     K_ = K;
     S_ = S > 0 ? S : 1;
     per_seg_ = (S_ + NB - 1) / NB;
-    panels_ = N > 0 ? (N / S_) * per_seg_ : 0;
+    panels_ = panel_count(N, S_);
     const size_t n = static_cast<size_t>(std::max<int64_t>(1, panels_ * K_ * NB));
     data_.reset(new T[n]);
     advise_huge_pages(data_.get(), n * sizeof(T));
@@ -223,7 +223,13 @@ class PackedB {
   void set_ready() { ready_ = true; }
   // Whether this pack holds a K x N right-hand side in segments of S.
   bool holds(int64_t K, int64_t N, int64_t S) const {
-    return ready_ && K_ == K && S_ == S && panels_ == (N > 0 ? (N / S) * ((S + NB - 1) / NB) : 0);
+    return ready_ && K_ == K && S_ == S && panels_ == panel_count(N, S);
+  }
+
+  // Panels of a K x N right-hand side in segments of S (S > 0): each segment
+  // is padded to whole panels.
+  static int64_t panel_count(int64_t N, int64_t S) {
+    return N > 0 ? (N / S) * ((S + NB - 1) / NB) : 0;
   }
 
   int64_t panels() const { return panels_; }
