@@ -273,12 +273,12 @@ def convert(model: nn.Module) -> nn.Module:
         return _swap(model)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
+            base = parametrize.type_before_parametrizations(child)
             if type(child) in _SWAPS:
                 setattr(parent, child_name, _swap(child))
-            elif parametrize.type_before_parametrizations(child) in _SWAPS:
+            elif base in _SWAPS:
                 warnings.warn(
-                    f"fastcells.convert: left `{child_name}` "
-                    f"({parametrize.type_before_parametrizations(child).__name__}) as torch.nn: it "
+                    f"fastcells.convert: left `{child_name}` ({base.__name__}) as torch.nn: it "
                     "has parametrizations, whose class cannot be swapped. Convert first, then "
                     "register the parametrizations on the fastcells module.", stacklevel=2)
             elif (isinstance(child, tuple(_SWAPS))
