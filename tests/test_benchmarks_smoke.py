@@ -1,7 +1,8 @@
 """Smoke tests of the forecasting benchmarks.
 
-The README's main command (benchmarks/forecast_airline.py) and
-benchmarks/forecast_electricity.py run end to end and write sane JSON.
+The README's main command (benchmarks/forecast_airline.py),
+benchmarks/forecast_electricity.py and benchmarks/airline_speed.py run end to
+end and write sane JSON.
 """
 import json
 import math
@@ -50,6 +51,54 @@ def test_forecast_airline_runs(tmp_path):
         # Same initial weights, three epochs: predictions agree to float32 noise (in thousands of passengers).
         assert r["max_abs_pred_diff_passengers"] < 1e-2
     _finite_numbers(out["results"])
+
+
+def test_airline_speed_runs_with_bound_rows(tmp_path):
+    """airline_speed (airline part) writes every row, the two epoch bounds included."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "airline_speed.py"), "--quick", "--skip-grid",
+           "--repeats", "1", "--min-run-time", "0.01", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "airline_speed_cpu.json").read_text())
+    got = [(r["cell"], r["what"], r["T"]) for r in out["rows"]]
+    assert got == [("lstm", "fwd", 112), ("lstm", "fwd+bwd", 112), ("lstm", "fixed", 1), ("lstm", "epoch", 112),
+                   ("lstm", "epoch fixed", 1), ("lstm", "epoch bound", 112),
+                   ("gru", "fwd", 112), ("gru", "fwd+bwd", 112), ("gru", "epoch", 112)]
+    for r in out["rows"]:
+        assert r["torch.nn_ms"]["median"] > 0 and r["fastcells_ms"]["median"] > 0
+        assert r["speedup"]["min"] <= r["speedup"]["median"] <= r["speedup"]["max"]
+    # Only the issue's four airline targets are judged; the bound rows are informative.
+    assert out["targets_total"] == 4
+    assert "epoch bound" in out["config"] and "epoch fixed" in out["config"]
+    assert "| epoch bound |" in (tmp_path / "airline_speed_cpu.md").read_text()
+    _finite_numbers(out["rows"])
+
+
+def test_free_rnn_stand_in_costs_nothing_but_trains_like_the_model():
+    """The stand-in of the `epoch bound` row: the LSTM's parameter shapes, a fixed output,
+    and a zero gradient on every parameter after each forward, so Adam updates all of them."""
+    import torch
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import airline_speed as S
+    finally:
+        sys.path.pop(0)
+    lstm = torch.nn.LSTM(3, 6, num_layers=2)
+    free = S.FreeRNN(lstm, 112, 1, 6)
+    assert [p.shape for p in free.parameters()] == [p.shape for p in lstm.parameters()]
+    x = torch.rand(112, 1, 3)
+    y = torch.rand(112, 1, 1)
+    epoch = S.epoch_stmt(free, x, y, 6)
+    loss = epoch()
+    assert torch.isfinite(loss)
+    assert free(x)[0].shape == (112, 1, 6)
+    for p in free.parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+    # Adam took a step on every parameter: its state holds all ten (8 RNN + 2 head).
+    opt = epoch.__closure__
+    assert opt is not None
+    states = [c.cell_contents for c in opt if isinstance(c.cell_contents, torch.optim.Adam)]
+    assert len(states) == 1 and len(states[0].state) == 10
 
 
 def test_forecast_electricity_runs(tmp_path):
