@@ -18,7 +18,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "../kernels/cells.h"
 #include "gemm_cpu.h"
@@ -116,18 +121,69 @@ inline void part_barrier(const Part& pt) {
   }
 }
 
-// Runs f(j) for the units j in [u0, u1) as one SIMD loop. Short ranges (the
-// forecasting regime's H = 6..16) use 4 lanes so that they vectorise at all;
-// longer ones let the compiler pick the widest vectors.
-template <typename F>
-inline void for_units(int64_t u0, int64_t u1, const F& f) {
-  if (u1 - u0 < 16) {
+// Elementwise gate loops. One loop reads NI arrays and writes NO arrays at the
+// same unit index: in[k] / out[k] point at the first unit of this thread's
+// range [u0, u1), and f(in, out, j) computes element j (0 <= j < n) of every
+// array. An array updated in place appears in both lists; f reads all of its
+// inputs before it writes.
+template <typename T, int NI, int NO>
+struct Runs {
+  const T* in[NI];
+  T* out[NO];
+};
+
+// Runs f over the n units of r as one SIMD loop with a scalar remainder.
+// Short ranges (the forecasting regime's H = 6..16) use 4 lanes so that they
+// vectorise at all; longer ones let the compiler pick the widest vectors.
+template <typename T, int NI, int NO, typename F>
+inline void for_units(int64_t n, const Runs<T, NI, NO>& r, const F& f) {
+  const T* const* in = r.in;
+  T* const* out = r.out;
+  if (n < 16) {
 #pragma omp simd simdlen(4)
-    for (int64_t j = u0; j < u1; ++j) f(j);
+    for (int64_t j = 0; j < n; ++j) f(in, out, j);
   } else {
 #pragma omp simd
-    for (int64_t j = u0; j < u1; ++j) f(j);
+    for (int64_t j = 0; j < n; ++j) f(in, out, j);
   }
+}
+
+// The same for loops whose elements cost several exp/tanh each (the forward
+// gates). float on AVX2: whole 8-lane vectors, then the last n % 8 units as
+// one more 8-lane vector on padded copies (masked loads in, masked stores
+// out). Forecasting models' hidden sizes are often not a multiple of the
+// vector width (the airline model's H = 6), and a scalar remainder costs as
+// much per unit as a whole vector; for the cheap backward loops the copies
+// cost more than they save. Threads split units at multiples of 16 (Part),
+// so a unit falls in the padded tail whatever the thread count, and results
+// stay independent of it. Elsewhere (double, other ISAs): for_units.
+template <typename T, int NI, int NO, typename F>
+inline void for_units_padded(int64_t n, const Runs<T, NI, NO>& r, const F& f) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (n <= 0) return;
+    const int64_t full = n / 8 * 8, rest = n - full;
+#pragma omp simd simdlen(8)
+    for (int64_t j = 0; j < full; ++j) f(r.in, r.out, j);
+    if (rest == 0) return;
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rest)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    alignas(32) float lin[NI][8];
+    alignas(32) float lout[NO][8];
+    const float* pin[NI];
+    float* pout[NO];
+    for (int k = 0; k < NI; ++k) {
+      _mm256_store_ps(lin[k], _mm256_maskload_ps(r.in[k] + full, mask));
+      pin[k] = lin[k];
+    }
+    for (int k = 0; k < NO; ++k) pout[k] = lout[k];
+#pragma omp simd simdlen(8)
+    for (int64_t j = 0; j < 8; ++j) f(pin, pout, j);
+    for (int k = 0; k < NO; ++k) _mm256_maskstore_ps(r.out[k] + full, mask, _mm256_load_ps(lout[k]));
+    return;
+  }
+#endif
+  for_units(n, r, f);
 }
 
 }  // namespace
@@ -195,35 +251,50 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
           T* cb = c.data() + b * H;
           T* e = p.extra + (row0 + b) * H;
           T* out_r = proj ? r.data() + b * H : hn;
-          for_units(u0, u1, [&](int64_t j) {
-            const auto st = kernels::lstm_forward<T>(gt[j] + rc[j], gt[H + j] + rc[H + j],
-                                                     gt[2 * H + j] + rc[2 * H + j],
-                                                     gt[3 * H + j] + rc[3 * H + j], cb[j]);
-            gt[j] = st.i;
-            gt[H + j] = st.f;
-            gt[2 * H + j] = st.g;
-            gt[3 * H + j] = st.o;
-            e[j] = st.c;
-            cb[j] = st.c;
-            out_r[j] = st.r;
+          // in: the 4 gates' x-side pre-activations, their recurrent products, c_{t-1};
+          // out: the activated gates, c_t (saved and carried), r_t.
+          const Runs<T, 9, 7> io{
+              {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, rc + u0, rc + H + u0,
+               rc + 2 * H + u0, rc + 3 * H + u0, cb + u0},
+              {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, e + u0, cb + u0,
+               out_r + u0}};
+          for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+            const auto st = kernels::lstm_forward<T>(in[0][j] + in[4][j], in[1][j] + in[5][j],
+                                                     in[2][j] + in[6][j], in[3][j] + in[7][j],
+                                                     in[8][j]);
+            out[0][j] = st.i;
+            out[1][j] = st.f;
+            out[2][j] = st.g;
+            out[3][j] = st.o;
+            out[4][j] = st.c;
+            out[5][j] = st.c;
+            out[6][j] = st.r;
           });
         } else if (gru) {
           T* e = p.extra + (row0 + b) * H;
-          for_units(u0, u1, [&](int64_t j) {
-            const T hh_n = rc[2 * H + j] + b_hn[j];
-            const auto st = kernels::gru_forward<T>(gt[j], gt[H + j], gt[2 * H + j], rc[j],
-                                                    rc[H + j], hh_n, hp[j]);
-            gt[j] = st.r;
-            gt[H + j] = st.z;
-            gt[2 * H + j] = st.n;
-            e[j] = hh_n;
-            hn[j] = st.h;
+          // in: x-side r, z, n; recurrent r, z, n products; b_hn; h_{t-1};
+          // out: activated r, z, n, hh_n = h W_hn^T + b_hn (saved), h_t.
+          const Runs<T, 8, 5> io{
+              {gt + u0, gt + H + u0, gt + 2 * H + u0, rc + u0, rc + H + u0, rc + 2 * H + u0,
+               b_hn + u0, hp + u0},
+              {gt + u0, gt + H + u0, gt + 2 * H + u0, e + u0, hn + u0}};
+          for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+            const T hh_n = in[5][j] + in[6][j];
+            const auto st = kernels::gru_forward<T>(in[0][j], in[1][j], in[2][j], in[3][j],
+                                                    in[4][j], hh_n, in[7][j]);
+            out[0][j] = st.r;
+            out[1][j] = st.z;
+            out[2][j] = st.n;
+            out[3][j] = hh_n;
+            out[4][j] = st.h;
           });
         } else {
-          for_units(u0, u1, [&](int64_t j) {
-            const T hv = kernels::rnn_forward<T>(p.mode, gt[j] + rc[j]);
-            gt[j] = hv;
-            hn[j] = hv;
+          const int mode = p.mode;
+          const Runs<T, 2, 2> io{{gt + u0, rc + u0}, {gt + u0, hn + u0}};
+          for_units_padded(u1 - u0, io, [mode](const T* const* in, T* const* out, int64_t j) {
+            const T hv = kernels::rnn_forward<T>(mode, in[0][j] + in[1][j]);
+            out[0][j] = hv;
+            out[1][j] = hv;
           });
         }
       }
@@ -317,48 +388,69 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
           const T* cp = pr >= 0 ? p.extra + pr * H : p.c0 + b * H;
           const T* cc = p.extra + row * H;
           T* dcb = dc.data() + b * H;
-          for_units(u0, u1, [&](int64_t j) {
-            const auto d = kernels::lstm_backward<T>(g[j], g[H + j], g[2 * H + j], g[3 * H + j],
-                                                     cc[j], cp[j], d_in[j], dcb[j]);
-            dgx[j] = d.di;
-            dgx[H + j] = d.df;
-            dgx[2 * H + j] = d.dg;
-            dgx[3 * H + j] = d.do_;
-            dcb[j] = d.dc_prev;
+          // in: activated i, f, g, o; c_t, c_{t-1}; dL/dr_t; dL/dc_t from step t+1;
+          // out: the 4 pre-activation gradients, dL/dc_{t-1}.
+          const Runs<T, 8, 5> io{
+              {g + u0, g + H + u0, g + 2 * H + u0, g + 3 * H + u0, cc + u0, cp + u0, d_in + u0,
+               dcb + u0},
+              {dgx + u0, dgx + H + u0, dgx + 2 * H + u0, dgx + 3 * H + u0, dcb + u0}};
+          for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+            const auto d = kernels::lstm_backward<T>(in[0][j], in[1][j], in[2][j], in[3][j],
+                                                     in[4][j], in[5][j], in[6][j], in[7][j]);
+            out[0][j] = d.di;
+            out[1][j] = d.df;
+            out[2][j] = d.dg;
+            out[3][j] = d.do_;
+            out[4][j] = d.dc_prev;
           });
-          if (proj) {
+          if (proj) {  // r_t = o * tanh(c_t), for the gradient of W_hr
             T* rr = p.r_all + row * H;
-            for_units(u0, u1, [&](int64_t j) { rr[j] = g[3 * H + j] * kernels::fc_tanh(cc[j]); });
+            const Runs<T, 2, 1> rio{{g + 3 * H + u0, cc + u0}, {rr + u0}};
+            for_units(u1 - u0, rio, [](const T* const* in, T* const* out, int64_t j) {
+              out[0][j] = in[0][j] * kernels::fc_tanh(in[1][j]);
+            });
           }
         } else if (gru) {
           const T* e = p.extra + row * H;
           const T* hp = p.h_prev + row * P;  // GRU: P == H, own columns == own units
           T* dgh = p.dgates_h + row * GH;
           T* dhb = dh.data() + b * P;
-          for_units(u0, u1, [&](int64_t j) {
-            const auto d = kernels::gru_backward<T>(g[j], g[H + j], g[2 * H + j], e[j], hp[j],
-                                                    d_in[j]);
-            dgx[j] = d.dx_r;
-            dgx[H + j] = d.dx_z;
-            dgx[2 * H + j] = d.dx_n;
-            dgh[j] = d.dx_r;
-            dgh[H + j] = d.dx_z;
-            dgh[2 * H + j] = d.dhh_n;
-            dhb[j] = d.dh_prev_direct;
+          // in: activated r, z, n; hh_n; h_{t-1}; dL/dh_t;
+          // out: input-side and recurrent-side gate gradients, z * dL/dh_t.
+          const Runs<T, 6, 7> io{
+              {g + u0, g + H + u0, g + 2 * H + u0, e + u0, hp + u0, d_in + u0},
+              {dgx + u0, dgx + H + u0, dgx + 2 * H + u0, dgh + u0, dgh + H + u0, dgh + 2 * H + u0,
+               dhb + u0}};
+          for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+            const auto d = kernels::gru_backward<T>(in[0][j], in[1][j], in[2][j], in[3][j],
+                                                    in[4][j], in[5][j]);
+            out[0][j] = d.dx_r;
+            out[1][j] = d.dx_z;
+            out[2][j] = d.dx_n;
+            out[3][j] = d.dx_r;
+            out[4][j] = d.dx_z;
+            out[5][j] = d.dhh_n;
+            out[6][j] = d.dh_prev_direct;
           });
         } else {
-          for_units(u0, u1,
-                    [&](int64_t j) { dgx[j] = kernels::rnn_backward<T>(p.mode, g[j], d_in[j]); });
+          const int mode = p.mode;
+          const Runs<T, 2, 1> io{{g + u0, d_in + u0}, {dgx + u0}};
+          for_units(u1 - u0, io, [mode](const T* const* in, T* const* out, int64_t j) {
+            out[0][j] = kernels::rnn_backward<T>(mode, in[0][j], in[1][j]);
+          });
         }
+        const auto add_to = [](const T* const* in, T* const* out, int64_t j) {
+          out[0][j] = in[0][j] + in[1][j];
+        };
         for (int64_t k = 0; sum_x && k < G; ++k) {
-          T* __restrict__ a = acc_x.data() + b * GH + k * H;
-          const T* __restrict__ v = dgx + k * H;
-          for_units(u0, u1, [&](int64_t j) { a[j] += v[j]; });
+          T* a = acc_x.data() + b * GH + k * H + u0;
+          const Runs<T, 2, 1> io{{a, dgx + k * H + u0}, {a}};
+          for_units(u1 - u0, io, add_to);
         }
         if (sum_h) {
-          T* __restrict__ a = acc_h.data() + b * H;
-          const T* __restrict__ v = p.dgates_h + row * GH + 2 * H;
-          for_units(u0, u1, [&](int64_t j) { a[j] += v[j]; });
+          T* a = acc_h.data() + b * H + u0;
+          const Runs<T, 2, 1> io{{a, p.dgates_h + row * GH + 2 * H + u0}, {a}};
+          for_units(u1 - u0, io, add_to);
         }
       }
       part_barrier(pt);  // every gate gradient of the step is written
