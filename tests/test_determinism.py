@@ -38,6 +38,10 @@ CASES = [
     # Batch sizes 5-11 make MKL split small GEMMs differently by thread count.
     ("GRU", 16, 6, 8, 32, 1, False, False, torch.float32),
     ("LSTM", 16, 5, 8, 32, 1, False, False, torch.float32),
+    # One row, a hidden size that is no multiple of the vector width: the two threads
+    # split the units (64 + 36 / 64 + 26) and each ends in a padded 8-lane tail.
+    ("LSTM", 40, 1, 3, 100, 1, False, False, torch.float32),
+    ("GRU", 40, 1, 3, 90, 2, True, False, torch.float32),
 ]
 
 
