@@ -42,6 +42,9 @@ using kernels::kLSTM;
 // 1.6-1.8x at B=1, H=128 (LSTM) or B=1..2, H=128 (GRU); at 8 Ki (LSTM B=8,
 // H=16) it made no difference.
 constexpr int64_t kParallelWork = 1 << 14;
+// Below this many multiply-adds a whole-sequence product (cpu::matmul) runs on
+// one thread: a team is forked for it alone, with nothing to amortise it over.
+constexpr int64_t kParallelGemm = 1 << 17;
 
 using gemm::PackedB;
 
@@ -49,8 +52,8 @@ using gemm::PackedB;
 // The time loop runs inside one OpenMP team (one fork per call) when the
 // per-step work is large enough; each thread owns a fixed Part of the work
 // for the whole call.
-inline int team_size(int64_t work_per_step) {
-  if (work_per_step < kParallelWork || omp_in_parallel()) return 1;
+inline int team_size(int64_t work, int64_t threshold = kParallelWork) {
+  if (work < threshold || omp_in_parallel()) return 1;
   return std::max(1, at::get_num_threads());
 }
 
@@ -492,7 +495,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
   if (M == 0 || N == 0) return;
   if (a_rs == 1 && !trans_b && N <= 6 && bias == nullptr && M >= gemm::kNB<T> && !keep_b) {
     // Few output columns (dW_ih with few input features): no padded panels.
-    const int nt = team_size(M * N * std::max<int64_t>(K, 1));
+    const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
     run_team(nt, [&](int tid, int team) {
       const auto rows = share(M, tid, team, gemm::kNB<T>);
       const int64_t m0 = rows.first, mr = rows.second - rows.first;
@@ -514,7 +517,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
   PackedB<T>& b = keep_b ? *keep_b : local;
   const bool fill = !b.holds(K, N, N);
   if (fill) b.init(K, N, N);
-  const int nt = team_size(M * N * std::max<int64_t>(K, 1));
+  const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
   // Split the larger output side; every element keeps its own k order.
   const bool split_rows = M >= N;
   run_team(nt, [&](int tid, int team) {
