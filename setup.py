@@ -9,7 +9,6 @@ object stays small. Build against the installed torch:
 """
 import glob
 import os
-import platform
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -34,11 +33,10 @@ def _extension():
     # -ffast-math they change no result (NaN and inf still propagate).
     cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-fno-trapping-math",
            "-fno-math-errno"]
-    # The extension is built from source on the machine that runs it, so by
-    # default it targets that CPU (AVX2/AVX-512 vectorisation of the gate
-    # math). FASTCELLS_NATIVE=0 builds for the baseline ISA (for wheels).
-    if os.environ.get("FASTCELLS_NATIVE", "1") == "1" and platform.machine() in ("x86_64", "AMD64"):
-        cxx += ["-march=native", "-mprefer-vector-width=256"]
+    # No -march: the CPU kernels are compiled once per ISA path
+    # (csrc/cpu/isa_*.cpp, each with its own `#pragma GCC target`) and the
+    # path is picked at load time from the CPU's features (csrc/cpu/isa.h),
+    # so a build runs at the speed of whatever host it is installed on.
     define_macros = []
     extra_link = ["-fopenmp"]
     if _want_cuda():

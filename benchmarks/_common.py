@@ -52,7 +52,8 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """The SIMD extensions relevant to the kernels that this CPU reports."""
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni",
+              "avx512_bf16", "amx_tile", "amx_bf16")
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -87,6 +88,11 @@ def machine_info(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "fastcells": getattr(fastcells, "__version__", None),
+        # The CPU ISA path fastcells ran on (every CPU result depends on it)
+        # and the features the host reports to the extension.
+        "cpu_isa": fastcells.cpu_isa(),
+        "cpu_isas": fastcells.cpu_isas(),
+        "host_features": fastcells.cpu_host_features(),
         "git_commit": git_commit(),
         "mkldnn_enabled": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -106,6 +112,8 @@ def machine_info(device: str = "cpu") -> dict:
 
 def machine_line(m: dict) -> str:
     s = f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}"
+    if m.get("cpu_isa"):
+        s += f", fastcells CPU path {m['cpu_isa']}"
     if m.get("gpu"):
         s = f"{m['gpu']} (CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')}), host {s}"
     return s

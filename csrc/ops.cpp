@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/memory_cpu.h"
 #include "cpu/recurrent_cpu.h"
 #include "kernels/cells.h"
 #include "kernels/params.h"
@@ -422,7 +423,7 @@ Tensor layer_input(const Config& c, int64_t l, const Tensor& x, const Tensor& re
 template <typename T>
 void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
             bool accumulate, const T* cpu_bias = nullptr,
-            cpu::gemm::PackedB<T>* keep_b = nullptr) {
+            cpu::PackedStore<T>* keep_b = nullptr) {
   if (out.is_cpu()) {
     const int64_t K = trans_a ? a.size(0) : a.size(1);
     cpu::matmul<T>(out.size(0), out.size(1), K, a.data_ptr<T>(), trans_a ? 1 : a.stride(0),
@@ -445,7 +446,7 @@ void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, b
 template <typename T>
 void input_projection(const Config& c, const Tensor& gates, const Tensor& x, const Tensor& w_ih,
                       const Tensor* b_ih, const Tensor* b_hh,
-                      cpu::gemm::PackedB<T>* keep = nullptr) {
+                      cpu::PackedStore<T>* keep = nullptr) {
   if (!c.bias) {
     matmul<T>(gates, x, false, w_ih, true, false, nullptr, keep);
     return;
@@ -524,7 +525,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
       const Tensor* w_hr = c.P != c.H ? &c.w(w, l, d, c.per_dir - 1) : nullptr;
       bool first_chunk = true;
       // CPU: the weights are packed by the first chunk and reused by the rest.
-      cpu::gemm::PackedB<T> w_ih_packed;
+      cpu::PackedStore<T> w_ih_packed;
       cpu::ForwardPack<T> w_hh_packed;
       for (const auto& ch : time_chunks(c, keep, d == 1, cpu)) {
         const int64_t t0 = ch.first, t1 = ch.second;
@@ -791,8 +792,27 @@ std::string build_info() {
 #else
   o << ";cuda=0";
 #endif
+  o << ";cpu_isa=" << cpu::active_isa().name << ";cpu_isas=";
+  const auto isas = cpu::supported_isas();
+  for (size_t i = 0; i < isas.size(); ++i) o << (i ? "," : "") << isas[i];
+  o << ";host=" << cpu::host_features();
   return o.str();
 }
+
+// The CPU ISA path in use, and switching it (csrc/cpu/isa.h).
+std::string cpu_isa() { return cpu::active_isa().name; }
+
+std::string set_cpu_isa(const std::string& name) {
+  const std::string previous = cpu::active_isa().name;
+  cpu::set_active_isa(name);
+  return previous;
+}
+
+std::vector<std::string> cpu_isas(bool built) {
+  return built ? cpu::built_isas() : cpu::supported_isas();
+}
+
+std::string cpu_host_features() { return cpu::host_features(); }
 
 }  // namespace
 
@@ -809,6 +829,10 @@ TORCH_LIBRARY(fastcells, m) {
       "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True) -> (Tensor grad_input, "
       "Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
   m.def("build_info() -> str", &build_info);
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("set_cpu_isa(str name) -> str", &set_cpu_isa);
+  m.def("cpu_isas(bool built=False) -> str[]", &cpu_isas);
+  m.def("cpu_host_features() -> str", &cpu_host_features);
 }
 
 TORCH_LIBRARY_IMPL(fastcells, CPU, m) {

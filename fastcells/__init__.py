@@ -5,9 +5,11 @@
     model = fastcells.convert(model)            # swap torch.nn RNNs in a model
 """
 from . import functional
+from ._isa import cpu_host_features, cpu_isa, cpu_isas, set_cpu_isa, use_cpu_isa
 from ._ops import MODES, build_info, set_poison_outputs
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional",
-           "MODES", "build_info", "set_poison_outputs"]
+           "MODES", "build_info", "set_poison_outputs", "cpu_isa", "cpu_isas", "set_cpu_isa",
+           "use_cpu_isa", "cpu_host_features"]
 __version__ = "0.1.0"

@@ -111,7 +111,10 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
 
 
 def build_info() -> str:
-    """How the extension was built, e.g. ``"cpu_blas=direct;cuda=0"``."""
+    """How the extension was built and runs, e.g.
+    ``"cpu=1;cuda=0;cpu_isa=avx2;cpu_isas=generic,avx2,avx512_layout;host=avx avx2 fma ..."``
+    (``cpu_isa``: the CPU ISA path in use; ``cpu_isas``: those the host runs).
+    """
     return torch.ops.fastcells.build_info()
 
 

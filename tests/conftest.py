@@ -49,6 +49,27 @@ except ImportError:  # pragma: no cover - depends on the build
 needs_fastcells = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells modules not available")
 needs_ops = pytest.mark.skipif(not HAVE_OPS, reason="fastcells extension not built")
 
+# Every CPU ISA path in the build (csrc/cpu/isa.h). Suites that use the
+# ``cpu_isa`` fixture run once per path; a path the host cannot run is skipped
+# with a reason naming it and the host's features.
+CPU_ISAS: list[str] = fastcells.cpu_isas(built=True) if HAVE_OPS else ["default"]
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request, monkeypatch):
+    """Runs the test on one CPU ISA path, in this process (fastcells.use_cpu_isa)
+    and in any subprocess it starts (FASTCELLS_CPU_ISA), then restores the path."""
+    name = request.param
+    if not HAVE_OPS:
+        yield name
+        return
+    if name not in fastcells.cpu_isas():
+        pytest.skip(f"CPU ISA path {name!r} needs features this host lacks "
+                    f"(host: {fastcells.cpu_host_features()})")
+    monkeypatch.setenv("FASTCELLS_CPU_ISA", name)
+    with fastcells.use_cpu_isa(name):
+        yield name
+
 
 def mode_of(module: nn.Module) -> int:
     """Op mode (0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU) of an nn.LSTM/GRU/RNN-like module."""

@@ -26,6 +26,10 @@ fastcells = pytest.importorskip("fastcells")
 if not hasattr(fastcells, "LSTM"):
     pytest.skip("fastcells extension not built", allow_module_level=True)
 
+# Every test runs once per CPU ISA path the host supports (conftest.cpu_isa);
+# the fresh-process tests inherit the path through FASTCELLS_CPU_ISA.
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 # (module, T, B, I, H, layers, bidirectional, packed, dtype)
 CASES = [
     ("LSTM", 112, 1, 3, 6, 2, False, False, torch.float32),   # the airline model

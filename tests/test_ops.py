@@ -93,7 +93,7 @@ def test_functional_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_gradcheck(name):
+def test_gradcheck(name, cpu_isa):  # once per CPU ISA path the host supports
     import fastcells
 
     c = _case(**CASES[name])

@@ -20,7 +20,8 @@ from conftest import (MODE_NAMES, MODES, SHAPES, assert_close_list, flatten_resu
                       needs_fastcells, row_id, run_functional, weighted_loss)
 from fastcells.reference import rnn_reference
 
-pytestmark = needs_fastcells
+# Every test runs once per CPU ISA path the host supports (conftest.cpu_isa).
+pytestmark = [needs_fastcells, pytest.mark.usefixtures("cpu_isa")]
 
 GRID = module_grid()
 I, H = 3, 4

@@ -4,6 +4,11 @@
 //
 //   y(M, cols) = [y +] x(M, K) @ B(K, cols),   x(m, k) = x[m * ldx + k * ksx]
 //
+// Compiled once per CPU ISA path (csrc/cpu/isa_*.cpp) into its own namespace
+// FASTCELLS_CPU_ISA: the wrapper defines the vector width in bytes
+// (FASTCELLS_VEC_BYTES) and the row block (FASTCELLS_MR) that fit the
+// path's register file, and compiles this file for that ISA.
+//
 // B is packed once per call into column panels of kNB = two SIMD vectors:
 // panel p holds K rows of kNB contiguous values (zero padded), so the inner
 // loop streams one contiguous block whatever B's layout or leading dimension
@@ -21,34 +26,38 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 
+#include <utility>
+
 #include "memory_cpu.h"
+#include "pack_cpu.h"
+
+#if !defined(FASTCELLS_CPU_ISA) || !defined(FASTCELLS_VEC_BYTES) || !defined(FASTCELLS_MR) || \
+    !defined(FASTCELLS_ISA_ID)
+#error "gemm_cpu.h is compiled through an ISA wrapper (csrc/cpu/isa_*.cpp)"
+#endif
 
 namespace fastcells {
 namespace cpu {
+namespace FASTCELLS_CPU_ISA {
 namespace gemm {
 
 template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(32)));
-  static constexpr int kLanes = 8;
-};
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(32)));
-  static constexpr int kLanes = 4;
+struct Simd {
+  typedef T V __attribute__((vector_size(FASTCELLS_VEC_BYTES)));
+  static constexpr int kLanes = FASTCELLS_VEC_BYTES / sizeof(T);
 };
 
-// Panel width (columns) and the row block of the micro-kernel: 6 x 2 vector
-// accumulators, two panel vectors and a broadcast fit the 16 AVX2 registers.
+// Panel width (columns) and the row block of the micro-kernel: kMR x 2
+// vector accumulators, two panel vectors and a broadcast must fit the
+// register file (AVX2: 6 rows in 16 ymm; AVX-512: 12 rows in 32 zmm).
 template <typename T>
 constexpr int64_t kNB = 2 * Simd<T>::kLanes;
-constexpr int kMR = 6;
+constexpr int kMR = FASTCELLS_MR;
 constexpr int64_t kKC = 256;  // K block: a KC x kNB panel slice is 8-16 KiB (L1)
 constexpr int64_t kPC = 16;   // panels per column block: KC x 16 panels in L2
 
@@ -103,7 +112,7 @@ inline void micro_kernel(int64_t K, const T* __restrict__ x, int64_t ldx, int64_
   for (int64_t k = 0; k < K; ++k, xk += ksx) {
     const V b0 = load<V>(panel + k * 2 * L);
     const V b1 = load<V>(panel + k * 2 * L + L);
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const T a = xk[r * ldx];
       c0[r] += a * b0;
@@ -175,12 +184,32 @@ void narrow_mm(int64_t M, int64_t K, const T* __restrict__ A, int64_t a_ks,
   }
 }
 
+// Row counts 1..kMR of the micro-kernel as a table of instantiations.
+template <typename T>
+using MicroKernel = void (*)(int64_t, const T*, int64_t, int64_t, const T*, T*, int64_t, int64_t,
+                             bool, const T*);
+template <typename T, size_t... R>
+constexpr std::array<MicroKernel<T>, sizeof...(R)> micro_kernels(std::index_sequence<R...>) {
+  return {&micro_kernel<T, static_cast<int>(R) + 1>...};
+}
+
+// Rows of a block of M rows: M split into ceil(M / kMR) near-equal blocks,
+// so that M = 64 on a 12-row kernel runs 6 blocks of 10-11 rows instead of
+// five full blocks and one of 4. Each output element sums over k in the same
+// order whatever its block, so the split changes no result.
+inline int64_t row_block(int64_t M) {
+  const int64_t blocks = (M + kMR - 1) / kMR;
+  return (M + blocks - 1) / blocks;
+}
+
+// A view that packs into and multiplies with a PackedStore (pack_cpu.h) in
+// this path's panel layout.
 template <typename T>
 class PackedB {
  public:
   static constexpr int64_t NB = kNB<T>;
 
-  PackedB() = default;
+  explicit PackedB(PackedStore<T>& s) : s_(s) {}
 
   // Packs B(k, n) = trans ? B[n * ldb + k] : B[k * ldb + n], for k < K,
   // n < N, in parts so that a thread team can fill disjoint panel ranges:
@@ -189,41 +218,45 @@ class PackedB {
   // included; set_ready() records that every panel is written (a pack can
   // then serve several products, see holds()).
   void init(int64_t K, int64_t N, int64_t S) {
-    ready_ = false;
-    K_ = K;
-    S_ = S > 0 ? S : 1;
-    per_seg_ = (S_ + NB - 1) / NB;
-    panels_ = panel_count(N, S_);
-    const size_t n = static_cast<size_t>(std::max<int64_t>(1, panels_ * K_ * NB));
-    data_.reset(new T[n]);
-    advise_huge_pages(data_.get(), n * sizeof(T));
+    s_.ready = false;
+    s_.layout = FASTCELLS_ISA_ID;
+    s_.K = K;
+    s_.S = S > 0 ? S : 1;
+    s_.per_seg = (s_.S + NB - 1) / NB;
+    s_.panels = panel_count(N, s_.S);
+    const size_t n = static_cast<size_t>(std::max<int64_t>(1, s_.panels * s_.K * NB));
+    s_.data.reset(new T[n]);
+    advise_huge_pages(s_.data.get(), n * sizeof(T));
   }
 
   void pack_panels(const T* B, int64_t ldb, bool trans, int64_t p0, int64_t p1) {
+    const int64_t K = s_.K;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = col0(p), nb = width(p);
-      T* dst = data_.get() + p * K_ * NB;
+      T* dst = s_.data.get() + p * K * NB;
       if (trans) {
         // Column c of the panel is row c0 + c of B, read as one sequential
         // stream (B is often not in cache: the weights are read once per
         // call), written down the panel (K x kNB values, cache resident).
         for (int64_t c = 0; c < nb; ++c) {
           const T* src = B + (c0 + c) * ldb;
-          for (int64_t k = 0; k < K_; ++k) dst[k * NB + c] = src[k];
+          for (int64_t k = 0; k < K; ++k) dst[k * NB + c] = src[k];
         }
       } else {
-        for (int64_t k = 0; k < K_; ++k)
+        for (int64_t k = 0; k < K; ++k)
           std::copy(B + k * ldb + c0, B + k * ldb + c0 + nb, dst + k * NB);
       }
-      for (int64_t k = 0; nb < NB && k < K_; ++k)  // padding of a partial panel
+      for (int64_t k = 0; nb < NB && k < K; ++k)  // padding of a partial panel
         std::fill(dst + k * NB + nb, dst + (k + 1) * NB, T(0));
     }
   }
 
-  void set_ready() { ready_ = true; }
-  // Whether this pack holds a K x N right-hand side in segments of S.
+  void set_ready() { s_.ready = true; }
+  // Whether the store holds a K x N right-hand side in segments of S, packed
+  // by this path.
   bool holds(int64_t K, int64_t N, int64_t S) const {
-    return ready_ && K_ == K && S_ == S && panels_ == panel_count(N, S);
+    return s_.ready && s_.layout == FASTCELLS_ISA_ID && s_.K == K && s_.S == S &&
+           s_.panels == panel_count(N, S);
   }
 
   // Panels of a K x N right-hand side in segments of S (S > 0): each segment
@@ -232,11 +265,13 @@ class PackedB {
     return N > 0 ? (N / S) * ((S + NB - 1) / NB) : 0;
   }
 
-  int64_t panels() const { return panels_; }
+  int64_t panels() const { return s_.panels; }
   // The panel holding column c.
-  int64_t panel_at(int64_t c) const { return (c / S_) * per_seg_ + (c % S_) / NB; }
-  int64_t col0(int64_t p) const { return (p / per_seg_) * S_ + (p % per_seg_) * NB; }
-  int64_t width(int64_t p) const { return std::min<int64_t>(NB, S_ - (p % per_seg_) * NB); }
+  int64_t panel_at(int64_t c) const { return (c / s_.S) * s_.per_seg + (c % s_.S) / NB; }
+  int64_t col0(int64_t p) const { return (p / s_.per_seg) * s_.S + (p % s_.per_seg) * NB; }
+  int64_t width(int64_t p) const {
+    return std::min<int64_t>(NB, s_.S - (p % s_.per_seg) * NB);
+  }
 
   // y(M, columns of panels [p0, p1)) = [y +] x(M, K) @ B. With `bias`
   // (length N, ignored with `accumulate`) y = bias + x @ B, summed exactly as
@@ -252,11 +287,12 @@ class PackedB {
           int64_t ldy, bool accumulate, const T* bias = nullptr) const {
     if (M <= 0 || p0 >= p1) return;
     constexpr int64_t kMC = 16 * kMR;
+    const int64_t K = s_.K;
     const bool copy_x = ldx == 1 && ksx * static_cast<int64_t>(sizeof(T)) >= 4096 &&
                         (p1 - p0) * NB >= 256 && M >= kMR && bias == nullptr;
     std::unique_ptr<T[]> xbuf(copy_x ? new T[kKC * kMC] : nullptr);
-    for (int64_t k0 = 0; k0 == 0 || k0 < K_; k0 += kKC) {
-      const int64_t kc = std::min<int64_t>(kKC, K_ - k0);
+    for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {
+      const int64_t kc = std::min<int64_t>(kKC, K - k0);
       const bool acc = accumulate || k0 > 0;
       const bool seeded = !acc && bias != nullptr;
       if (copy_x) {
@@ -287,33 +323,26 @@ class PackedB {
   // `seed` (bias) only on a first block without accumulation.
   void block(int64_t M, int64_t p0, int64_t p1, int64_t k0, int64_t kc, const T* xk,
              int64_t ldx, int64_t ksx, T* y, int64_t ldy, bool acc, const T* seed) const {
+    static constexpr auto kernels = micro_kernels<T>(std::make_index_sequence<kMR>());
+    const int64_t rb = row_block(M);
     for (int64_t q0 = p0; q0 < p1; q0 += kPC) {
       const int64_t q1 = std::min<int64_t>(p1, q0 + kPC);
-      for (int64_t m = 0; m < M; m += kMR) {
+      for (int64_t m = 0; m < M; m += rb) {
         const T* xm = xk + m * ldx;
+        const MicroKernel<T> kernel = kernels[std::min<int64_t>(rb, M - m) - 1];
         for (int64_t p = q0; p < q1; ++p) {
-          const T* panel = data_.get() + p * K_ * NB + k0 * NB;
-          T* ym = y + m * ldy + col0(p);
-          const int64_t nb = width(p);
+          const T* panel = s_.data.get() + p * s_.K * NB + k0 * NB;
           const T* sd = seed ? seed + col0(p) : nullptr;
-          switch (std::min<int64_t>(kMR, M - m)) {
-            case 6: micro_kernel<T, 6>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-            case 5: micro_kernel<T, 5>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-            case 4: micro_kernel<T, 4>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-            case 3: micro_kernel<T, 3>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-            case 2: micro_kernel<T, 2>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-            default: micro_kernel<T, 1>(kc, xm, ldx, ksx, panel, ym, ldy, nb, acc, sd); break;
-          }
+          kernel(kc, xm, ldx, ksx, panel, y + m * ldy + col0(p), ldy, width(p), acc, sd);
         }
       }
     }
   }
 
-  int64_t K_ = 0, S_ = 1, per_seg_ = 0, panels_ = 0;
-  bool ready_ = false;
-  std::unique_ptr<T[]> data_;
+  PackedStore<T>& s_;
 };
 
 }  // namespace gemm
+}  // namespace FASTCELLS_CPU_ISA
 }  // namespace cpu
 }  // namespace fastcells

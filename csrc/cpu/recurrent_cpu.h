@@ -1,10 +1,12 @@
-// CPU backend of the recurrent loop (contract in csrc/kernels/params.h).
+// CPU backend of the recurrent loop (contract in csrc/kernels/params.h). Each
+// function runs on the ISA path in use (csrc/cpu/isa.h).
 #pragma once
 
 #include <cstdint>
 
 #include "../kernels/params.h"
-#include "gemm_cpu.h"
+#include "isa.h"
+#include "pack_cpu.h"
 
 namespace fastcells {
 namespace cpu {
@@ -18,25 +20,25 @@ namespace cpu {
 // With `keep_b`, B is packed into *keep_b (if it does not hold it already)
 // and the pack is reused by later calls with the same B: the caller
 // guarantees B is unchanged in between (one op call, several time chunks).
-template <typename scalar_t>
-void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t a_rs, int64_t a_ks,
-            const scalar_t* B, int64_t ldb, bool trans_b, scalar_t* C, int64_t ldc,
-            bool accumulate, const scalar_t* bias = nullptr,
-            gemm::PackedB<scalar_t>* keep_b = nullptr);
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
+            const T* B, int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate,
+            const T* bias = nullptr, PackedStore<T>* keep_b = nullptr) {
+  active_isa().table<T>().matmul(M, N, K, A, a_rs, a_ks, B, ldb, trans_b, C, ldc, accumulate,
+                                 bias, keep_b);
+}
 
-// The recurrent weights of one layer and direction as the forward loop packs
-// them, kept across the time chunks of one call (same contract as keep_b).
-template <typename scalar_t>
-struct ForwardPack {
-  gemm::PackedB<scalar_t> w_hh_t, w_hr_t;
-};
+// With `keep`, the recurrent weights stay packed there for the later time
+// chunks of the same call (same contract as keep_b).
+template <typename T>
+void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* keep = nullptr) {
+  active_isa().table<T>().forward(p, keep);
+}
 
-template <typename scalar_t>
-void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p,
-                       ForwardPack<scalar_t>* keep = nullptr);
-
-template <typename scalar_t>
-void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p);
+template <typename T>
+void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
+  active_isa().table<T>().backward(p);
+}
 
 }  // namespace cpu
 }  // namespace fastcells

@@ -11,25 +11,17 @@
 // the state update follow. Large steps run on an OpenMP team that lives for the whole
 // sequence: each thread owns a range of batch rows (no barrier) or a range
 // of hidden units of every row (a barrier per step); see Part below.
-#include "recurrent_cpu.h"
+//
+// Compiled once per CPU ISA path into namespace FASTCELLS_CPU_ISA by the
+// wrappers csrc/cpu/isa_*.cpp (see gemm_cpu.h), which end with kernels(),
+// this path's entry in the dispatch table of csrc/cpu/isa.h.
+#pragma once
 
-#include <ATen/Parallel.h>
-#include <omp.h>
-
-#include <algorithm>
-#include <cstring>
-#include <type_traits>
-#include <vector>
-
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#include "../kernels/cells.h"
 #include "gemm_cpu.h"
 
 namespace fastcells {
 namespace cpu {
+namespace FASTCELLS_CPU_ISA {
 namespace {
 
 using kernels::kGRU;
@@ -140,6 +132,31 @@ struct Runs {
   T* out[NO];
 };
 
+// dst[0:L) = src[0:rest) padded with zeros, and back, for the last rest < L
+// units of a gate loop (for_units_padded). AVX2: masked loads and stores;
+// elsewhere a copy, which the compiler turns into the path's own masked or
+// short moves.
+#if defined(FASTCELLS_AVX2_MASKS)
+inline __m256i tail_mask(int64_t rest) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rest)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline void load_tail(float* dst, const float* src, int64_t rest) {
+  _mm256_store_ps(dst, _mm256_maskload_ps(src, tail_mask(rest)));
+}
+inline void store_tail(float* dst, const float* src, int64_t rest) {
+  _mm256_maskstore_ps(dst, tail_mask(rest), _mm256_load_ps(src));
+}
+#else
+inline void load_tail(float* dst, const float* src, int64_t rest) {
+  constexpr int L = gemm::Simd<float>::kLanes;
+  for (int j = 0; j < L; ++j) dst[j] = j < rest ? src[j] : 0.f;
+}
+inline void store_tail(float* dst, const float* src, int64_t rest) {
+  for (int64_t j = 0; j < rest; ++j) dst[j] = src[j];
+}
+#endif
+
 // Runs f over the n units of r as one SIMD loop with a scalar remainder.
 // Short ranges (the forecasting regime's H = 6..16) use 4 lanes so that they
 // vectorise at all; longer ones let the compiler pick the widest vectors.
@@ -157,40 +174,37 @@ inline void for_units(int64_t n, const Runs<T, NI, NO>& r, const F& f) {
 }
 
 // The same for loops whose elements cost several exp/tanh each (the forward
-// gates). float on AVX2: whole 8-lane vectors, then the last n % 8 units as
-// one more 8-lane vector on padded copies (masked loads in, masked stores
-// out). Forecasting models' hidden sizes are often not a multiple of the
-// vector width (the airline model's H = 6), and a scalar remainder costs as
-// much per unit as a whole vector; for the cheap backward loops the copies
-// cost more than they save. Threads split units at multiples of 16 (Part),
-// so a unit falls in the padded tail whatever the thread count, and results
-// stay independent of it. Elsewhere (double, other ISAs): for_units.
+// gates) in float: whole vectors, then the last n % L units as one more
+// L-lane vector on padded copies. Forecasting models' hidden sizes are often
+// not a multiple of the vector width (the airline model's H = 6), and a
+// scalar remainder costs as much per unit as a whole vector; for the cheap
+// backward loops the copies cost more than they save. Threads split units at
+// multiples of the panel width (Part), so a unit falls in the padded tail
+// whatever the thread count, and results stay independent of it. double:
+// for_units.
 template <typename T, int NI, int NO, typename F>
 inline void for_units_padded(int64_t n, const Runs<T, NI, NO>& r, const F& f) {
-#if defined(__AVX2__)
   if constexpr (std::is_same<T, float>::value) {
+    constexpr int L = gemm::Simd<float>::kLanes;
     if (n <= 0) return;
-    const int64_t full = n / 8 * 8, rest = n - full;
-#pragma omp simd simdlen(8)
+    const int64_t full = n / L * L, rest = n - full;
+#pragma omp simd simdlen(L)
     for (int64_t j = 0; j < full; ++j) f(r.in, r.out, j);
     if (rest == 0) return;
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rest)),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    alignas(32) float lin[NI][8];
-    alignas(32) float lout[NO][8];
+    alignas(64) float lin[NI][L];
+    alignas(64) float lout[NO][L];
     const float* pin[NI];
     float* pout[NO];
     for (int k = 0; k < NI; ++k) {
-      _mm256_store_ps(lin[k], _mm256_maskload_ps(r.in[k] + full, mask));
+      load_tail(lin[k], r.in[k] + full, rest);
       pin[k] = lin[k];
     }
     for (int k = 0; k < NO; ++k) pout[k] = lout[k];
-#pragma omp simd simdlen(8)
-    for (int64_t j = 0; j < 8; ++j) f(pin, pout, j);
-    for (int k = 0; k < NO; ++k) _mm256_maskstore_ps(r.out[k] + full, mask, _mm256_load_ps(lout[k]));
+#pragma omp simd simdlen(L)
+    for (int64_t j = 0; j < L; ++j) f(pin, pout, j);
+    for (int k = 0; k < NO; ++k) store_tail(r.out[k] + full, lout[k], rest);
     return;
   }
-#endif
   for_units(n, r, f);
 }
 
@@ -215,8 +229,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   // threads, and W_hr^T (H, P); packed by the team unless `keep` holds them.
   ForwardPack<T> local;
   ForwardPack<T>& wp = keep ? *keep : local;
-  PackedB<T>& w_hh_t = wp.w_hh_t;
-  PackedB<T>& w_hr_t = wp.w_hr_t;
+  PackedB<T> w_hh_t(wp.w_hh_t), w_hr_t(wp.w_hr_t);
   const int64_t seg = nt > 1 && !by_rows ? H : GH;
   const bool fill = !w_hh_t.holds(P, GH, seg) || (proj && !w_hr_t.holds(H, P, P));
   if (fill) {
@@ -351,7 +364,8 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   };
   const int nt = team_size(int64_t(B) * GH * P);
   const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
-  PackedB<T> w_hh, w_hr;
+  PackedStore<T> w_hh_store, w_hr_store;
+  PackedB<T> w_hh(w_hh_store), w_hr(w_hr_store);
   w_hh.init(GH, P, P);          // W_hh (G*H, P)
   if (proj) w_hr.init(P, H, H);  // W_hr (P, H)
   constexpr int64_t q = PackedB<T>::NB;
@@ -491,7 +505,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
             int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate, const T* bias,
-            PackedB<T>* keep_b) {
+            PackedStore<T>* keep_b) {
   if (M == 0 || N == 0) return;
   if (a_rs == 1 && !trans_b && N <= 6 && bias == nullptr && M >= gemm::kNB<T> && !keep_b) {
     // Few output columns (dW_ih with few input features): no padded panels.
@@ -513,8 +527,8 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
     });
     return;
   }
-  PackedB<T> local;
-  PackedB<T>& b = keep_b ? *keep_b : local;
+  PackedStore<T> local;
+  PackedB<T> b(keep_b ? *keep_b : local);
   const bool fill = !b.holds(K, N, N);
   if (fill) b.init(K, N, N);
   const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
@@ -537,18 +551,64 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
   b.set_ready();
 }
 
-template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
-                            const float*, int64_t, bool, float*, int64_t, bool, const float*,
-                            PackedB<float>*);
-template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t,
-                             const double*, int64_t, bool, double*, int64_t, bool,
-                             const double*, PackedB<double>*);
-template void recurrent_forward<float>(const kernels::LayerForwardParams<float>&,
-                                       ForwardPack<float>*);
-template void recurrent_forward<double>(const kernels::LayerForwardParams<double>&,
-                                        ForwardPack<double>*);
-template void recurrent_backward<float>(const kernels::LayerBackwardParams<float>&);
-template void recurrent_backward<double>(const kernels::LayerBackwardParams<double>&);
+namespace {
 
+double fma_rate(double seconds) {
+  // 12 independent accumulators: enough chains to cover the FMA latency
+  // (4-5 cycles) on two pipes.
+  using V = gemm::Simd<float>::V;
+  constexpr int kChains = 12;
+  constexpr int64_t kInner = 1 << 16;
+  V acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = V{} + static_cast<float>(c) * 1e-3f;
+  const V a = V{} + 0.999999f, b = V{} + 1e-7f;
+  int64_t rounds = 0;
+  const double t0 = omp_get_wtime();
+  double elapsed = 0;
+  do {
+    for (int64_t i = 0; i < kInner; ++i) {
+#pragma GCC unroll 12
+      for (int c = 0; c < kChains; ++c) acc[c] = acc[c] * a + b;
+    }
+    ++rounds;
+    elapsed = omp_get_wtime() - t0;
+  } while (elapsed < seconds);
+  float sink = 0;
+  for (int c = 0; c < kChains; ++c) sink += acc[c][0];
+  volatile float keep = sink;  // the chains must not be optimised away
+  (void)keep;
+  return static_cast<double>(rounds) * kInner * kChains * gemm::Simd<float>::kLanes / elapsed;
+}
+
+double product_seconds(int64_t M, int64_t K, int64_t N, int64_t reps) {
+  std::vector<float> x(static_cast<size_t>(std::max<int64_t>(1, M * K)), 0.5f);
+  std::vector<float> b(static_cast<size_t>(std::max<int64_t>(1, K * N)), 0.25f);
+  std::vector<float> y(static_cast<size_t>(std::max<int64_t>(1, M * N)));
+  PackedStore<float> store;
+  PackedB<float> pb(store);
+  pb.init(K, N, N);
+  pb.pack_panels(b.data(), K, true, 0, pb.panels());
+  pb.set_ready();
+  pb.mm(M, 0, pb.panels(), x.data(), K, 1, y.data(), N, false);  // warm-up
+  const double t0 = omp_get_wtime();
+  for (int64_t r = 0; r < reps; ++r) pb.mm(M, 0, pb.panels(), x.data(), K, 1, y.data(), N, false);
+  return (omp_get_wtime() - t0) / static_cast<double>(std::max<int64_t>(1, reps));
+}
+
+}  // namespace
+
+// This path's entry in the dispatch table (csrc/cpu/isa.h).
+const IsaKernels& kernels() {
+  static const IsaKernels k{static_cast<IsaId>(FASTCELLS_ISA_ID),
+                            FASTCELLS_ISA_NAME,
+                            FASTCELLS_VEC_BYTES,
+                            FASTCELLS_MR,
+                            {&matmul<float>, &recurrent_forward<float>, &recurrent_backward<float>},
+                            {&matmul<double>, &recurrent_forward<double>, &recurrent_backward<double>},
+                            {&fma_rate, &product_seconds}};
+  return k;
+}
+
+}  // namespace FASTCELLS_CPU_ISA
 }  // namespace cpu
 }  // namespace fastcells

@@ -1,0 +1,33 @@
+// Storage of a packed right-hand side, shared by every CPU ISA path.
+//
+// The op layer (csrc/ops.cpp) keeps packed weights across the time chunks of
+// one call without knowing how a path lays them out: panel width and register
+// blocks differ between ISA paths (csrc/cpu/isa.h). A path fills the store
+// through its own gemm::PackedB view (gemm_cpu.h) and only reuses a store
+// that it filled itself (`layout` names the path).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+namespace fastcells {
+namespace cpu {
+
+template <typename T>
+struct PackedStore {
+  int layout = -1;  // id of the ISA path that packed it (IsaId), -1 empty
+  bool ready = false;
+  int64_t K = 0, S = 1, per_seg = 0, panels = 0;
+  std::unique_ptr<T[]> data;
+};
+
+// The recurrent weights of one layer and direction as the forward loop packs
+// them, kept across the time chunks of one call (the caller guarantees the
+// weights are unchanged in between).
+template <typename T>
+struct ForwardPack {
+  PackedStore<T> w_hh_t, w_hr_t;
+};
+
+}  // namespace cpu
+}  // namespace fastcells
