@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "kernels/cell_table.h"
 #include "op_handles.h"
 
 namespace fastcells {
@@ -86,7 +87,10 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
         ctx->saved_data["packed"].toBool() ? at::OptionalIntArrayRef(bs) : std::nullopt;
     const std::optional<Tensor> grad_out = defined_or_null(grads[0]);
     const std::optional<Tensor> grad_hy = defined_or_null(grads[1]);
-    const std::optional<Tensor> grad_cy = mode == 0 ? defined_or_null(grads[2]) : std::nullopt;
+    // forward ran, so `mode` is valid.
+    const std::optional<Tensor> grad_cy = kernels::has_cell_state(static_cast<int>(mode))
+                                              ? defined_or_null(grads[2])
+                                              : std::nullopt;
 
     // Gradients in the order of forward's arguments, a TensorList counting
     // one slot per tensor; non-tensor arguments get undefined gradients.

@@ -50,7 +50,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr const char* kModeNames[] = {"LSTM", "GRU", "RNN_TANH", "RNN_RELU"};
+constexpr const auto& kModeNames = kernels::kCellNames;
 
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream o;
@@ -110,9 +110,8 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
                     int64_t mode, int64_t num_layers, bool bidirectional, bool has_biases,
                     int64_t proj_size, const std::optional<Tensor>& dropout_masks) {
   Config c;
-  TORCH_CHECK(mode >= 0 && mode <= 3,
-              "fastcells: `mode` must be 0 (LSTM), 1 (GRU), 2 (RNN_TANH) or 3 (RNN_RELU), got ",
-              mode);
+  TORCH_CHECK(kernels::is_valid_mode(mode), "fastcells: `mode` must be ", kernels::valid_modes(),
+              ", got ", mode);
   TORCH_CHECK(num_layers >= 1, "fastcells: `num_layers` must be >= 1, got ", num_layers);
   TORCH_CHECK(proj_size >= 0, "fastcells: `proj_size` must be >= 0, got ", proj_size);
   TORCH_CHECK(proj_size == 0 || mode == kernels::kLSTM,

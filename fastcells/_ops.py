@@ -22,9 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the library and its registrations)
-
-MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-_GATES = {0: 4, 1: 3, 2: 1, 3: 1}
+from ._cells import CELLS, MODES, cell  # noqa: F401  (MODES is public here)
 
 _forward = torch.ops.fastcells.rnn_forward.default
 
@@ -36,8 +34,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _layout(input: torch.Tensor, weights: Sequence[torch.Tensor], batch_sizes, mode: int,
             num_layers: int, bidirectional: bool, proj_size: int):
     """(N, T, B, H, P, D, reserve_size) exactly as csrc/ops.cpp's Config."""
+    c = cell(mode)
     D = 2 if bidirectional else 1
-    H = weights[1].shape[0] // _GATES[mode]
+    H = weights[1].shape[0] // c.gates
     P = proj_size if proj_size > 0 else H
     if batch_sizes is not None:
         N = input.shape[0]
@@ -46,8 +45,8 @@ def _layout(input: torch.Tensor, weights: Sequence[torch.Tensor], batch_sizes, m
     else:
         T, B = input.shape[0], input.shape[1]
         N = T * B
-    GH = _GATES[mode] * H
-    EH = H if mode in (0, 1) else 0
+    GH = c.gates * H
+    EH = c.extra_size(H)
     reserve = num_layers * D * N * (GH + EH) + (num_layers - 1) * N * D * P
     return N, T, B, H, P, D, reserve
 
@@ -62,7 +61,8 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
     else:
         output = input.new_empty((T, B, D * P))
     hy = input.new_empty((num_layers * D, B, P))
-    cy = input.new_empty((num_layers * D, B, H)) if mode == 0 else input.new_empty((0,))
+    cy = (input.new_empty((num_layers * D, B, H)) if CELLS[mode].has_cell_state
+          else input.new_empty((0,)))
     res = input.new_empty((reserve if need_reserve else 0,), dtype=_compute_dtype(input.dtype))
     return output, hy, cy, res
 
@@ -74,7 +74,8 @@ def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidire
     N, T, B, H, P, D, _ = _layout(input, weights, batch_sizes, mode, num_layers, bidirectional,
                                   proj_size)
     grad_hx = input.new_empty((num_layers * D, B, P))
-    grad_cx = input.new_empty((num_layers * D, B, H)) if mode == 0 else input.new_empty((0,))
+    grad_cx = (input.new_empty((num_layers * D, B, H)) if CELLS[mode].has_cell_state
+               else input.new_empty((0,)))
     grad_input = torch.empty_like(input) if need_grad_input else input.new_empty((0,))
     return (grad_input, grad_hx, grad_cx,
             [torch.empty_like(w) for w in weights])
@@ -95,7 +96,7 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
         cx: (L*D, B, H) initial cell state for LSTM (None for zeros, together with hx),
             else None.
         batch_sizes: PackedSequence batch sizes (non-increasing), or None for dense input.
-        mode: 0 LSTM, 1 GRU, 2 RNN tanh, 3 RNN relu (see ``MODES``).
+        mode: the cell's code, ``MODES[name]`` (the table in fastcells/_cells.py).
         dropout_masks: None or (L-1, T, B, D*P) / (L-1, N, D*P) multipliers applied to
             the inputs of layers 1..L-1.
 
@@ -107,7 +108,8 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
     out, hy, cy, _ = _forward(input, list(weights), hx, cx, batch_sizes, mode, num_layers,
                               bidirectional, has_biases, proj_size, dropout_masks,
                               torch.is_grad_enabled() or torch.jit.is_tracing())
-    return out, hy, (cy if mode == 0 else None)
+    # The op has checked `mode`, so it indexes the table.
+    return out, hy, (cy if CELLS[mode].has_cell_state else None)
 
 
 def build_info() -> str:

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from ._ops import MODES, rnn
+from ._cells import CELLS, MODES, cell_of_module
+from ._ops import rnn
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
@@ -72,7 +73,7 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):  # noqa: C901
         name = type(self).__name__
-        is_lstm = self.mode == "LSTM"
+        has_cell_state = CELLS[MODES[self.mode]].has_cell_state
         D = 2 if self.bidirectional else 1
         H = self.hidden_size
         P = self.proj_size if self.proj_size > 0 else H
@@ -102,7 +103,7 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
         if hx is None:
             h0 = c0 = None  # zero initial states, created inside the op
         else:
-            if is_lstm:
+            if has_cell_state:
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                     raise ValueError(f"{name}: hx must be a tuple (h_0, c_0)")
                 h0, c0 = hx
@@ -121,7 +122,7 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
                 h0 = h0.index_select(1, sorted_indices)
                 c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
             if tuple(h0.shape) != (L * D, B, P):
-                raise RuntimeError(f"{name}: Expected hidden{'[0]' if is_lstm else ''} size "
+                raise RuntimeError(f"{name}: Expected hidden{'[0]' if has_cell_state else ''} size "
                                    f"{(L * D, B, P)}, got {list(h0.shape)}")
             if c0 is not None and tuple(c0.shape) != (L * D, B, H):
                 raise RuntimeError(f"{name}: Expected hidden[1] size {(L * D, B, H)}, "
@@ -145,7 +146,7 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
                 output = output.squeeze(1)
                 hy = hy.squeeze(1)
                 cy = cy.squeeze(1) if cy is not None else None
-        return output, ((hy, cy) if is_lstm else hy)
+        return output, ((hy, cy) if has_cell_state else hy)
 
 
 class LSTM(_FusedRNNBase):
@@ -202,7 +203,7 @@ def _cell_forward(cell: nn.RNNCellBase, mode: int, input: Tensor, h0: Optional[T
     B, H = x.shape[0], cell.hidden_size
     h = None if h0 is None else (h0 if batched else h0.unsqueeze(0)).unsqueeze(0)
     c = None
-    if mode == MODES["LSTM"]:
+    if CELLS[mode].has_cell_state:
         c = None if c0 is None else (c0 if batched else c0.unsqueeze(0)).unsqueeze(0)
         if (h is None) != (c is None):  # the op takes both states or neither
             h = x.new_zeros((1, B, H)) if h is None else h
@@ -240,8 +241,8 @@ class RNNCell(_NoTorchScript, nn.RNNCell):
     """Fused drop-in for :class:`torch.nn.RNNCell`; returns ``h_1``."""
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        mode = MODES["RNN_TANH"] if self.nonlinearity == "tanh" else MODES["RNN_RELU"]
-        return _cell_forward(self, mode, input, hx, None)
+        return _cell_forward(self, cell_of_module("RNNCell", self.nonlinearity).code, input, hx,
+                             None)
 
 
 _SWAPS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,

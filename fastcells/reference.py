@@ -29,9 +29,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._cells import MODES, cell
+
 __all__ = ["rnn_reference", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"]
 
-LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
+LSTM, GRU, RNN_TANH, RNN_RELU = (MODES[n] for n in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"))
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -137,7 +139,7 @@ def rnn_reference(
         hx: (L*D, B, P) initial hidden state. cx: (L*D, B, H) for LSTM, else None.
         batch_sizes: None for dense input, else the (T,) non-increasing
             PackedSequence.batch_sizes (list or CPU tensor).
-        mode: 0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU.
+        mode: the cell's code, ``fastcells.MODES[name]`` (fastcells/_cells.py).
         dropout_masks: None, or (L-1, T, B, D*P) dense / (L-1, N, D*P) packed,
             multiplied into the input of layers 1..L-1.
 
@@ -145,8 +147,7 @@ def rnn_reference(
         output (T, B, D*P) or (N, D*P); hy (L*D, B, P); cy (L*D, B, H) for LSTM,
         None otherwise. Layer l direction d is state index l*D + d.
     """
-    if mode not in (LSTM, GRU, RNN_TANH, RNN_RELU):
-        raise ValueError(f"mode must be 0..3, got {mode}")
+    has_c = cell(mode).has_cell_state  # ValueError naming `mode` for an unknown code
     dense = batch_sizes is None
     if dense:
         sizes = [input.shape[1]] * input.shape[0]
@@ -167,7 +168,7 @@ def rnn_reference(
         for d in range(D):
             k = layer * D + d
             w = list(weights[k * per:(k + 1) * per])
-            c0 = cx[k] if mode == LSTM else None
+            c0 = cx[k] if has_c else None
             out, h_n, c_n = _layer_direction(x, sizes, d == 1, mode, w, has_biases,
                                              proj_size, hx[k], c0)
             outs.append(out)
@@ -176,4 +177,4 @@ def rnn_reference(
                 cy.append(c_n)
         x = torch.cat(outs, dim=1)
     output = x.reshape(input.shape[0], input.shape[1], x.shape[1]) if dense else x
-    return output, torch.stack(hy), (torch.stack(cy) if mode == LSTM else None)
+    return output, torch.stack(hy), (torch.stack(cy) if has_c else None)

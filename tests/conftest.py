@@ -21,14 +21,38 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-# name -> (torch.nn class, op mode, extra constructor kwargs)
+try:
+    from fastcells._cells import CELLS, cell_named, cell_of_module
+except ImportError:  # pragma: no cover - the package without its extension: the table alone
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _spec = importlib.util.spec_from_file_location(
+        "fastcells_cells_table", Path(__file__).resolve().parents[1] / "fastcells" / "_cells.py")
+    _cells = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _cells
+    _spec.loader.exec_module(_cells)
+    CELLS, cell_named, cell_of_module = _cells.CELLS, _cells.cell_named, _cells.cell_of_module
+
+# name -> (torch.nn class, op mode, extra constructor kwargs), from the table of cells
 MODES: dict[str, tuple[type, int, dict]] = {
-    "LSTM": (nn.LSTM, 0, {}),
-    "GRU": (nn.GRU, 1, {}),
-    "RNN_TANH": (nn.RNN, 2, {"nonlinearity": "tanh"}),
-    "RNN_RELU": (nn.RNN, 3, {"nonlinearity": "relu"}),
+    c.name: (getattr(nn, c.nn_class), c.code,
+             {"nonlinearity": c.nonlinearity} if c.nonlinearity else {})
+    for c in CELLS
 }
 MODE_NAMES = list(MODES)
+
+
+def gates(mode_name: str) -> int:
+    """G of a cell by name: its weights have G*H rows."""
+    return cell_named(mode_name).gates
+
+
+def has_cell_state(mode_name: str) -> bool:
+    """Whether the cell carries c besides h (the state is a tuple (h, c))."""
+    return cell_named(mode_name).has_cell_state
+
 
 TOL: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"atol": 1e-10, "rtol": 1e-10},
@@ -72,13 +96,8 @@ def cpu_isa(request, monkeypatch):
 
 
 def mode_of(module: nn.Module) -> int:
-    """Op mode (0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU) of an nn.LSTM/GRU/RNN-like module."""
-    name = type(module).__name__
-    if name == "LSTM":
-        return 0
-    if name == "GRU":
-        return 1
-    return 2 if module.nonlinearity == "tanh" else 3
+    """Op mode (the table's code) of an nn.LSTM/GRU/RNN-like module."""
+    return cell_of_module(type(module).__name__, getattr(module, "nonlinearity", None)).code
 
 
 def make_nn(mode_name: str, input_size: int, hidden_size: int, dtype: torch.dtype = torch.float64,
@@ -141,7 +160,7 @@ def make_hx(module: nn.Module, B: int | None, dtype: torch.dtype, seed: int = 2)
     P = getattr(module, "proj_size", 0) or H
     lead = (module.num_layers * D,) if B is None else (module.num_layers * D, B)
     h = torch.randn(*lead, P, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    if mode_of(module) != 0:
+    if not CELLS[mode_of(module)].has_cell_state:
         return h
     c = torch.randn(*lead, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     return (h, c)
@@ -155,6 +174,7 @@ def run_functional(fn: Callable, module: nn.Module, input, hx=None,
     Returns what the module would: (output, h_n) or (output, (h_n, c_n)).
     """
     mode = mode_of(module)
+    has_c = CELLS[mode].has_cell_state
     D = 2 if module.bidirectional else 1
     H = module.hidden_size
     P = getattr(module, "proj_size", 0) or H
@@ -173,9 +193,9 @@ def run_functional(fn: Callable, module: nn.Module, input, hx=None,
         B, sizes, sorted_idx, unsorted_idx = data.shape[1], None, None, None
     if hx is None:
         z = torch.zeros(L * D, B, P, dtype=data.dtype)
-        h0, c0 = z, (torch.zeros(L * D, B, H, dtype=data.dtype) if mode == 0 else None)
+        h0, c0 = z, (torch.zeros(L * D, B, H, dtype=data.dtype) if has_c else None)
     else:
-        h0, c0 = hx if mode == 0 else (hx, None)
+        h0, c0 = hx if has_c else (hx, None)
         if not batched:
             h0 = h0.unsqueeze(1)
             c0 = c0.unsqueeze(1) if c0 is not None else None
@@ -187,14 +207,14 @@ def run_functional(fn: Callable, module: nn.Module, input, hx=None,
     if packed:
         out = PackedSequence(out, input.batch_sizes, sorted_idx, unsorted_idx)
         hy = hy.index_select(1, unsorted_idx)
-        cy = cy.index_select(1, unsorted_idx) if mode == 0 else None
+        cy = cy.index_select(1, unsorted_idx) if has_c else None
     else:
         if module.batch_first and batched:
             out = out.transpose(0, 1)
         if not batched:
             out, hy = out.squeeze(1), hy.squeeze(1)
-            cy = cy.squeeze(1) if mode == 0 else None
-    return (out, (hy, cy)) if mode == 0 else (out, hy)
+            cy = cy.squeeze(1) if has_c else None
+    return (out, (hy, cy)) if has_c else (out, hy)
 
 
 def flatten_result(result) -> list[Tensor]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from conftest import (MODE_NAMES, MODES, assert_close_list, flatten_result, grads_of,
+from conftest import (MODE_NAMES, MODES, assert_close_list, flatten_result, gates, grads_of,
                       make_fastcells_like, make_nn, needs_fastcells, weighted_loss)
 
 pytestmark = needs_fastcells
@@ -356,20 +356,24 @@ OP_CASES = {
     "weights_too_few": ("LSTM", 0, False, lambda a: a.update(weights=a["weights"][:-1]), "weight"),
     "weights_too_many": ("GRU", 0, False,
                          lambda a: a.update(weights=a["weights"] + a["weights"][:1]), "weight"),
-    "w_ih_cols": ("LSTM", 0, False, lambda a: a.update(weights=_w(a, 0, torch.zeros(4 * H, I + 1,
-                                                                                     dtype=torch.float64))),
+    "w_ih_cols": ("LSTM", 0, False,
+                  lambda a: a.update(weights=_w(a, 0, torch.zeros(gates("LSTM") * H, I + 1,
+                                                                  dtype=torch.float64))),
                   r"(?i)weight|w_ih"),
-    "w_ih_rows": ("GRU", 0, False, lambda a: a.update(weights=_w(a, 0, torch.zeros(4 * H, I,
-                                                                                    dtype=torch.float64))),
+    "w_ih_rows": ("GRU", 0, False,  # one gate too many
+                  lambda a: a.update(weights=_w(a, 0, torch.zeros((gates("GRU") + 1) * H, I,
+                                                                  dtype=torch.float64))),
                   r"(?i)weight|w_ih"),
     "w_hh_shape": ("RNN_TANH", 0, False, lambda a: a.update(weights=_w(a, 1, torch.zeros(H, H + 1,
                                                                                           dtype=torch.float64))),
                    r"(?i)weight|w_hh"),
-    "b_ih_len": ("LSTM", 0, False, lambda a: a.update(weights=_w(a, 2, torch.zeros(4 * H - 1,
-                                                                                    dtype=torch.float64))),
+    "b_ih_len": ("LSTM", 0, False,
+                 lambda a: a.update(weights=_w(a, 2, torch.zeros(gates("LSTM") * H - 1,
+                                                                 dtype=torch.float64))),
                  r"(?i)weight|bias|b_ih"),
-    "layer1_w_ih": ("GRU", 0, False, lambda a: a.update(weights=_w(a, 8, torch.zeros(3 * H, H,
-                                                                                      dtype=torch.float64))),
+    "layer1_w_ih": ("GRU", 0, False,
+                    lambda a: a.update(weights=_w(a, 8, torch.zeros(gates("GRU") * H, H,
+                                                                    dtype=torch.float64))),
                     r"(?i)weight|w_ih"),
     "w_hr_shape": ("LSTM", 2, False, lambda a: a.update(weights=_w(a, 4, torch.zeros(2, H + 1,
                                                                                       dtype=torch.float64))),
@@ -379,7 +383,7 @@ OP_CASES = {
     "weight_2d_bias": ("RNN_RELU", 0, False,
                        lambda a: a.update(weights=_w(a, 3, torch.zeros(1, H, dtype=torch.float64))),
                        r"(?i)weight|bias|b_hh"),
-    "mode_4": ("GRU", 0, False, lambda a: a.update(mode=4), "mode"),
+    "mode_past_last": ("GRU", 0, False, lambda a: a.update(mode=len(MODES)), "mode"),
     "mode_neg": ("GRU", 0, False, lambda a: a.update(mode=-1), "mode"),
     "proj_negative": ("LSTM", 0, False, lambda a: a.update(proj_size=-2), "proj_size"),
     "proj_for_gru": ("GRU", 0, False, lambda a: a.update(proj_size=2), r"proj_size|weight"),

@@ -10,24 +10,27 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import CELLS as TABLE
 from conftest import TOL, assert_close_list, grads_of, needs_fastcells, weighted_loss
 
 pytestmark = needs_fastcells
 
 I, H, B = 3, 5, 4
 
+# "LSTMCell", "GRUCell", "RNNCell_tanh", "RNNCell_relu" -> (torch.nn cell class,
+# constructor kwargs, carries c), from the table of cells
 CELLS = {
-    "LSTMCell": (nn.LSTMCell, {}),
-    "GRUCell": (nn.GRUCell, {}),
-    "RNNCell_tanh": (nn.RNNCell, {"nonlinearity": "tanh"}),
-    "RNNCell_relu": (nn.RNNCell, {"nonlinearity": "relu"}),
+    c.nn_class + "Cell" + (f"_{c.nonlinearity}" if c.nonlinearity else ""):
+        (getattr(nn, c.nn_class + "Cell"),
+         {"nonlinearity": c.nonlinearity} if c.nonlinearity else {}, c.has_cell_state)
+    for c in TABLE
 }
 
 
 def _pair(name: str, bias: bool, dtype: torch.dtype):
     import fastcells
 
-    cls, extra = CELLS[name]
+    cls, extra, _ = CELLS[name]
     torch.manual_seed(0)
     ref = cls(I, H, bias=bias, dtype=dtype, **extra)
     mod = getattr(fastcells, cls.__name__)(I, H, bias=bias, dtype=dtype, **extra)
@@ -59,7 +62,7 @@ def _run(cell: nn.Module, lstm: bool, batched: bool, with_hx: bool, dtype: torch
 def test_cell_matches_torch_nn(name, batched, with_hx, dtype):
     bias = not (batched and with_hx)  # bias off in one combination per cell
     ref, mod = _pair(name, bias, dtype)
-    lstm = name == "LSTMCell"
+    lstm = CELLS[name][2]
     ref_out, ref_grads = _run(ref, lstm, batched, with_hx, dtype)
     out, grads = _run(mod, lstm, batched, with_hx, dtype)
     for o, r in zip(out, ref_out):
@@ -72,7 +75,7 @@ def test_cell_matches_torch_nn(name, batched, with_hx, dtype):
 def test_cell_state_dict_and_seeded_init(name):
     import fastcells
 
-    cls, extra = CELLS[name]
+    cls, extra, _ = CELLS[name]
     torch.manual_seed(5)
     ref = cls(I, H, **extra)
     torch.manual_seed(5)
@@ -99,7 +102,7 @@ def test_cell_bfloat16_close_to_float64():
         _, mod16 = _pair(name, True, torch.bfloat16)
         mod16.load_state_dict(ref64.state_dict())
         x = torch.randn(B, I, dtype=torch.float64)
-        lstm = name == "LSTMCell"
+        lstm = CELLS[name][2]
         exp = ref64(x)
         got = mod16(x.bfloat16())
         for g_, e_ in zip(got if lstm else [got], exp if lstm else [exp]):
@@ -110,7 +113,7 @@ def test_cell_bfloat16_close_to_float64():
 @pytest.mark.parametrize("name", list(CELLS))
 def test_cell_bad_state_and_dtypes(name):
     ref, mod = _pair(name, True, torch.float32)
-    lstm = name == "LSTMCell"
+    lstm = CELLS[name][2]
 
     def state(b, dtype=torch.float32):
         h = torch.zeros(b, H, dtype=dtype)
@@ -132,5 +135,6 @@ def test_cell_empty_batch(name):
     ref, mod = _pair(name, True, torch.float64)
     x = torch.randn(0, I, dtype=torch.float64)
     got, expect = mod(x), ref(x)
-    for g_, e_ in zip(got if name == "LSTMCell" else [got], expect if name == "LSTMCell" else [expect]):
+    lstm = CELLS[name][2]
+    for g_, e_ in zip(got if lstm else [got], expect if lstm else [expect]):
         assert g_.shape == e_.shape == (0, H)

@@ -24,7 +24,7 @@ if not hasattr(fastcells, "LSTM"):
 SLOW = os.environ.get("FASTCELLS_SLOW", "0") == "1"
 slow = pytest.mark.skipif(not SLOW, reason="set FASTCELLS_SLOW=1 to run")
 
-MODES = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+from fastcells._cells import CELLS, MODES  # noqa: E402
 
 
 class Forecaster(nn.Module):
@@ -204,13 +204,12 @@ def _op_args(mode: int, layers: int, bidirectional: bool, bias: bool, proj: int,
     I, H, B, T = 3, 4, 3, 5
     P = proj or H
     D = 2 if bidirectional else 1
-    if mode == 0:
-        ref = nn.LSTM(I, H, layers, bias=bias, bidirectional=bidirectional, proj_size=proj)
-    elif mode == 1:
-        ref = nn.GRU(I, H, layers, bias=bias, bidirectional=bidirectional)
-    else:
-        ref = nn.RNN(I, H, layers, bias=bias, bidirectional=bidirectional,
-                     nonlinearity="tanh" if mode == 2 else "relu")
+    cell = CELLS[mode]
+    kwargs = {"proj_size": proj} if cell.proj else {}
+    if cell.nonlinearity:
+        kwargs["nonlinearity"] = cell.nonlinearity
+    ref = getattr(nn, cell.nn_class)(I, H, layers, bias=bias, bidirectional=bidirectional,
+                                     **kwargs)
     ref = ref.to(dtype)
     weights = [w.detach().clone().requires_grad_(requires_grad) for w in ref._flat_weights]
     if packed:
@@ -226,7 +225,7 @@ def _op_args(mode: int, layers: int, bidirectional: bool, bias: bool, proj: int,
     x.requires_grad_(requires_grad)
     hx = torch.randn(layers * D, B, P, dtype=dtype, requires_grad=requires_grad)
     cx = (torch.randn(layers * D, B, H, dtype=dtype, requires_grad=requires_grad)
-          if mode == 0 else None)
+          if CELLS[mode].has_cell_state else None)
     dropout_masks = None
     if masks and layers > 1:
         shape = (layers - 1, rows, D * P) if packed else (layers - 1, T, B, D * P)
@@ -237,16 +236,17 @@ def _op_args(mode: int, layers: int, bidirectional: bool, bias: bool, proj: int,
 
 FORWARD_CASES = [
     # mode, layers, bidirectional, bias, proj, packed, masks
-    pytest.param((0, 2, False, True, 0, False, False), id="lstm-2l"),
-    pytest.param((0, 2, True, True, 2, True, True), id="lstm-bi-proj-packed-masks"),
-    pytest.param((1, 1, True, False, 0, False, False), id="gru-bi-nobias"),
-    pytest.param((1, 2, False, True, 0, True, True), id="gru-packed-masks"),
-    pytest.param((2, 1, False, True, 0, False, False), id="rnn-tanh"),
+    pytest.param((MODES["LSTM"], 2, False, True, 0, False, False), id="lstm-2l"),
+    pytest.param((MODES["LSTM"], 2, True, True, 2, True, True), id="lstm-bi-proj-packed-masks"),
+    pytest.param((MODES["GRU"], 1, True, False, 0, False, False), id="gru-bi-nobias"),
+    pytest.param((MODES["GRU"], 2, False, True, 0, True, True), id="gru-packed-masks"),
+    pytest.param((MODES["RNN_TANH"], 1, False, True, 0, False, False), id="rnn-tanh"),
 ]
 SLOW_FORWARD_CASES = [
-    pytest.param((3, 3, True, True, 0, True, True), id="rnn-relu-3l-bi-packed-masks"),
-    pytest.param((0, 1, False, False, 3, False, False), id="lstm-proj-nobias"),
-    pytest.param((1, 3, True, True, 0, False, True), id="gru-3l-bi-masks"),
+    pytest.param((MODES["RNN_RELU"], 3, True, True, 0, True, True),
+                 id="rnn-relu-3l-bi-packed-masks"),
+    pytest.param((MODES["LSTM"], 1, False, False, 3, False, False), id="lstm-proj-nobias"),
+    pytest.param((MODES["GRU"], 3, True, True, 0, False, True), id="gru-3l-bi-masks"),
 ]
 
 
@@ -271,14 +271,14 @@ def test_opcheck_rnn_forward_slow(case):
 def test_opcheck_rnn_forward_trailing_empty_steps():
     """Packed batch sizes ending in empty steps (dropped by the op): the fake
     kernel's shapes match the real ones, with gradients."""
-    args = list(_op_args(0, 2, True, True, 0, True, False))
+    args = list(_op_args(MODES["LSTM"], 2, True, True, 0, True, False))
     args[4] = args[4] + [0, 0]
     _opcheck(torch.ops.fastcells.rnn_forward.default, tuple(args))
 
 
 def test_opcheck_rnn_forward_bfloat16_fake():
     """The fake kernel must give reserve's float32 dtype for bf16 inputs."""
-    args = _op_args(0, 2, False, True, 0, False, False, dtype=torch.bfloat16,
+    args = _op_args(MODES["LSTM"], 2, False, True, 0, False, False, dtype=torch.bfloat16,
                     requires_grad=False)
     result = torch.library.opcheck(torch.ops.fastcells.rnn_forward.default, args,
                                    test_utils=("test_schema", "test_faketensor"))
@@ -292,7 +292,8 @@ def _backward_args(case, grads_require_grad: bool):
     g = torch.Generator().manual_seed(99)
     grad_output = torch.randn(output.shape, dtype=output.dtype, generator=g)
     grad_hy = torch.randn(hy.shape, dtype=hy.dtype, generator=g)
-    grad_cy = torch.randn(cy.shape, dtype=cy.dtype, generator=g) if mode == 0 else None
+    grad_cy = (torch.randn(cy.shape, dtype=cy.dtype, generator=g)
+               if CELLS[mode].has_cell_state else None)
     for t in (grad_output, grad_hy, grad_cy):
         if t is not None:
             t.requires_grad_(grads_require_grad)
@@ -301,8 +302,8 @@ def _backward_args(case, grads_require_grad: bool):
 
 
 BACKWARD_CASES = [
-    pytest.param((0, 2, True, True, 2, True, True), id="lstm-bi-proj-packed-masks"),
-    pytest.param((1, 2, False, True, 0, False, False), id="gru-2l"),
+    pytest.param((MODES["LSTM"], 2, True, True, 2, True, True), id="lstm-bi-proj-packed-masks"),
+    pytest.param((MODES["GRU"], 2, False, True, 0, False, False), id="gru-2l"),
 ]
 
 

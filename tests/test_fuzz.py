@@ -35,6 +35,7 @@ try:
     from fastcells.reference import rnn_reference
 except ImportError:  # pragma: no cover - the reference is part of the package
     rnn_reference = None
+from fastcells._cells import CELLS, cell_named, cell_of_module  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FASTCELLS_FUZZ_EXAMPLES", "200"))
 
@@ -48,7 +49,10 @@ FUZZ = settings(
 )
 CELL_FUZZ = settings(FUZZ, max_examples=max(10, EXAMPLES // 4))
 
-MODE = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+MODE = {c.name: c.code for c in CELLS}
+# torch.nn cell class, "-nonlinearity" where it takes one: "LSTMCell", ..., "RNNCell-relu"
+CELL_KINDS = [c.nn_class + "Cell" + (f"-{c.nonlinearity}" if c.nonlinearity else "")
+              for c in CELLS]
 TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-4, atol=2e-5),
@@ -60,7 +64,7 @@ def rnn_configs(draw):
     kind = draw(st.sampled_from(list(MODE)))
     hidden = draw(st.integers(1, 6))
     proj = 0
-    if kind == "LSTM" and hidden > 1 and draw(st.booleans()):
+    if cell_named(kind).proj and hidden > 1 and draw(st.booleans()):
         proj = draw(st.integers(1, hidden - 1))
     layers = draw(st.integers(1, 3))
     steps = draw(st.integers(1, 6))
@@ -97,23 +101,19 @@ def rnn_configs(draw):
 
 def _make_pair(cfg, with_fastcells=True):
     """(torch.nn module, fastcells module or None) with identical weights."""
-    kind = cfg["kind"]
+    c = cell_named(cfg["kind"])
     kwargs = dict(num_layers=cfg["layers"], bias=cfg["bias"], batch_first=cfg["batch_first"],
                   dropout=cfg["dropout"], bidirectional=cfg["bidirectional"])
-    if kind == "LSTM":
+    if c.proj:
         kwargs["proj_size"] = cfg["proj"]
-        names = ("LSTM", "LSTM")
-    elif kind == "GRU":
-        names = ("GRU", "GRU")
-    else:
-        kwargs["nonlinearity"] = "tanh" if kind == "RNN_TANH" else "relu"
-        names = ("RNN", "RNN")
+    if c.nonlinearity:
+        kwargs["nonlinearity"] = c.nonlinearity
     torch.manual_seed(cfg["seed"])
-    ref = getattr(nn, names[0])(cfg["input_size"], cfg["hidden"], **kwargs).to(cfg["dtype"])
+    ref = getattr(nn, c.nn_class)(cfg["input_size"], cfg["hidden"], **kwargs).to(cfg["dtype"])
     ref.train(cfg["train"])
     if not with_fastcells:
         return ref, None
-    fc = getattr(fastcells, names[1])(cfg["input_size"], cfg["hidden"], **kwargs).to(cfg["dtype"])
+    fc = getattr(fastcells, c.nn_class)(cfg["input_size"], cfg["hidden"], **kwargs).to(cfg["dtype"])
     fc.load_state_dict(ref.state_dict())
     fc.train(cfg["train"])
     return ref, fc
@@ -170,7 +170,7 @@ def test_module_matches_torch_nn(cfg):
         h0 = rand(*hshape).requires_grad_(True)
         leaves.append(h0)
         hx = h0
-        if cfg["kind"] == "LSTM":
+        if cell_named(cfg["kind"]).has_cell_state:
             cshape = (L * D, cfg["hidden"]) if unbatched else (L * D, B, cfg["hidden"])
             c0 = rand(*cshape).requires_grad_(True)
             leaves.append(c0)
@@ -233,7 +233,7 @@ def test_functional_matches_reference(cfg):
         hx = torch.zeros_like(hx)
     hx.requires_grad_(True)
     cx = None
-    if cfg["kind"] == "LSTM":
+    if cell_named(cfg["kind"]).has_cell_state:
         cx = torch.randn(L * D, B, cfg["hidden"], dtype=dtype, generator=g).requires_grad_(True)
     masks = None
     if cfg["masks"]:
@@ -261,7 +261,7 @@ def test_functional_matches_reference(cfg):
 
 @CELL_FUZZ
 @given(
-    kind=st.sampled_from(["LSTMCell", "GRUCell", "RNNCell-tanh", "RNNCell-relu"]),
+    kind=st.sampled_from(CELL_KINDS),
     input_size=st.integers(1, 5),
     hidden=st.integers(1, 6),
     batch=st.integers(0, 4),  # 0: unbatched
@@ -288,7 +288,7 @@ def test_cells_match_torch_nn(kind, input_size, hidden, batch, bias, give_hx, dt
         h0 = torch.randn(*lead, hidden, dtype=dtype, generator=g).requires_grad_(True)
         leaves.append(h0)
         hx = h0
-        if name == "LSTMCell":
+        if cell_of_module(name, nonlin or None).has_cell_state:
             c0 = torch.randn(*lead, hidden, dtype=dtype, generator=g).requires_grad_(True)
             leaves.append(c0)
             hx = (h0, c0)

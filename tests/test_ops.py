@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import MODE_NAMES, MODES, needs_ops, packed_lengths
+from conftest import CELLS, MODE_NAMES, MODES, gates, has_cell_state, needs_ops, packed_lengths
 from fastcells.reference import rnn_reference
 
 pytestmark = needs_ops
@@ -20,7 +20,7 @@ def _case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_si
     """Arguments of functional.rnn / the ops for one configuration, random values."""
     g = torch.Generator().manual_seed(seed)
     mode_id = MODES[mode][1]
-    G = {0: 4, 1: 3}.get(mode_id, 1)
+    G = gates(mode)
     D = 2 if bidirectional else 1
     P = proj_size or H
 
@@ -45,7 +45,7 @@ def _case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_si
         x = rnd(T, B, I)
         rows = (T, B)
     hx = rnd(num_layers * D, B, P)
-    cx = rnd(num_layers * D, B, H) if mode_id == 0 else None
+    cx = rnd(num_layers * D, B, H) if has_cell_state(mode) else None
     dropout_masks = None
     if masks and num_layers > 1:
         keep = torch.rand(num_layers - 1, *rows, D * P, generator=g) > 0.3
@@ -88,7 +88,7 @@ def test_functional_matches_reference(name):
     r_out, r_hy, r_cy = rnn_reference(*_args(c))
     torch.testing.assert_close(out, r_out, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(hy, r_hy, atol=1e-10, rtol=1e-10)
-    if c["mode"] == 0:
+    if CELLS[c["mode"]].has_cell_state:
         torch.testing.assert_close(cy, r_cy, atol=1e-10, rtol=1e-10)
 
 
@@ -97,7 +97,7 @@ def test_gradcheck(name, cpu_isa):  # once per CPU ISA path the host supports
     import fastcells
 
     c = _case(**CASES[name])
-    lstm = c["mode"] == 0
+    lstm = CELLS[c["mode"]].has_cell_state
     n_w = len(c["weights"])
     leaves = [c["input"], c["hx"]] + ([c["cx"]] if lstm else []) + c["weights"]
     leaves = [t.clone().requires_grad_() for t in leaves]
@@ -146,7 +146,8 @@ def test_opcheck_rnn_backward(name, grads):
     g = torch.Generator().manual_seed(9)
     grad_output = torch.randn(output.shape, generator=g, dtype=output.dtype)
     grad_hy = torch.randn(hy.shape, generator=g, dtype=hy.dtype)
-    grad_cy = torch.randn(cy.shape, generator=g, dtype=cy.dtype) if c["mode"] == 0 else None
+    grad_cy = (torch.randn(cy.shape, generator=g, dtype=cy.dtype)
+               if CELLS[c["mode"]].has_cell_state else None)
     if grads == "output_only":
         grad_hy = grad_cy = None
     elif grads == "states_only":
@@ -167,7 +168,8 @@ def test_rnn_backward_without_input_gradient(name):
     output, hy, cy, reserve = torch.ops.fastcells.rnn_forward.default(*args)
     g = torch.Generator().manual_seed(5)
     go, gh = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (output, hy))
-    gc = torch.randn(cy.shape, generator=g, dtype=cy.dtype) if c["mode"] == 0 else None
+    gc = (torch.randn(cy.shape, generator=g, dtype=cy.dtype) if CELLS[c["mode"]].has_cell_state
+          else None)
     bwd = torch.ops.fastcells.rnn_backward.default
     full = bwd(*args, output, reserve, go, gh, gc)
     part = bwd(*args, output, reserve, go, gh, gc, False)
@@ -201,7 +203,8 @@ def test_ops_with_none_initial_states(name):
     output, hy, cy, reserve = exp
     g = torch.Generator().manual_seed(3)
     go, gh = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (output, hy))
-    gc = torch.randn(cy.shape, generator=g, dtype=cy.dtype) if c["mode"] == 0 else None
+    gc = (torch.randn(cy.shape, generator=g, dtype=cy.dtype) if CELLS[c["mode"]].has_cell_state
+          else None)
     tail = (output, reserve, go, gh, gc)
     gb, eb = bwd(*args, *tail), bwd(*zeros, *tail)
     for a, b in zip(gb[:3], eb[:3]):
@@ -283,7 +286,7 @@ def test_gradients_through_non_contiguous_and_expanded_weights():
     import fastcells
 
     g = torch.Generator().manual_seed(0)
-    G, H, I, T, B = 4, 5, 3, 4, 2
+    G, H, I, T, B = gates("LSTM"), 5, 3, 4, 2
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -294,7 +297,7 @@ def test_gradients_through_non_contiguous_and_expanded_weights():
     grads = []
     for fn in (fastcells.functional.rnn, rnn_reference):
         ws = [leaves[0].t(), leaves[1].t(), leaves[2][::2], leaves[3].expand(G * H)]
-        out, hy, cy = fn(x, ws, h, c, None, 0, 1, False, True, 0, None)
+        out, hy, cy = fn(x, ws, h, c, None, MODES["LSTM"][1], 1, False, True, 0, None)
         (out.sum() + hy.pow(2).sum() + cy.sum()).backward()
         grads.append([t.grad.clone() for t in leaves])
         for t in leaves:

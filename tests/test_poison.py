@@ -22,6 +22,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import CELLS, MODES
+
 fastcells = pytest.importorskip("fastcells")
 if not hasattr(fastcells, "LSTM"):
     pytest.skip("fastcells extension not built", allow_module_level=True)
@@ -65,9 +67,7 @@ def poisoned():
         fastcells.set_poison_outputs(False)
 
 
-MODULES = {"LSTM": (nn.LSTM, {}), "GRU": (nn.GRU, {}),
-           "RNN_TANH": (nn.RNN, {"nonlinearity": "tanh"}),
-           "RNN_RELU": (nn.RNN, {"nonlinearity": "relu"})}
+MODULES = {name: (cls, extra) for name, (cls, _, extra) in MODES.items()}
 
 # (name, T, B, I, H, layers, bidirectional, proj, input kind, give hx)
 CASES = [
@@ -173,25 +173,28 @@ def test_poisoned_cells(name):
 
 
 @needs_hook
-@pytest.mark.parametrize("mode", [0, 1, 2])
-def test_poisoned_op_with_dropout_masks_and_partial_grads(mode):
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN_TANH"])
+def test_poisoned_op_with_dropout_masks_and_partial_grads(name):
     """Op level: dropout masks, and backward with only some output gradients
     (grad_hy / grad_cy None), the cases where a kernel is most tempted to skip
     zero-filling a buffer."""
     from fastcells.functional import rnn
 
+    cls, mode, extra = MODES[name]
+    has_c = CELLS[mode].has_cell_state
+
     def run(which):
         torch.manual_seed(2)
-        ref = [nn.LSTM, nn.GRU, nn.RNN][mode](3, 4, 2, bidirectional=True).double()
+        ref = cls(3, 4, 2, bidirectional=True, **extra).double()
         w = [p.detach().clone().requires_grad_(True) for p in ref._flat_weights]
         g = torch.Generator().manual_seed(3)
         x = torch.randn(5, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
         hx = torch.randn(4, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
         cx = (torch.randn(4, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
-              if mode == 0 else None)
+              if has_c else None)
         masks = (torch.rand(1, 5, 2, 8, generator=g) > 0.5).double() * 2
         out, hy, cy = rnn(x, w, hx, cx, None, mode, 2, True, True, 0, masks)
-        target = {"output": out, "hy": hy, "cy": cy if mode == 0 else out}[which]
+        target = {"output": out, "hy": hy, "cy": cy if has_c else out}[which]
         leaves = [x, hx] + ([cx] if cx is not None else []) + w
         grads = torch.autograd.grad(target.sum(), leaves, allow_unused=True)
         grads = [torch.zeros_like(l) if gr is None else gr for gr, l in zip(grads, leaves)]

@@ -875,10 +875,13 @@ BwdWork<T> carve_backward(const LayerBackwardParams<T>& p, void* workspace) {
 }
 
 void check_mode(int mode, int H, int P, bool proj) {
-  if (mode < kernels::kLSTM || mode > kernels::kRNN_RELU) {
-    throw std::runtime_error("fastcells CUDA: mode must be 0..3, got " + std::to_string(mode));
+  if (!kernels::is_valid_mode(mode)) {
+    throw std::runtime_error("fastcells CUDA: `mode` must be " + kernels::valid_modes() +
+                             ", got " + std::to_string(mode));
   }
-  if (proj && mode != kLSTM) throw std::runtime_error("fastcells CUDA: w_hr is LSTM-only");
+  if (proj && !kernels::allows_proj(mode)) {
+    throw std::runtime_error("fastcells CUDA: w_hr is LSTM-only");
+  }
   if (!proj && P != H) {
     throw std::runtime_error("fastcells CUDA: P must equal H without a projection (H=" +
                              std::to_string(H) + ", P=" + std::to_string(P) + ")");

@@ -8,7 +8,7 @@
 //   T  time steps            B  batch (max batch for packed input)
 //   I  input features        H  hidden size
 //   P  output/recurrent size (proj_size for a projected LSTM, else H)
-//   G  gates: 4 LSTM (i, f, g, o), 3 GRU (r, z, n), 1 RNN
+//   G  gates (cell_table.h): LSTM i, f, g, o; GRU r, z, n; RNN one
 //   N  rows of a (packed) sequence: T*B for dense input, sum(batch_sizes) else
 //
 // Every function works on one (row, unit) element. `acc` is the accumulation
@@ -18,21 +18,10 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FC_HD __host__ __device__ __forceinline__
-#else
-#define FC_HD inline
-#endif
+#include "cell_table.h"  // FC_HD, the cell codes (kLSTM, ...) and num_gates
 
 namespace fastcells {
 namespace kernels {
-
-// Cell codes shared with the op layer (csrc/ops.cpp) and Python.
-enum CellMode : int { kLSTM = 0, kGRU = 1, kRNN_TANH = 2, kRNN_RELU = 3 };
-
-FC_HD int num_gates(int mode) {
-  return mode == kLSTM ? 4 : (mode == kGRU ? 3 : 1);
-}
 
 // float exp and tanh. On the GPU: the CUDA math library. On the CPU: branch-
 // free polynomial/rational forms that the compiler vectorises (libm's expf

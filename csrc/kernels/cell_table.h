@@ -1,0 +1,110 @@
+// The table of cells: the only place where the C++ code numbers the cells and
+// says how many gates each has, whether it carries a cell state, how much it
+// saves for backward and whether it takes a projection. fastcells/_cells.py
+// is the Python copy; tests/test_cell_table.py checks the two agree through
+// torch.ops.fastcells.cell_table() (csrc/cell_table.cpp).
+//
+// Torch-free and usable from CUDA: the lookups are FC_HD constexpr functions
+// (a switch, so device code needs no table in device memory).
+//
+// Adding a cell: one row here and in fastcells/_cells.py, its gate functions in
+// cells.h, its reference in fastcells/reference.py and its module.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FC_HD __host__ __device__ __forceinline__
+#else
+#define FC_HD inline
+#endif
+
+// X(code, name, gates, cell_state, extra, proj)
+//   code        the `mode` argument of the ops; rows are numbered 0, 1, ... in order
+//   name        torch.nn's mode string (RNNBase.mode)
+//   gates       G: the weights have G*H rows (torch.nn gate order)
+//   cell_state  carries c (cx / cy) besides h
+//   extra       columns of the saved "extra" block per row, in units of H
+//               (csrc/ops.cpp's reserve layout: LSTM c_t, GRU hh_n)
+//   proj        proj_size > 0 is allowed
+#define FASTCELLS_CELL_TABLE(X)          \
+  X(0, LSTM, 4, true, 1, true)           \
+  X(1, GRU, 3, false, 1, false)          \
+  X(2, RNN_TANH, 1, false, 0, false)     \
+  X(3, RNN_RELU, 1, false, 0, false)
+
+namespace fastcells {
+namespace kernels {
+
+// Cell codes shared with the op layer (csrc/ops.cpp) and Python.
+#define FC_CELL_ENUM(code, name, gates, cell_state, extra, proj) k##name = code,
+enum CellMode : int { FASTCELLS_CELL_TABLE(FC_CELL_ENUM) };
+#undef FC_CELL_ENUM
+
+#define FC_CELL_COUNT(code, name, gates, cell_state, extra, proj) +1
+constexpr int kNumCells = 0 FASTCELLS_CELL_TABLE(FC_CELL_COUNT);
+#undef FC_CELL_COUNT
+
+struct CellInfo {
+  int code;
+  const char* name;
+  int gates;
+  bool cell_state;
+  int extra;
+  bool proj;
+};
+
+// The row of `mode`; an invalid mode gets code -1, no name and no gates.
+FC_HD constexpr CellInfo cell_info(int mode) {
+#define FC_CELL_CASE(code, name, gates, cell_state, extra, proj) \
+  case code:                                                       \
+    return CellInfo{code, #name, gates, cell_state, extra, proj};
+  switch (mode) {
+    FASTCELLS_CELL_TABLE(FC_CELL_CASE)
+    default:
+      return CellInfo{-1, nullptr, 0, false, 0, false};
+  }
+#undef FC_CELL_CASE
+}
+
+// Codes are positions, so that a range check validates a mode and Python can
+// index its table by code.
+constexpr bool codes_are_positions() {
+  int position = 0;
+  bool ok = true;
+#define FC_CELL_POSITION(code, name, gates, cell_state, extra, proj) \
+  ok = ok && (code) == position++;
+  FASTCELLS_CELL_TABLE(FC_CELL_POSITION)
+#undef FC_CELL_POSITION
+  return ok;
+}
+static_assert(codes_are_positions(), "cell codes must be 0, 1, ... in table order");
+
+// int64_t: the ops take `mode` as an int64, which must not wrap into range.
+FC_HD constexpr bool is_valid_mode(int64_t mode) { return mode >= 0 && mode < kNumCells; }
+
+FC_HD constexpr int num_gates(int mode) { return cell_info(mode).gates; }
+FC_HD constexpr bool has_cell_state(int mode) { return cell_info(mode).cell_state; }
+FC_HD constexpr bool allows_proj(int mode) { return cell_info(mode).proj; }
+// Columns of the saved extra block per row (H for LSTM and GRU, 0 for RNN).
+FC_HD constexpr int64_t extra_size(int mode, int64_t H) { return cell_info(mode).extra * H; }
+FC_HD constexpr const char* cell_name(int mode) { return cell_info(mode).name; }
+
+// Names indexed by code (host code; device code uses cell_name).
+#define FC_CELL_NAME(code, name, gates, cell_state, extra, proj) #name,
+constexpr const char* kCellNames[kNumCells] = {FASTCELLS_CELL_TABLE(FC_CELL_NAME)};
+#undef FC_CELL_NAME
+
+// "0 (LSTM), 1 (GRU), 2 (RNN_TANH) or 3 (RNN_RELU)", for error messages.
+inline std::string valid_modes() {
+  std::string s;
+  for (int m = 0; m < kNumCells; ++m) {
+    if (m > 0) s += m + 1 == kNumCells ? " or " : ", ";
+    s += std::to_string(m) + " (" + kCellNames[m] + ")";
+  }
+  return s;
+}
+
+}  // namespace kernels
+}  // namespace fastcells
