@@ -67,7 +67,7 @@ struct Config {
   std::vector<int64_t> batch_sizes, offsets;
 
   int64_t GH() const { return G * H; }
-  int64_t EH() const { return (mode == kernels::kLSTM || mode == kernels::kGRU) ? H : 0; }
+  int64_t EH() const { return kernels::extra_size(static_cast<int>(mode), H); }
   int64_t gates_offset(int64_t idx) const { return idx * N * (GH() + EH()); }
   int64_t extra_offset(int64_t idx) const { return gates_offset(idx) + N * GH(); }
   int64_t inter_offset(int64_t l) const { return L * D * N * (GH() + EH()) + l * N * D * P; }
@@ -114,7 +114,7 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
               ", got ", mode);
   TORCH_CHECK(num_layers >= 1, "fastcells: `num_layers` must be >= 1, got ", num_layers);
   TORCH_CHECK(proj_size >= 0, "fastcells: `proj_size` must be >= 0, got ", proj_size);
-  TORCH_CHECK(proj_size == 0 || mode == kernels::kLSTM,
+  TORCH_CHECK(proj_size == 0 || kernels::allows_proj(static_cast<int>(mode)),
               "fastcells: `proj_size` is only supported for LSTM, got mode ", kModeNames[mode]);
   c.mode = mode;
   c.L = num_layers;
@@ -228,7 +228,7 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
   const bool has_hx = hx.has_value() && hx->defined();
   const bool has_cx = cx.has_value() && cx->defined();
   if (has_hx) check_tensor(*hx, "hx", {c.L * c.D, c.B, c.P}, input);
-  if (mode == kernels::kLSTM) {
+  if (kernels::has_cell_state(static_cast<int>(mode))) {
     TORCH_CHECK(has_cx == has_hx, "fastcells: `cx` is required for LSTM when `hx` is given, "
                 "and must be None when `hx` is None (zero initial states); got hx ",
                 has_hx ? "given" : "None", " and cx ", has_cx ? "given" : "None");
@@ -314,7 +314,7 @@ std::pair<Tensor, std::optional<Tensor>> initial_states(const Config& c,
                                                         const at::TensorOptions& opts,
                                                         at::ScalarType cd) {
   Tensor h0 = state_or_zeros(hx, {c.L * c.D, c.B, c.P}, opts, cd);
-  if (c.mode != kernels::kLSTM) return {h0, std::nullopt};
+  if (!kernels::has_cell_state(static_cast<int>(c.mode))) return {h0, std::nullopt};
   return {h0, state_or_zeros(cx, {c.L * c.D, c.B, c.H}, opts, cd)};
 }
 
@@ -605,8 +605,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   Tensor reserve = alloc({need_reserve ? c.reserve_size() : 0}, opts, poison);
   Tensor output = alloc({c.N, c.D * c.P}, opts, poison);
   Tensor hy = alloc({c.L * c.D, c.B, c.P}, opts, poison);
-  Tensor cy = alloc({c.mode == kernels::kLSTM ? c.L * c.D : 0, c.B, c.H}, opts, poison);
-  if (c.mode != kernels::kLSTM) cy = cy.view({0});
+  const bool cell_state = kernels::has_cell_state(static_cast<int>(c.mode));
+  Tensor cy = alloc({cell_state ? c.L * c.D : 0, c.B, c.H}, opts, poison);
+  if (!cell_state) cy = cy.view({0});
   const DeviceSchedule sched = device_schedule(c, input.device());
 
   AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_forward", [&] {

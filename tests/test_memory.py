@@ -260,6 +260,18 @@ def fixed_mmap_threshold():
 
 
 @functools.lru_cache(maxsize=None)
+def _trim_heap() -> None:
+    """Returns the heap's free pages to the OS (glibc malloc_trim), so that
+    memory an earlier test freed but left resident does not absorb this
+    measurement's allocations without a change in RSS."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _forward_memory(name: str) -> dict[bool, tuple[int, int]]:
     """{grad_enabled: (bytes kept after forward, peak bytes during forward)}
     for one large forward, from VmRSS/VmHWM (VmHWM reset via clear_refs)."""
@@ -273,6 +285,7 @@ def _forward_memory(name: str) -> dict[bool, tuple[int, int]]:
 
     def measure(grad: bool) -> tuple[int, int]:
         gc.collect()
+        _trim_heap()
         _reset_peak()
         base = _status_kb("VmRSS")
         with torch.set_grad_enabled(grad):
