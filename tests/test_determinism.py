@@ -133,6 +133,7 @@ _DIGEST_SCRIPT = textwrap.dedent("""
         g = torch.Generator().manual_seed(1)
         x = torch.randn(24, 6, 16, generator=g, requires_grad=True)
         out, state = mod(x)
+        out, state = mod(x)  # a second call: the team back-off may run it on one thread
         outs = [out] + (list(state) if isinstance(state, tuple) else [state])
         cot = [torch.randn(o.shape, generator=g) for o in outs]
         grads = torch.autograd.grad(outs, [x] + list(mod.parameters()), cot)
@@ -144,17 +145,21 @@ _DIGEST_SCRIPT = textwrap.dedent("""
 
 def test_fresh_processes_with_different_omp_threads_agree():
     """Across processes (the 'same program run twice' case) and OMP_NUM_THREADS,
-    LSTM and GRU forward + backward hash to the same digest."""
+    LSTM and GRU forward + backward hash to the same digest. The third run
+    makes every wait of the team's step barrier sleep on its futex
+    (FASTCELLS_BARRIER_SPIN_US=0), which also sends later calls to one thread
+    (the team back-off): neither may change a bit or hang."""
     digests = {}
-    for threads in ("1", "2"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    for key, threads, extra in (("1", "1", {}), ("2", "2", {}),
+                                ("2-sleeping", "2", {"FASTCELLS_BARRIER_SPIN_US": "0"})):
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **extra)
         res = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT],
                              env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         n, digest = res.stdout.split()[-2:]
         assert n == threads
-        digests[threads] = digest
-    assert digests["1"] == digests["2"]
+        digests[key] = digest
+    assert digests["1"] == digests["2"] == digests["2-sleeping"]
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]], ids=_ident)

@@ -27,3 +27,4 @@
 #include "isa.h"
 #include "memory_cpu.h"
 #include "pack_cpu.h"
+#include "team_barrier.h"

@@ -45,26 +45,32 @@ using gemm::PackedB;
 // per-step work is large enough; each thread owns a fixed Part of the work
 // for the whole call.
 inline int team_size(int64_t work, int64_t threshold = kParallelWork) {
-  if (work < threshold || omp_in_parallel()) return 1;
+  if (work < threshold || omp_in_parallel() || !team_backoff().allow_team()) return 1;
   return std::max(1, at::get_num_threads());
 }
 
+// body(tid, team, barrier): the team's threads meet at `barrier`
+// (team_barrier.h), sized to the team OpenMP actually started; how often it
+// had to sleep decides whether the next calls start a team (TeamBackoff).
 template <typename F>
 void run_team(int nt, const F& body) {
+  StepBarrier barrier;
   if (nt <= 1) {
-    body(0, 1);
+    body(0, 1, barrier);
     return;
   }
 #pragma omp parallel num_threads(nt)
-  body(omp_get_thread_num(), omp_get_num_threads());
+  {
+#pragma omp single
+    barrier.reset(omp_get_num_threads());  // (single ends with OpenMP's barrier)
+    body(omp_get_thread_num(), omp_get_num_threads(), barrier);
+  }
+  team_backoff().report(barrier);
 }
 
-// A barrier for a team started by run_team (none for a team of one, which
-// runs outside any parallel region).
-inline void team_barrier(int team) {
-  if (team > 1) {
-#pragma omp barrier
-  }
+// A barrier for a team started by run_team (none for a team of one).
+inline void team_barrier(int team, StepBarrier& barrier) {
+  if (team > 1) barrier.wait();
 }
 
 // [lo, hi) of n items for thread tid of nt, in multiples of q.
@@ -115,10 +121,8 @@ void pack_share(PackedB<T>& b, const T* B, int64_t ldb, bool trans, int tid, int
   b.pack_panels(B, ldb, trans, ps.first, ps.second);
 }
 
-inline void part_barrier(const Part& pt) {
-  if (pt.sync) {
-#pragma omp barrier
-  }
+inline void part_barrier(const Part& pt, StepBarrier& barrier) {
+  if (pt.sync) barrier.wait();
 }
 
 // Elementwise gate loops. One loop reads NI arrays and writes NO arrays at the
@@ -238,11 +242,11 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   }
   constexpr int64_t q = PackedB<T>::NB;
 
-  run_team(nt, [&](int tid, int team) {
+  run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
     if (fill) {
       pack_share(w_hh_t, p.w_hh, P, true, tid, team);
       if (proj) pack_share(w_hr_t, p.w_hr, H, true, tid, team);
-      team_barrier(team);
+      team_barrier(team, barrier);
     }
     const Part pt = part_of(by_rows, B, H, P, tid, team, q);
     const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
@@ -320,7 +324,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
         }
       }
       if (proj) {
-        part_barrier(pt);  // every unit of r is written
+        part_barrier(pt, barrier);  // every unit of r is written
         w_hr_t.mm_cols(b1 - b0, pt.c0, pt.c1, r.data() + b0 * H, H, h_next + b0 * P, P, false);
       }
       for (int64_t b = b0; b < b1; ++b) {
@@ -328,7 +332,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
         std::copy(h_next + b * P + j0, h_next + b * P + j1, p.out + (row0 + b) * p.ld_out + j0);
       }
       std::swap(h_cur, h_next);
-      part_barrier(pt);  // h_t complete before step t+1 reads it
+      part_barrier(pt, barrier);  // h_t complete before step t+1 reads it
     }
     if (!pt.sync || tid == 0) {  // final states of this thread's rows (all rows: tid 0)
       std::copy(h_cur + b0 * P, h_cur + pt.b1 * P, p.hy + b0 * P);
@@ -370,10 +374,10 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   if (proj) w_hr.init(P, H, H);  // W_hr (P, H)
   constexpr int64_t q = PackedB<T>::NB;
 
-  run_team(nt, [&](int tid, int team) {
+  run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
     pack_share(w_hh, p.w_hh, P, false, tid, team);
     if (proj) pack_share(w_hr, p.w_hr, H, false, tid, team);
-    team_barrier(team);
+    team_barrier(team, barrier);
     const Part pt = part_of(by_rows, B, H, P, tid, team, q);
     const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
     for (int s = 0; s < p.T; ++s) {
@@ -394,7 +398,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       }
       // 2. Projection: dr = dh_t W_hr (needs every column of dtot).
       if (proj) {
-        part_barrier(pt);
+        part_barrier(pt, barrier);
         w_hr.mm_cols(b1 - b0, u0, u1, dtot.data() + b0 * P, P, dr.data() + b0 * H, H, false);
       }
       // 3. Gate gradients for this thread's units.
@@ -475,11 +479,11 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
           for_units(u1 - u0, io, add_to);
         }
       }
-      part_barrier(pt);  // every gate gradient of the step is written
+      part_barrier(pt, barrier);  // every gate gradient of the step is written
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns.
       w_hh.mm_cols(b1 - b0, pt.c0, pt.c1, dgh_base + (row0 + b0) * GH, GH,
                    dh.data() + b0 * P, P, gru);
-      part_barrier(pt);
+      part_barrier(pt, barrier);
     }
     if (!pt.sync || tid == 0) {  // gradients of this thread's rows (all rows: tid 0)
       std::copy(dh.begin() + b0 * P, dh.begin() + pt.b1 * P, p.dh0 + b0 * P);
@@ -510,7 +514,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
   if (a_rs == 1 && !trans_b && N <= 6 && bias == nullptr && M >= gemm::kNB<T> && !keep_b) {
     // Few output columns (dW_ih with few input features): no padded panels.
     const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
-    run_team(nt, [&](int tid, int team) {
+    run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
       const auto rows = share(M, tid, team, gemm::kNB<T>);
       const int64_t m0 = rows.first, mr = rows.second - rows.first;
       if (mr <= 0) return;
@@ -534,10 +538,10 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
   const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
   // Split the larger output side; every element keeps its own k order.
   const bool split_rows = M >= N;
-  run_team(nt, [&](int tid, int team) {
+  run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
     if (fill) {
       pack_share(b, B, ldb, trans_b, tid, team);
-      team_barrier(team);
+      team_barrier(team, barrier);
     }
     if (split_rows) {
       const auto rows = share(M, tid, team, gemm::kMR);

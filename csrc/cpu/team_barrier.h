@@ -1,0 +1,159 @@
+// The per-step barrier of the CPU time loop's thread team.
+//
+// A team that splits hidden units meets once or twice per step, every few
+// microseconds. The first thread to arrive spins for a short, bounded time
+// (kSpinMicros, longer than the imbalance of a normal step), then sleeps on a
+// futex until the last one arrives. OpenMP's own barrier spins far longer
+// before it sleeps (libgomp: about 300k iterations); on a core shared with
+// another busy process that spinning holds the core the late thread needs,
+// and every step then costs a scheduler time slice. The last thread to
+// arrive only makes a system call when someone sleeps.
+//
+// A barrier that often has to sleep means the team does not have its cores
+// (another process runs on them); TeamBackoff then runs the next calls on one
+// thread, which needs no barrier, and tries the team again later.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <thread>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace fastcells {
+namespace cpu {
+
+class StepBarrier {
+ public:
+  static constexpr int64_t kSpinMicros = 50;
+
+  // The spin budget: kSpinMicros, or FASTCELLS_BARRIER_SPIN_US (read once;
+  // 0 makes every wait sleep, which the tests use to run the futex path).
+  static int64_t spin_micros() {
+    static const int64_t us = [] {
+      const char* v = std::getenv("FASTCELLS_BARRIER_SPIN_US");
+      if (v == nullptr || *v == '\0') return kSpinMicros;
+      char* end = nullptr;
+      const long long x = std::strtoll(v, &end, 10);
+      return (end != v && x >= 0) ? static_cast<int64_t>(x) : kSpinMicros;
+    }();
+    return us;
+  }
+
+  // Called by one thread while no thread waits (before the team's work).
+  void reset(int n) {
+    n_ = n;
+    arrived_.store(0, std::memory_order_relaxed);
+  }
+
+  // Waits that were not the last arrival, and how many of them slept; read
+  // after the team has finished.
+  int64_t waits() const { return waits_.load(std::memory_order_relaxed); }
+  int64_t sleeps() const { return sleeps_.load(std::memory_order_relaxed); }
+
+  void wait() {
+    const uint32_t g = gen_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all();
+      return;
+    }
+    waits_.fetch_add(1, std::memory_order_relaxed);
+    if (spin_until_changed(g)) return;
+    sleeps_.fetch_add(1, std::memory_order_relaxed);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    while (gen_.load(std::memory_order_seq_cst) == g) sleep_while(g);
+    sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+
+ private:
+  bool spin_until_changed(uint32_t g) const {
+    const auto start = std::chrono::steady_clock::now();
+    const auto budget = std::chrono::microseconds(spin_micros());
+    for (;;) {
+      for (int i = 0; i < 64; ++i) {
+        if (gen_.load(std::memory_order_acquire) != g) return true;
+        relax();
+      }
+      if (std::chrono::steady_clock::now() - start > budget) return false;
+    }
+  }
+
+  static void relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+#if defined(__linux__)
+  int* word() { return reinterpret_cast<int*>(&gen_); }
+  void sleep_while(uint32_t g) {
+    syscall(SYS_futex, word(), FUTEX_WAIT_PRIVATE, static_cast<int>(g), nullptr, nullptr, 0);
+  }
+  void wake_all() { syscall(SYS_futex, word(), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0); }
+#else
+  void sleep_while(uint32_t) { std::this_thread::yield(); }
+  void wake_all() {}
+#endif
+
+  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(int), "futex word");
+  int n_ = 1;
+  std::atomic<int> arrived_{0};
+  std::atomic<uint32_t> gen_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<int64_t> waits_{0}, sleeps_{0};
+};
+
+// Whether the next call may start a thread team. After a team call whose
+// barrier slept on more than 1 wait in 8, the next 1, 2, 4, ... 64 calls
+// (doubling while it happens again) run on one thread; a team call without
+// it resets the back-off. Results do not depend on the thread count, so this
+// only moves time. Shared by every ISA path and thread of the process.
+class TeamBackoff {
+ public:
+  static constexpr int kMaxSoloCalls = 64;
+
+  bool allow_team() {
+    int left = solo_left_.load(std::memory_order_relaxed);
+    while (left > 0) {
+      if (solo_left_.compare_exchange_weak(left, left - 1, std::memory_order_relaxed))
+        return false;
+    }
+    return true;
+  }
+
+  void report(const StepBarrier& b) {
+    if (b.waits() == 0) return;
+    if (b.sleeps() * 8 > b.waits()) {
+      const int p = penalty_.load(std::memory_order_relaxed);
+      const int next = p == 0 ? 1 : (p >= kMaxSoloCalls ? kMaxSoloCalls : 2 * p);
+      penalty_.store(next, std::memory_order_relaxed);
+      solo_left_.store(next, std::memory_order_relaxed);
+    } else {
+      penalty_.store(0, std::memory_order_relaxed);
+    }
+  }
+
+ private:
+  std::atomic<int> solo_left_{0}, penalty_{0};
+};
+
+inline TeamBackoff& team_backoff() {
+  static TeamBackoff b;
+  return b;
+}
+
+}  // namespace cpu
+}  // namespace fastcells
