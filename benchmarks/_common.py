@@ -110,6 +110,17 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def device_tag(device: str) -> str:
+    """The part of a result file name that says where it ran: ``cuda``, or for
+    the CPU ``cpu_<isa>`` with the CPU ISA path fastcells runs on (results are
+    kept per ISA: ``sweep_cpu_avx2.json``, ``sweep_cpu_avx512.json``)."""
+    if device != "cpu":
+        return device
+    import fastcells
+
+    return f"cpu_{fastcells.cpu_isa()}"
+
+
 def machine_line(m: dict) -> str:
     s = f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}"
     if m.get("cpu_isa"):

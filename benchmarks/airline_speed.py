@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if n_tgt:
         print(f"targets: {n_tgt - n_fail}/{n_tgt} PASS" + (f", {n_fail} FAIL" if n_fail else ""))
 
-    stem = f"airline_speed_{device}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    stem = f"airline_speed_{C.device_tag(device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     out = {
         "benchmark": "airline_speed",
         "machine": machine,

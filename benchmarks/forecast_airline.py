@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "PASS" if r["speedup_median_epoch"] >= tgt else "FAIL"
             print(f"target {r['cell']}: epoch speed-up {r['speedup_median_epoch']:.2f}x vs >= {tgt}x -> {verdict}")
 
-    stem = f"airline_{args.device}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    stem = f"airline_{C.device_tag(args.device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     out = {
         "benchmark": "forecast_airline",
         "machine": machine,

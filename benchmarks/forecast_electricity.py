@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"target {r['cell']} H={r['hidden']}: epoch speed-up {r['speedup_epoch']:.2f}x vs >= {tgt:g}x "
                   f"-> {verdict}")
 
-    stem = f"electricity_{args.device}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    stem = f"electricity_{C.device_tag(args.device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     cfg = {"lookback_h": LOOKBACK, "horizon_h": HORIZON, "input_size": data.input_size, "layers": 2,
            "batch": args.batch, "epochs": args.epochs, "batches_per_epoch": n_batches,
            "train_windows": len(data.train_starts), "val_forecasts": len(data.val_starts), "lr": args.lr,

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-run-time", type=float, default=0.1, help="seconds per blocked_autorange")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 points")
     ap.add_argument("--out", type=Path, default=C.RESULTS)
-    ap.add_argument("--name", default=None, help="output stem (default sweep_<device>[_quick])")
+    ap.add_argument("--name", default=None, help="output stem (default sweep_<device>[_quick], <device> = cuda or cpu_<isa>)")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="stop starting new shapes after this many minutes and write what was measured "
                          "(the JSON and markdown then say the grid is incomplete)")
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"forecasting regime (float32, H <= {FORECAST_MAX_H}): {len(slower_forecast)} point(s) slower than "
           f"torch.nn -> {verdict}")
 
-    stem = args.name or (f"sweep_{device}" + ("_quick" if args.grid == "quick" else ""))
+    stem = args.name or (f"sweep_{C.device_tag(device)}" + ("_quick" if args.grid == "quick" else ""))
     out = {
         "benchmark": "sweep",
         "machine": machine,

@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fastcells
+
 REPO = Path(__file__).resolve().parent.parent
+# CPU results are named per CPU ISA path (benchmarks/_common.device_tag).
+TAG = f"cpu_{fastcells.cpu_isa()}"
 
 
 def _finite_numbers(obj):
@@ -32,8 +36,8 @@ def test_forecast_airline_runs(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fastcells" in proc.stdout and "torch.nn" in proc.stdout
-    out = json.loads((tmp_path / "airline_cpu.json").read_text())
-    assert (tmp_path / "airline_cpu.png").stat().st_size > 0
+    out = json.loads((tmp_path / f"airline_{TAG}.json").read_text())
+    assert (tmp_path / f"airline_{TAG}.png").stat().st_size > 0
     assert out["config"]["x_shape"] == [141, 1, 3]
     assert out["config"]["n_train"] == 112 and out["config"]["epochs"] == 3
     for key in ("cpu", "torch", "torch_threads"):
@@ -59,7 +63,7 @@ def test_airline_speed_runs_with_bound_rows(tmp_path):
            "--repeats", "1", "--min-run-time", "0.01", "--threads", "1", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads((tmp_path / "airline_speed_cpu.json").read_text())
+    out = json.loads((tmp_path / f"airline_speed_{TAG}.json").read_text())
     got = [(r["cell"], r["what"], r["T"]) for r in out["rows"]]
     assert got == [("lstm", "fwd", 112), ("lstm", "fwd+bwd", 112), ("lstm", "fixed", 1), ("lstm", "epoch", 112),
                    ("lstm", "epoch fixed", 1), ("lstm", "epoch bound", 112),
@@ -70,7 +74,7 @@ def test_airline_speed_runs_with_bound_rows(tmp_path):
     # Only the issue's four airline targets are judged; the bound rows are informative.
     assert out["targets_total"] == 4
     assert "epoch bound" in out["config"] and "epoch fixed" in out["config"]
-    assert "| epoch bound |" in (tmp_path / "airline_speed_cpu.md").read_text()
+    assert "| epoch bound |" in (tmp_path / f"airline_speed_{TAG}.md").read_text()
     _finite_numbers(out["rows"])
 
 
@@ -105,8 +109,8 @@ def test_forecast_electricity_runs(tmp_path):
            "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads((tmp_path / "electricity_cpu.json").read_text())
-    assert (tmp_path / "electricity_cpu.png").stat().st_size > 0
+    out = json.loads((tmp_path / f"electricity_{TAG}.json").read_text())
+    assert (tmp_path / f"electricity_{TAG}.png").stat().st_size > 0
     assert out["config"]["lookback_h"] == 168 and out["config"]["horizon_h"] == 24
     assert [(r["cell"], r["hidden"]) for r in out["results"]] == [("lstm", 8), ("gru", 8)]
     for r in out["results"]:
@@ -175,11 +179,36 @@ def test_sweep_stops_at_max_minutes_and_says_so(tmp_path):
            "--max-minutes", "0.0001", "--threads", "1", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads((tmp_path / "sweep_cpu_quick.json").read_text())
+    out = json.loads((tmp_path / f"sweep_{TAG}_quick.json").read_text())
     assert out["config"]["shapes_total"] == 4
     assert out["config"]["shapes_not_measured"] == 3
     assert [(r["cell"], r["mode"]) for r in out["rows"]] == [("rnn", "fwd"), ("rnn", "fwd+bwd")]
     assert out["forecast_regime_pass"] in (None, False)
-    assert "Incomplete grid" in (tmp_path / "sweep_cpu_quick.md").read_text()
+    assert "Incomplete grid" in (tmp_path / f"sweep_{TAG}_quick.md").read_text()
     assert "PASS" not in proc.stdout
     _finite_numbers(out["rows"])
+
+
+def test_cpu_peak_runs(tmp_path):
+    """The calibration benchmark measures every path the host runs and reports
+    each product's fraction of the measured peak."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "cpu_peak.py"), "--quick", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / f"cpu_peak_{fastcells.cpu_isa()}.json").read_text())
+    _finite_numbers(out["rows"])
+    assert set(out["peaks"]) == set(fastcells.cpu_isas())
+    assert out["machine"]["cpu_isa"] == fastcells.cpu_isa()
+    for row in out["rows"]:
+        for isa, r in row["paths"].items():
+            assert r["gflops"] > 0 and 0 < r["fraction_of_path_peak"], (isa, row["shape"], r)
+        assert row["brgemm"]["gflops"] > 0 and row["torch_mm"]["gflops"] > 0
+
+
+def test_shared_cores_runs(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "shared_cores.py"), "--quick", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / f"shared_cores_{fastcells.cpu_isa()}.json").read_text())
+    _finite_numbers(out["rows"])
+    assert {r["setting"] for r in out["rows"]} == {"quiet", "busy", "1 thread"}
