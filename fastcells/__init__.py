@@ -8,8 +8,10 @@ from . import functional
 from ._isa import cpu_host_features, cpu_isa, cpu_isas, set_cpu_isa, use_cpu_isa
 from ._ops import MODES, build_info, set_poison_outputs
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+from .patch import is_patched, patch_torch_nn, patched, unpatch_torch_nn
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional",
            "MODES", "build_info", "set_poison_outputs", "cpu_isa", "cpu_isas", "set_cpu_isa",
-           "use_cpu_isa", "cpu_host_features"]
+           "use_cpu_isa", "cpu_host_features", "patch_torch_nn", "unpatch_torch_nn", "patched",
+           "is_patched"]
 __version__ = "0.1.0"
