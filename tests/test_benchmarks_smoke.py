@@ -197,7 +197,7 @@ def test_cpu_peak_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / f"cpu_peak_{fastcells.cpu_isa()}.json").read_text())
     _finite_numbers(out["rows"])
-    assert set(out["peaks"]) == set(fastcells.cpu_isas())
+    assert set(out["peaks"]) == set(fastcells.cpu_isas()) - {"avx512_layout"}
     assert out["machine"]["cpu_isa"] == fastcells.cpu_isa()
     for row in out["rows"]:
         for isa, r in row["paths"].items():
