@@ -212,6 +212,158 @@ inline void for_units_padded(int64_t n, const Runs<T, NI, NO>& r, const F& f) {
   for_units(n, r, f);
 }
 
+// ---------------------------------------------------------------- gate rows
+// One batch row's gate loop over the units [u0, u1) of every gate. The
+// structs name the slots of Runs::in and Runs::out.
+
+// LSTM forward. gt (G*H): x-side pre-activations in, activated i, f, g, o
+// out; rc (G*H): recurrent products; c: c_{t-1} in, c_t out; e: c_t saved for
+// backward; r: r_t = o * tanh(c_t) (h_t, or the projection's input).
+struct LstmFwd {
+  enum In { kXi, kXf, kXg, kXo, kHi, kHf, kHg, kHo, kCPrev, kIns };
+  enum Out { kI, kF, kG, kO, kCSaved, kCNext, kR, kOuts };
+};
+template <typename T>
+inline void lstm_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, const T* rc, T* c, T* e,
+                             T* r) {
+  using S = LstmFwd;
+  const Runs<T, S::kIns, S::kOuts> io{
+      {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, rc + u0, rc + H + u0,
+       rc + 2 * H + u0, rc + 3 * H + u0, c + u0},
+      {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, e + u0, c + u0, r + u0}};
+  for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    const auto st = kernels::lstm_forward<T>(
+        in[S::kXi][j] + in[S::kHi][j], in[S::kXf][j] + in[S::kHf][j],
+        in[S::kXg][j] + in[S::kHg][j], in[S::kXo][j] + in[S::kHo][j], in[S::kCPrev][j]);
+    out[S::kI][j] = st.i;
+    out[S::kF][j] = st.f;
+    out[S::kG][j] = st.g;
+    out[S::kO][j] = st.o;
+    out[S::kCSaved][j] = st.c;
+    out[S::kCNext][j] = st.c;
+    out[S::kR][j] = st.r;
+  });
+}
+
+// GRU forward. gt: x-side r, z, n in (b_hr, b_hz folded), activated r, z, n
+// out; rc: recurrent products; b_hn; hp: h_{t-1}; e: hh_n = h W_hn^T + b_hn
+// saved for backward; hn: h_t.
+struct GruFwd {
+  enum In { kXr, kXz, kXn, kHr, kHz, kHn, kBhn, kHPrev, kIns };
+  enum Out { kR, kZ, kN, kHhn, kHNext, kOuts };
+};
+template <typename T>
+inline void gru_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, const T* rc, const T* b_hn,
+                            const T* hp, T* e, T* hn) {
+  using S = GruFwd;
+  const Runs<T, S::kIns, S::kOuts> io{
+      {gt + u0, gt + H + u0, gt + 2 * H + u0, rc + u0, rc + H + u0, rc + 2 * H + u0, b_hn + u0,
+       hp + u0},
+      {gt + u0, gt + H + u0, gt + 2 * H + u0, e + u0, hn + u0}};
+  for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    const T hh_n = in[S::kHn][j] + in[S::kBhn][j];
+    const auto st = kernels::gru_forward<T>(in[S::kXr][j], in[S::kXz][j], in[S::kXn][j],
+                                            in[S::kHr][j], in[S::kHz][j], hh_n, in[S::kHPrev][j]);
+    out[S::kR][j] = st.r;
+    out[S::kZ][j] = st.z;
+    out[S::kN][j] = st.n;
+    out[S::kHhn][j] = hh_n;
+    out[S::kHNext][j] = st.h;
+  });
+}
+
+// RNN forward: h_t = act(x-side + recurrent), into gt (saved) and hn.
+template <typename T>
+inline void rnn_forward_row(int mode, int64_t u0, int64_t u1, T* gt, const T* rc, T* hn) {
+  const Runs<T, 2, 2> io{{gt + u0, rc + u0}, {gt + u0, hn + u0}};
+  for_units_padded(u1 - u0, io, [mode](const T* const* in, T* const* out, int64_t j) {
+    const T hv = kernels::rnn_forward<T>(mode, in[0][j] + in[1][j]);
+    out[0][j] = hv;
+    out[1][j] = hv;
+  });
+}
+
+// LSTM backward. g: activated i, f, g, o; cc, cp: c_t, c_{t-1}; dr: dL/dr_t;
+// dc: dL/dc_t from step t+1 in, dL/dc_{t-1} out; dgx: the 4 pre-activation
+// gradients.
+struct LstmBwd {
+  enum In { kI, kF, kG, kO, kC, kCPrev, kDr, kDc, kIns };
+  enum Out { kDi, kDf, kDg, kDo, kDcPrev, kOuts };
+};
+template <typename T>
+inline void lstm_backward_row(int64_t H, int64_t u0, int64_t u1, const T* g, const T* cc,
+                              const T* cp, const T* dr, T* dc, T* dgx) {
+  using S = LstmBwd;
+  const Runs<T, S::kIns, S::kOuts> io{
+      {g + u0, g + H + u0, g + 2 * H + u0, g + 3 * H + u0, cc + u0, cp + u0, dr + u0, dc + u0},
+      {dgx + u0, dgx + H + u0, dgx + 2 * H + u0, dgx + 3 * H + u0, dc + u0}};
+  for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    const auto d = kernels::lstm_backward<T>(in[S::kI][j], in[S::kF][j], in[S::kG][j],
+                                             in[S::kO][j], in[S::kC][j], in[S::kCPrev][j],
+                                             in[S::kDr][j], in[S::kDc][j]);
+    out[S::kDi][j] = d.di;
+    out[S::kDf][j] = d.df;
+    out[S::kDg][j] = d.dg;
+    out[S::kDo][j] = d.do_;
+    out[S::kDcPrev][j] = d.dc_prev;
+  });
+}
+
+// r_t = o * tanh(c_t) of a projected LSTM, for the gradient of W_hr.
+template <typename T>
+inline void lstm_r_row(int64_t u0, int64_t u1, const T* o, const T* cc, T* r) {
+  const Runs<T, 2, 1> io{{o + u0, cc + u0}, {r + u0}};
+  for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    out[0][j] = in[0][j] * kernels::fc_tanh(in[1][j]);
+  });
+}
+
+// GRU backward. g: activated r, z, n; e: hh_n; hp: h_{t-1}; dh: dL/dh_t;
+// dgx, dgh: input-side and recurrent-side gate gradients; dh_direct:
+// z * dL/dh_t (the part of dL/dh_{t-1} that bypasses W_hh).
+struct GruBwd {
+  enum In { kR, kZ, kN, kHhn, kHPrev, kDh, kIns };
+  enum Out { kDxr, kDxz, kDxn, kDhr, kDhz, kDhhn, kDhDirect, kOuts };
+};
+template <typename T>
+inline void gru_backward_row(int64_t H, int64_t u0, int64_t u1, const T* g, const T* e,
+                             const T* hp, const T* dh, T* dgx, T* dgh, T* dh_direct) {
+  using S = GruBwd;
+  const Runs<T, S::kIns, S::kOuts> io{
+      {g + u0, g + H + u0, g + 2 * H + u0, e + u0, hp + u0, dh + u0},
+      {dgx + u0, dgx + H + u0, dgx + 2 * H + u0, dgh + u0, dgh + H + u0, dgh + 2 * H + u0,
+       dh_direct + u0}};
+  for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    const auto d = kernels::gru_backward<T>(in[S::kR][j], in[S::kZ][j], in[S::kN][j],
+                                            in[S::kHhn][j], in[S::kHPrev][j], in[S::kDh][j]);
+    out[S::kDxr][j] = d.dx_r;
+    out[S::kDxz][j] = d.dx_z;
+    out[S::kDxn][j] = d.dx_n;
+    out[S::kDhr][j] = d.dx_r;
+    out[S::kDhz][j] = d.dx_z;
+    out[S::kDhhn][j] = d.dhh_n;
+    out[S::kDhDirect][j] = d.dh_prev_direct;
+  });
+}
+
+// RNN backward: the pre-activation gradient from the output h (saved in g).
+template <typename T>
+inline void rnn_backward_row(int mode, int64_t u0, int64_t u1, const T* g, const T* dh, T* dgx) {
+  const Runs<T, 2, 1> io{{g + u0, dh + u0}, {dgx + u0}};
+  for_units(u1 - u0, io, [mode](const T* const* in, T* const* out, int64_t j) {
+    out[0][j] = kernels::rnn_backward<T>(mode, in[0][j], in[1][j]);
+  });
+}
+
+// acc[u0, u1) += d[u0, u1) (the per-row running sums of the bias gradients).
+template <typename T>
+inline void accumulate_row(int64_t u0, int64_t u1, T* acc, const T* d) {
+  const Runs<T, 2, 1> io{{acc + u0, d + u0}, {acc + u0}};
+  for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    out[0][j] = in[0][j] + in[1][j];
+  });
+}
+
 }  // namespace
 
 template <typename T>
@@ -273,54 +425,12 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
         const T* hp = h_cur + b * P;
         T* hn = h_next + b * P;
         if (lstm) {
-          T* cb = c.data() + b * H;
-          T* e = p.extra + (row0 + b) * H;
           T* out_r = proj ? r.data() + b * H : hn;
-          // in: the 4 gates' x-side pre-activations, their recurrent products, c_{t-1};
-          // out: the activated gates, c_t (saved and carried), r_t.
-          const Runs<T, 9, 7> io{
-              {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, rc + u0, rc + H + u0,
-               rc + 2 * H + u0, rc + 3 * H + u0, cb + u0},
-              {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, e + u0, cb + u0,
-               out_r + u0}};
-          for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
-            const auto st = kernels::lstm_forward<T>(in[0][j] + in[4][j], in[1][j] + in[5][j],
-                                                     in[2][j] + in[6][j], in[3][j] + in[7][j],
-                                                     in[8][j]);
-            out[0][j] = st.i;
-            out[1][j] = st.f;
-            out[2][j] = st.g;
-            out[3][j] = st.o;
-            out[4][j] = st.c;
-            out[5][j] = st.c;
-            out[6][j] = st.r;
-          });
+          lstm_forward_row(H, u0, u1, gt, rc, c.data() + b * H, p.extra + (row0 + b) * H, out_r);
         } else if (gru) {
-          T* e = p.extra + (row0 + b) * H;
-          // in: x-side r, z, n; recurrent r, z, n products; b_hn; h_{t-1};
-          // out: activated r, z, n, hh_n = h W_hn^T + b_hn (saved), h_t.
-          const Runs<T, 8, 5> io{
-              {gt + u0, gt + H + u0, gt + 2 * H + u0, rc + u0, rc + H + u0, rc + 2 * H + u0,
-               b_hn + u0, hp + u0},
-              {gt + u0, gt + H + u0, gt + 2 * H + u0, e + u0, hn + u0}};
-          for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
-            const T hh_n = in[5][j] + in[6][j];
-            const auto st = kernels::gru_forward<T>(in[0][j], in[1][j], in[2][j], in[3][j],
-                                                    in[4][j], hh_n, in[7][j]);
-            out[0][j] = st.r;
-            out[1][j] = st.z;
-            out[2][j] = st.n;
-            out[3][j] = hh_n;
-            out[4][j] = st.h;
-          });
+          gru_forward_row(H, u0, u1, gt, rc, b_hn, hp, p.extra + (row0 + b) * H, hn);
         } else {
-          const int mode = p.mode;
-          const Runs<T, 2, 2> io{{gt + u0, rc + u0}, {gt + u0, hn + u0}};
-          for_units_padded(u1 - u0, io, [mode](const T* const* in, T* const* out, int64_t j) {
-            const T hv = kernels::rnn_forward<T>(mode, in[0][j] + in[1][j]);
-            out[0][j] = hv;
-            out[1][j] = hv;
-          });
+          rnn_forward_row(p.mode, u0, u1, gt, rc, hn);
         }
       }
       if (proj) {
@@ -413,71 +523,18 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
           const int64_t pr = prev(t, b);
           const T* cp = pr >= 0 ? p.extra + pr * H : p.c0 + b * H;
           const T* cc = p.extra + row * H;
-          T* dcb = dc.data() + b * H;
-          // in: activated i, f, g, o; c_t, c_{t-1}; dL/dr_t; dL/dc_t from step t+1;
-          // out: the 4 pre-activation gradients, dL/dc_{t-1}.
-          const Runs<T, 8, 5> io{
-              {g + u0, g + H + u0, g + 2 * H + u0, g + 3 * H + u0, cc + u0, cp + u0, d_in + u0,
-               dcb + u0},
-              {dgx + u0, dgx + H + u0, dgx + 2 * H + u0, dgx + 3 * H + u0, dcb + u0}};
-          for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
-            const auto d = kernels::lstm_backward<T>(in[0][j], in[1][j], in[2][j], in[3][j],
-                                                     in[4][j], in[5][j], in[6][j], in[7][j]);
-            out[0][j] = d.di;
-            out[1][j] = d.df;
-            out[2][j] = d.dg;
-            out[3][j] = d.do_;
-            out[4][j] = d.dc_prev;
-          });
-          if (proj) {  // r_t = o * tanh(c_t), for the gradient of W_hr
-            T* rr = p.r_all + row * H;
-            const Runs<T, 2, 1> rio{{g + 3 * H + u0, cc + u0}, {rr + u0}};
-            for_units(u1 - u0, rio, [](const T* const* in, T* const* out, int64_t j) {
-              out[0][j] = in[0][j] * kernels::fc_tanh(in[1][j]);
-            });
-          }
+          lstm_backward_row(H, u0, u1, g, cc, cp, d_in, dc.data() + b * H, dgx);
+          if (proj) lstm_r_row(u0, u1, g + 3 * H, cc, p.r_all + row * H);
         } else if (gru) {
-          const T* e = p.extra + row * H;
-          const T* hp = p.h_prev + row * P;  // GRU: P == H, own columns == own units
-          T* dgh = p.dgates_h + row * GH;
-          T* dhb = dh.data() + b * P;
-          // in: activated r, z, n; hh_n; h_{t-1}; dL/dh_t;
-          // out: input-side and recurrent-side gate gradients, z * dL/dh_t.
-          const Runs<T, 6, 7> io{
-              {g + u0, g + H + u0, g + 2 * H + u0, e + u0, hp + u0, d_in + u0},
-              {dgx + u0, dgx + H + u0, dgx + 2 * H + u0, dgh + u0, dgh + H + u0, dgh + 2 * H + u0,
-               dhb + u0}};
-          for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
-            const auto d = kernels::gru_backward<T>(in[0][j], in[1][j], in[2][j], in[3][j],
-                                                    in[4][j], in[5][j]);
-            out[0][j] = d.dx_r;
-            out[1][j] = d.dx_z;
-            out[2][j] = d.dx_n;
-            out[3][j] = d.dx_r;
-            out[4][j] = d.dx_z;
-            out[5][j] = d.dhh_n;
-            out[6][j] = d.dh_prev_direct;
-          });
+          // GRU: P == H, so this thread's columns are its units.
+          gru_backward_row(H, u0, u1, g, p.extra + row * H, p.h_prev + row * P, d_in, dgx,
+                           p.dgates_h + row * GH, dh.data() + b * P);
         } else {
-          const int mode = p.mode;
-          const Runs<T, 2, 1> io{{g + u0, d_in + u0}, {dgx + u0}};
-          for_units(u1 - u0, io, [mode](const T* const* in, T* const* out, int64_t j) {
-            out[0][j] = kernels::rnn_backward<T>(mode, in[0][j], in[1][j]);
-          });
+          rnn_backward_row(p.mode, u0, u1, g, d_in, dgx);
         }
-        const auto add_to = [](const T* const* in, T* const* out, int64_t j) {
-          out[0][j] = in[0][j] + in[1][j];
-        };
-        for (int64_t k = 0; sum_x && k < G; ++k) {
-          T* a = acc_x.data() + b * GH + k * H + u0;
-          const Runs<T, 2, 1> io{{a, dgx + k * H + u0}, {a}};
-          for_units(u1 - u0, io, add_to);
-        }
-        if (sum_h) {
-          T* a = acc_h.data() + b * H + u0;
-          const Runs<T, 2, 1> io{{a, p.dgates_h + row * GH + 2 * H + u0}, {a}};
-          for_units(u1 - u0, io, add_to);
-        }
+        for (int64_t k = 0; sum_x && k < G; ++k)
+          accumulate_row(u0, u1, acc_x.data() + b * GH + k * H, dgx + k * H);
+        if (sum_h) accumulate_row(u0, u1, acc_h.data() + b * H, p.dgates_h + row * GH + 2 * H);
       }
       part_barrier(pt, barrier);  // every gate gradient of the step is written
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns.
