@@ -76,9 +76,13 @@ def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidire
     grad_hx = input.new_empty((num_layers * D, B, P))
     grad_cx = (input.new_empty((num_layers * D, B, H)) if CELLS[mode].has_cell_state
                else input.new_empty((0,)))
-    grad_input = torch.empty_like(input) if need_grad_input else input.new_empty((0,))
+    # The real kernel allocates every gradient contiguous, whatever the layout
+    # of the tensor it belongs to (a batch_first input is a transposed view,
+    # weights may be non-contiguous Parameters): compiled graphs rely on these
+    # strides, so empty_like (which keeps the argument's strides) would not do.
+    grad_input = input.new_empty(input.shape if need_grad_input else (0,))
     return (grad_input, grad_hx, grad_cx,
-            [torch.empty_like(w) for w in weights])
+            [input.new_empty(w.shape) for w in weights])
 
 
 def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch.Tensor],
