@@ -51,9 +51,30 @@ def _layout(input: torch.Tensor, weights: Sequence[torch.Tensor], batch_sizes, m
     return N, T, B, H, P, D, reserve
 
 
+def _check_devices(input: torch.Tensor, **named) -> None:
+    """Every tensor argument on the input's device, as the real kernels check.
+
+    A meta tensor among CPU (or CUDA) arguments sends the whole call to the
+    fake kernels; without this check they would return uninitialised tensors
+    on the input's device instead of the error torch.nn gives.
+    """
+    for name, t in named.items():
+        ts = t if isinstance(t, (list, tuple)) else [t]
+        for k, x in enumerate(ts):
+            if x is None or x.device == input.device:
+                continue
+            arg = f"{name}[{k}]" if isinstance(t, (list, tuple)) else name
+            kind = {"weights": "parameter", "hx": "hidden", "cx": "hidden"}.get(name, "argument")
+            raise RuntimeError(
+                f"fastcells: Input and {kind} tensors are not at the same device, found input "
+                f"tensor at {input.device} and `{arg}` at {x.device}; expected `{arg}` on "
+                f"{input.device} (the input's device)")
+
+
 @torch.library.register_fake("fastcells::rnn_forward")
 def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                   has_biases, proj_size, dropout_masks, need_reserve=True):
+    _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks)
     N, T, B, H, P, D, reserve = _layout(input, weights, batch_sizes, mode, num_layers,
                                         bidirectional, proj_size)
     if batch_sizes is not None:
@@ -71,6 +92,9 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
 def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                    has_biases, proj_size, dropout_masks, output, reserve, grad_output, grad_hy,
                    grad_cy, need_grad_input=True):
+    _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks,
+                   output=output, reserve=reserve, grad_output=grad_output, grad_hy=grad_hy,
+                   grad_cy=grad_cy)
     N, T, B, H, P, D, _ = _layout(input, weights, batch_sizes, mode, num_layers, bidirectional,
                                   proj_size)
     grad_hx = input.new_empty((num_layers * D, B, P))
