@@ -749,6 +749,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const std::optional<Tensor>& c0 = states.second;
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
+  // Saved tensors may come back from autograd in another layout
+  // (saved_tensors_hooks that offload or compress); the kernels read raw
+  // pointers, so every buffer is made contiguous here (a no-op when it is).
+  const Tensor res = reserve.contiguous();
   const Tensor out = to_compute(output, cd).view({c.N, c.D * c.P});
   auto go = to_compute(grad_output, cd);
   if (go.has_value()) go = go->view({c.N, c.D * c.P});
@@ -773,7 +777,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     if (lstm) { if (gcy.has_value()) dcx.copy_(*gcy); else dcx.zero_(); }
   } else {
     AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_backward", [&] {
-      backward_stack<scalar_t>(c, x, w, h0, c0, masks, out, reserve, go, ghy, gcy, grad_input,
+      backward_stack<scalar_t>(c, x, w, h0, c0, masks, out, res, go, ghy, gcy, grad_input,
                                dhx, dcx, gw, sched, poison, need_grad_input);
     });
   }
