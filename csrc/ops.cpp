@@ -14,9 +14,11 @@
 //   per layer l, direction d (index l*D + d):
 //     gates (N, G*H)  activated gates: LSTM i,f,g,o; GRU r,z,n; RNN h
 //     extra (N, H)    LSTM c_t; GRU hh_n = h_{t-1} W_hn^T + b_hn; absent RNN
-//   per layer l < L-1:
+//   per layer l:
 //     y_l (N, D*P)    the layer's output (before dropout)
-// The last layer's output is the op's `output` and is saved by autograd.
+// The last layer's y is a copy of the op's `output`: backward reads it from
+// here, so the caller may modify `output` in place (torch.relu_, +=, an
+// inplace Dropout) as torch.nn's GRU and RNN allow.
 // With need_reserve=False (inference; the autograd kernel passes it when no
 // gradient is wanted) `reserve` is empty and the activations live in scratch
 // reused across layers and time chunks.
@@ -29,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -71,7 +74,7 @@ struct Config {
   int64_t gates_offset(int64_t idx) const { return idx * N * (GH() + EH()); }
   int64_t extra_offset(int64_t idx) const { return gates_offset(idx) + N * GH(); }
   int64_t inter_offset(int64_t l) const { return L * D * N * (GH() + EH()) + l * N * D * P; }
-  int64_t reserve_size() const { return inter_offset(L - 1); }
+  int64_t reserve_size() const { return inter_offset(L); }
   int64_t layer_input(int64_t l) const { return l == 0 ? I : D * P; }
   const Tensor& w(at::TensorList ws, int64_t l, int64_t d, int64_t k) const {
     return ws[(l * D + d) * per_dir + k];
@@ -511,10 +514,8 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
       xl = masks.has_value() ? prev_out * masks->select(0, l - 1).reshape({c.N, c.D * c.P})
                              : prev_out;
     }
-    Tensor out_l = output;
-    if (l < c.L - 1) {
-      out_l = keep ? rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P) : inter[l % 2];
-    }
+    Tensor out_l = keep ? rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P)
+                        : (l < c.L - 1 ? inter[l % 2] : output);
     for (const auto d : c10::irange(c.D)) {
       const int64_t idx = l * c.D + d;
       const Tensor& w_ih = c.w(w, l, d, 0);
@@ -614,6 +615,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
     forward_stack<scalar_t>(c, x, w, h0, c0, masks, output, hy, cy, reserve, sched,
                             need_reserve, poison);
   });
+  if (need_reserve && output.numel() > 0) {
+    // The last layer ran into the reserve; the caller gets its own copy.
+    const Tensor last = rows_of(reserve, c.inter_offset(c.L - 1), 0, c.N, c.D * c.P);
+    if (output.is_cpu()) {
+      std::memcpy(output.data_ptr(), last.data_ptr(), output.nbytes());
+    } else {
+      output.copy_(last);
+    }
+  }
 
   if (!c.packed) output = output.view({c.T, c.B, c.D * c.P});
   const auto out_t = input.scalar_type();
@@ -624,7 +634,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
 template <typename T>
 void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& w,
                     const Tensor& h0, const std::optional<Tensor>& c0,
-                    const std::optional<Tensor>& masks, const Tensor& output,
+                    const std::optional<Tensor>& masks,
                     const Tensor& reserve, const std::optional<Tensor>& grad_output,
                     const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy,
                     const Tensor& grad_input, const Tensor& dhx, const Tensor& dcx,
@@ -643,9 +653,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
   std::optional<Tensor> go = grad_output;  // gradient w.r.t. layer l's output (N, D*P)
   for (int64_t l = c.L - 1; l >= 0; --l) {
     const Tensor xl = layer_input(c, l, x, reserve, masks);
-    const Tensor out_l = l == c.L - 1
-                             ? output
-                             : rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P);
+    const Tensor out_l = rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P);
     Tensor dxl = l == 0 ? grad_input : alloc({c.N, c.D * c.P}, opts, poison);
     for (const auto d : c10::irange(c.D)) {
       const int64_t idx = l * c.D + d;
@@ -713,7 +721,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks, const Tensor& output, const Tensor& reserve,
+    const std::optional<Tensor>& dropout_masks, const Tensor& reserve,
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
     const std::optional<Tensor>& grad_cy, bool need_grad_input) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
@@ -721,7 +729,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const at::ScalarType cd = compute_type(input.scalar_type());
   std::vector<int64_t> out_shape = c.packed ? std::vector<int64_t>{c.N, c.D * c.P}
                                             : std::vector<int64_t>{c.T, c.B, c.D * c.P};
-  check_tensor(output, "output", out_shape, input);
   TORCH_CHECK(reserve.defined() && reserve.dim() == 1 && reserve.size(0) == c.reserve_size() &&
                   reserve.scalar_type() == cd && reserve.device() == input.device(),
               "fastcells: `reserve` must be the 1-D ", cd, " tensor of ", c.reserve_size(),
@@ -753,7 +760,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   // (saved_tensors_hooks that offload or compress); the kernels read raw
   // pointers, so every buffer is made contiguous here (a no-op when it is).
   const Tensor res = reserve.contiguous();
-  const Tensor out = to_compute(output, cd).view({c.N, c.D * c.P});
   auto go = to_compute(grad_output, cd);
   if (go.has_value()) go = go->view({c.N, c.D * c.P});
   const auto ghy = to_compute(grad_hy, cd);
@@ -777,7 +783,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     if (lstm) { if (gcy.has_value()) dcx.copy_(*gcy); else dcx.zero_(); }
   } else {
     AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_backward", [&] {
-      backward_stack<scalar_t>(c, x, w, h0, c0, masks, out, res, go, ghy, gcy, grad_input,
+      backward_stack<scalar_t>(c, x, w, h0, c0, masks, res, go, ghy, gcy, grad_input,
                                dhx, dcx, gw, sched, poison, need_grad_input);
     });
   }
@@ -829,7 +835,7 @@ TORCH_LIBRARY(fastcells, m) {
   m.def(
       "rnn_backward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
-      "Tensor? dropout_masks, Tensor output, Tensor reserve, Tensor? grad_output, "
+      "Tensor? dropout_masks, Tensor reserve, Tensor? grad_output, "
       "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True) -> (Tensor grad_input, "
       "Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
   m.def("build_info() -> str", &build_info);

@@ -47,7 +47,7 @@ def _layout(input: torch.Tensor, weights: Sequence[torch.Tensor], batch_sizes, m
         N = T * B
     GH = c.gates * H
     EH = c.extra_size(H)
-    reserve = num_layers * D * N * (GH + EH) + (num_layers - 1) * N * D * P
+    reserve = num_layers * D * N * (GH + EH) + num_layers * N * D * P
     return N, T, B, H, P, D, reserve
 
 
@@ -90,10 +90,10 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
 
 @torch.library.register_fake("fastcells::rnn_backward")
 def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                   has_biases, proj_size, dropout_masks, output, reserve, grad_output, grad_hy,
-                   grad_cy, need_grad_input=True):
+                   has_biases, proj_size, dropout_masks, reserve, grad_output, grad_hy, grad_cy,
+                   need_grad_input=True):
     _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks,
-                   output=output, reserve=reserve, grad_output=grad_output, grad_hy=grad_hy,
+                   reserve=reserve, grad_output=grad_output, grad_hy=grad_hy,
                    grad_cy=grad_cy)
     N, T, B, H, P, D, _ = _layout(input, weights, batch_sizes, mode, num_layers, bidirectional,
                                   proj_size)

@@ -368,7 +368,7 @@ def _backward_args(case, grads_require_grad: bool):
         if t is not None:
             t.requires_grad_(grads_require_grad)
     return (x, weights, hx, cx, batch_sizes, mode, layers, bidirectional, bias, proj, masks,
-            output, reserve, grad_output, grad_hy, grad_cy)
+            reserve, grad_output, grad_hy, grad_cy)
 
 
 BACKWARD_CASES = [
