@@ -27,11 +27,13 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/util/irange.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -81,6 +83,18 @@ struct Config {
   }
 };
 
+// a * b, or an error naming what is being sized: sizes come from the caller
+// (op arguments, or an empty / expanded tensor's shape), so products of them
+// may not fit in int64 even when every tensor is valid.
+int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  TORCH_CHECK(!c10::mul_overflows(a, b, &r), "fastcells: ", what, " (", a, " * ", b,
+              ") overflows int64");
+  return r;
+}
+
+constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
@@ -116,6 +130,10 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
   TORCH_CHECK(kernels::is_valid_mode(mode), "fastcells: `mode` must be ", kernels::valid_modes(),
               ", got ", mode);
   TORCH_CHECK(num_layers >= 1, "fastcells: `num_layers` must be >= 1, got ", num_layers);
+  // Each layer has at least two weights: this bounds every later product with L.
+  TORCH_CHECK(num_layers <= static_cast<int64_t>(weights.size()),
+              "fastcells: `num_layers` (", num_layers, ") is more than the ", weights.size(),
+              " tensors in `weights` can hold (at least 2 per layer and direction)");
   TORCH_CHECK(proj_size >= 0, "fastcells: `proj_size` must be >= 0, got ", proj_size);
   TORCH_CHECK(proj_size == 0 || kernels::allows_proj(static_cast<int>(mode)),
               "fastcells: `proj_size` is only supported for LSTM, got mode ", kModeNames[mode]);
@@ -151,6 +169,8 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
     // loop over them amounts to. A zero anywhere else is an error.
     int64_t total = 0;
     c.T = steps;
+    TORCH_CHECK(steps <= kIntMax, "fastcells: `batch_sizes` has ", steps,
+                " steps, at most ", kIntMax, " are supported");
     for (const auto t : c10::irange(steps)) {
       TORCH_CHECK(bs[t] >= 0 && (bs[t] > 0 || t > 0),
                   "fastcells: `batch_sizes` must be positive (only steps after the last "
@@ -162,6 +182,9 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
         c.T = std::min(c.T, t);  // the rest are zero too (non-increasing, checked on)
         continue;
       }
+      // Checked before adding, so the running sum cannot overflow.
+      TORCH_CHECK(bs[t] <= input.size(0) - total, "fastcells: `batch_sizes` sum to more than "
+                  "the ", input.size(0), " rows of packed `input` (at step ", t, ")");
       c.batch_sizes.push_back(bs[t]);
       c.offsets.push_back(total);
       total += bs[t];
@@ -178,16 +201,19 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
     c.T = input.size(0);
     c.B = input.size(1);
     c.I = input.size(2);
-    c.N = c.T * c.B;
+    // An empty input (I = 0) may have any T and B.
+    c.N = checked_mul(c.T, c.B, "`input`'s seq_len * batch");
+    TORCH_CHECK(c.T <= kIntMax && c.B <= kIntMax, "fastcells: `input` of shape ",
+                shape_str(input.sizes()), ": seq_len and batch must be at most ", kIntMax);
     for (const auto t : c10::irange(c.T)) {
       c.batch_sizes.push_back(c.B);
       c.offsets.push_back(t * c.B);
     }
   }
-  TORCH_CHECK(c.T <= std::numeric_limits<int>::max() && c.N < (int64_t(1) << 40),
-              "fastcells: sequence too long: T = ", c.T, ", N = ", c.N);
+  TORCH_CHECK(c.T <= kIntMax && c.B <= kIntMax && c.N < (int64_t(1) << 40),
+              "fastcells: sequence too long: T = ", c.T, ", B = ", c.B, ", N = ", c.N);
 
-  const int64_t expected_weights = c.L * c.D * c.per_dir;
+  const int64_t expected_weights = c.L * c.D * c.per_dir;  // L <= weights.size(): no overflow
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected_weights, "fastcells: expected ",
               expected_weights, " tensors in `weights` (num_layers=", c.L, ", directions=", c.D,
               ", has_biases=", has_biases, ", proj_size=", proj_size, "), got ", weights.size());
@@ -200,10 +226,16 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
   c.P = proj_size > 0 ? proj_size : c.H;
   TORCH_CHECK(proj_size < c.H || proj_size == 0, "fastcells: `proj_size` (", proj_size,
               ") must be smaller than hidden_size (", c.H, ")");
-  // Caps that keep every index of the BLAS (int32) and the kernels in range.
-  TORCH_CHECK(c.GH() * std::max(c.I, c.D * c.P) < (int64_t(1) << 31) && c.N * c.GH() < (int64_t(1) << 40),
-              "fastcells: sizes too large (N=", c.N, ", G*H=", c.GH(), ", input_size=", c.I, ")");
+  // Caps that keep every index of the BLAS (int32) and the kernels in range,
+  // and the reserve's offsets in int64.
   TORCH_CHECK(c.N < (int64_t(1) << 31), "fastcells: too many rows (T*B = ", c.N, ", max 2^31-1)");
+  TORCH_CHECK(checked_mul(c.GH(), std::max(c.I, c.D * c.P), "weight size") < (int64_t(1) << 31) &&
+                  checked_mul(c.N, c.GH(), "gate count") < (int64_t(1) << 40),
+              "fastcells: sizes too large (N=", c.N, ", G*H=", c.GH(), ", input_size=", c.I,
+              "): the gates of one layer must hold fewer than 2^40 values and each weight "
+              "fewer than 2^31");
+  checked_mul(checked_mul(c.L * c.D, c.N, "reserve size"), c.GH() + c.EH() + c.P,
+              "reserve size");
 
   const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
   for (const auto l : c10::irange(c.L)) {
@@ -293,9 +325,14 @@ Tensor rows_of(const Tensor& t, int64_t offset, int64_t row0, int64_t rows, int6
   return t.view({-1}).narrow(0, start, rows * cols).view({rows, cols});
 }
 
+// `t` as a dense, contiguous tensor of the compute dtype, which is what the
+// kernels' raw pointers assume: a copy for other dtypes, strided, expanded or
+// negated views (is_neg: the sign is a flag that raw reads would not see).
 Tensor to_compute(const Tensor& t, at::ScalarType cd) {
-  if (t.scalar_type() == cd && t.is_contiguous()) return t;
-  return t.to(cd).contiguous();
+  TORCH_CHECK(t.layout() == at::kStrided, "fastcells: tensor arguments must be dense (strided), "
+              "got a ", t.layout(), " tensor");
+  if (t.scalar_type() == cd && t.is_contiguous() && !t.is_neg()) return t;
+  return t.resolve_neg().to(cd).contiguous();
 }
 
 std::optional<Tensor> to_compute(const std::optional<Tensor>& t, at::ScalarType cd) {
