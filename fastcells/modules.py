@@ -97,6 +97,13 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
             if self.batch_first and batched:
                 x = x.transpose(0, 1)
             B = x.shape[1]
+        w0 = self._flat_weights[0]
+        if (w0 is not None and x.dtype != w0.dtype
+                and not torch._C._is_any_autocast_enabled()):
+            # torch.nn's check_input, with its exception class and message.
+            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
+                             f"({w0.dtype}). Convert input: input.to({w0.dtype}), or convert "
+                             f"model: model.to({x.dtype})")
         if x.shape[-1] != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {x.shape[-1]}")
