@@ -47,7 +47,8 @@ class OnceDifferentiable : public torch::autograd::Function<OnceDifferentiable> 
 
 class RnnFunction : public torch::autograd::Function<RnnFunction> {
  public:
-  // Saved: input, hx, cx, dropout_masks, output, reserve, weights...
+  // Saved: input, hx, cx, dropout_masks, reserve, weights... Not `output`:
+  // the reserve holds a copy of it, so the caller may modify it in place.
   static variable_list forward(AutogradContext* ctx, const Tensor& input, at::TensorList weights,
                                const std::optional<Tensor>& hx, const std::optional<Tensor>& cx,
                                at::OptionalIntArrayRef batch_sizes, int64_t mode,
@@ -58,7 +59,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
         forward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                           has_biases, proj_size, dropout_masks, true);
     variable_list to_save{input, hx.value_or(Tensor()), cx.value_or(Tensor()),
-                          dropout_masks.value_or(Tensor()), output, reserve};
+                          dropout_masks.value_or(Tensor()), reserve};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["packed"] = batch_sizes.has_value();
@@ -80,7 +81,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     const std::optional<Tensor> hx = defined_or_null(saved[1]);
     const std::optional<Tensor> cx = defined_or_null(saved[2]);
     const std::optional<Tensor> masks = defined_or_null(saved[3]);
-    const std::vector<Tensor> weights(saved.begin() + 6, saved.end());
+    const std::vector<Tensor> weights(saved.begin() + 5, saved.end());
     const int64_t mode = ctx->saved_data["mode"].toInt();
     const std::vector<int64_t> bs = ctx->saved_data["batch_sizes"].toIntVector();
     const at::OptionalIntArrayRef batch_sizes =
@@ -107,7 +108,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
       return backward_op().call(
           input, weights, hx, cx, batch_sizes, mode, ctx->saved_data["num_layers"].toInt(),
           ctx->saved_data["bidirectional"].toBool(), ctx->saved_data["has_biases"].toBool(),
-          ctx->saved_data["proj_size"].toInt(), masks, saved[4], saved[5], grad_out, grad_hy,
+          ctx->saved_data["proj_size"].toInt(), masks, saved[4], grad_out, grad_hy,
           grad_cy, need_input);
     }();
     size_t k = 0;

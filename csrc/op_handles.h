@@ -18,7 +18,7 @@ using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
 using BackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
     const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, at::OptionalIntArrayRef, int64_t, int64_t, bool, bool,
-    int64_t, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    int64_t, const std::optional<at::Tensor>&, const at::Tensor&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, bool);
 

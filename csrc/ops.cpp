@@ -14,9 +14,11 @@
 //   per layer l, direction d (index l*D + d):
 //     gates (N, G*H)  activated gates: LSTM i,f,g,o; GRU r,z,n; RNN h
 //     extra (N, H)    LSTM c_t; GRU hh_n = h_{t-1} W_hn^T + b_hn; absent RNN
-//   per layer l < L-1:
+//   per layer l:
 //     y_l (N, D*P)    the layer's output (before dropout)
-// The last layer's output is the op's `output` and is saved by autograd.
+// The last layer's y is a copy of the op's `output`: backward reads it from
+// here, so the caller may modify `output` in place (torch.relu_, +=, an
+// inplace Dropout) as torch.nn's GRU and RNN allow.
 // With need_reserve=False (inference; the autograd kernel passes it when no
 // gradient is wanted) `reserve` is empty and the activations live in scratch
 // reused across layers and time chunks.
@@ -25,10 +27,13 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/util/irange.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -71,12 +76,24 @@ struct Config {
   int64_t gates_offset(int64_t idx) const { return idx * N * (GH() + EH()); }
   int64_t extra_offset(int64_t idx) const { return gates_offset(idx) + N * GH(); }
   int64_t inter_offset(int64_t l) const { return L * D * N * (GH() + EH()) + l * N * D * P; }
-  int64_t reserve_size() const { return inter_offset(L - 1); }
+  int64_t reserve_size() const { return inter_offset(L); }
   int64_t layer_input(int64_t l) const { return l == 0 ? I : D * P; }
   const Tensor& w(at::TensorList ws, int64_t l, int64_t d, int64_t k) const {
     return ws[(l * D + d) * per_dir + k];
   }
 };
+
+// a * b, or an error naming what is being sized: sizes come from the caller
+// (op arguments, or an empty / expanded tensor's shape), so products of them
+// may not fit in int64 even when every tensor is valid.
+int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  TORCH_CHECK(!c10::mul_overflows(a, b, &r), "fastcells: ", what, " (", a, " * ", b,
+              ") overflows int64");
+  return r;
+}
+
+constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -113,6 +130,10 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
   TORCH_CHECK(kernels::is_valid_mode(mode), "fastcells: `mode` must be ", kernels::valid_modes(),
               ", got ", mode);
   TORCH_CHECK(num_layers >= 1, "fastcells: `num_layers` must be >= 1, got ", num_layers);
+  // Each layer has at least two weights: this bounds every later product with L.
+  TORCH_CHECK(num_layers <= static_cast<int64_t>(weights.size()),
+              "fastcells: `num_layers` (", num_layers, ") is more than the ", weights.size(),
+              " tensors in `weights` can hold (at least 2 per layer and direction)");
   TORCH_CHECK(proj_size >= 0, "fastcells: `proj_size` must be >= 0, got ", proj_size);
   TORCH_CHECK(proj_size == 0 || kernels::allows_proj(static_cast<int>(mode)),
               "fastcells: `proj_size` is only supported for LSTM, got mode ", kModeNames[mode]);
@@ -148,6 +169,8 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
     // loop over them amounts to. A zero anywhere else is an error.
     int64_t total = 0;
     c.T = steps;
+    TORCH_CHECK(steps <= kIntMax, "fastcells: `batch_sizes` has ", steps,
+                " steps, at most ", kIntMax, " are supported");
     for (const auto t : c10::irange(steps)) {
       TORCH_CHECK(bs[t] >= 0 && (bs[t] > 0 || t > 0),
                   "fastcells: `batch_sizes` must be positive (only steps after the last "
@@ -159,6 +182,9 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
         c.T = std::min(c.T, t);  // the rest are zero too (non-increasing, checked on)
         continue;
       }
+      // Checked before adding, so the running sum cannot overflow.
+      TORCH_CHECK(bs[t] <= input.size(0) - total, "fastcells: `batch_sizes` sum to more than "
+                  "the ", input.size(0), " rows of packed `input` (at step ", t, ")");
       c.batch_sizes.push_back(bs[t]);
       c.offsets.push_back(total);
       total += bs[t];
@@ -175,16 +201,19 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
     c.T = input.size(0);
     c.B = input.size(1);
     c.I = input.size(2);
-    c.N = c.T * c.B;
+    // An empty input (I = 0) may have any T and B.
+    c.N = checked_mul(c.T, c.B, "`input`'s seq_len * batch");
+    TORCH_CHECK(c.T <= kIntMax && c.B <= kIntMax, "fastcells: `input` of shape ",
+                shape_str(input.sizes()), ": seq_len and batch must be at most ", kIntMax);
     for (const auto t : c10::irange(c.T)) {
       c.batch_sizes.push_back(c.B);
       c.offsets.push_back(t * c.B);
     }
   }
-  TORCH_CHECK(c.T <= std::numeric_limits<int>::max() && c.N < (int64_t(1) << 40),
-              "fastcells: sequence too long: T = ", c.T, ", N = ", c.N);
+  TORCH_CHECK(c.T <= kIntMax && c.B <= kIntMax && c.N < (int64_t(1) << 40),
+              "fastcells: sequence too long: T = ", c.T, ", B = ", c.B, ", N = ", c.N);
 
-  const int64_t expected_weights = c.L * c.D * c.per_dir;
+  const int64_t expected_weights = c.L * c.D * c.per_dir;  // L <= weights.size(): no overflow
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected_weights, "fastcells: expected ",
               expected_weights, " tensors in `weights` (num_layers=", c.L, ", directions=", c.D,
               ", has_biases=", has_biases, ", proj_size=", proj_size, "), got ", weights.size());
@@ -197,10 +226,16 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
   c.P = proj_size > 0 ? proj_size : c.H;
   TORCH_CHECK(proj_size < c.H || proj_size == 0, "fastcells: `proj_size` (", proj_size,
               ") must be smaller than hidden_size (", c.H, ")");
-  // Caps that keep every index of the BLAS (int32) and the kernels in range.
-  TORCH_CHECK(c.GH() * std::max(c.I, c.D * c.P) < (int64_t(1) << 31) && c.N * c.GH() < (int64_t(1) << 40),
-              "fastcells: sizes too large (N=", c.N, ", G*H=", c.GH(), ", input_size=", c.I, ")");
+  // Caps that keep every index of the BLAS (int32) and the kernels in range,
+  // and the reserve's offsets in int64.
   TORCH_CHECK(c.N < (int64_t(1) << 31), "fastcells: too many rows (T*B = ", c.N, ", max 2^31-1)");
+  TORCH_CHECK(checked_mul(c.GH(), std::max(c.I, c.D * c.P), "weight size") < (int64_t(1) << 31) &&
+                  checked_mul(c.N, c.GH(), "gate count") < (int64_t(1) << 40),
+              "fastcells: sizes too large (N=", c.N, ", G*H=", c.GH(), ", input_size=", c.I,
+              "): the gates of one layer must hold fewer than 2^40 values and each weight "
+              "fewer than 2^31");
+  checked_mul(checked_mul(c.L * c.D, c.N, "reserve size"), c.GH() + c.EH() + c.P,
+              "reserve size");
 
   const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
   for (const auto l : c10::irange(c.L)) {
@@ -290,9 +325,14 @@ Tensor rows_of(const Tensor& t, int64_t offset, int64_t row0, int64_t rows, int6
   return t.view({-1}).narrow(0, start, rows * cols).view({rows, cols});
 }
 
+// `t` as a dense, contiguous tensor of the compute dtype, which is what the
+// kernels' raw pointers assume: a copy for other dtypes, strided, expanded or
+// negated views (is_neg: the sign is a flag that raw reads would not see).
 Tensor to_compute(const Tensor& t, at::ScalarType cd) {
-  if (t.scalar_type() == cd && t.is_contiguous()) return t;
-  return t.to(cd).contiguous();
+  TORCH_CHECK(t.layout() == at::kStrided, "fastcells: tensor arguments must be dense (strided), "
+              "got a ", t.layout(), " tensor");
+  if (t.scalar_type() == cd && t.is_contiguous() && !t.is_neg()) return t;
+  return t.resolve_neg().to(cd).contiguous();
 }
 
 std::optional<Tensor> to_compute(const std::optional<Tensor>& t, at::ScalarType cd) {
@@ -511,10 +551,8 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
       xl = masks.has_value() ? prev_out * masks->select(0, l - 1).reshape({c.N, c.D * c.P})
                              : prev_out;
     }
-    Tensor out_l = output;
-    if (l < c.L - 1) {
-      out_l = keep ? rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P) : inter[l % 2];
-    }
+    Tensor out_l = keep ? rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P)
+                        : (l < c.L - 1 ? inter[l % 2] : output);
     for (const auto d : c10::irange(c.D)) {
       const int64_t idx = l * c.D + d;
       const Tensor& w_ih = c.w(w, l, d, 0);
@@ -614,6 +652,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
     forward_stack<scalar_t>(c, x, w, h0, c0, masks, output, hy, cy, reserve, sched,
                             need_reserve, poison);
   });
+  if (need_reserve && output.numel() > 0) {
+    // The last layer ran into the reserve; the caller gets its own copy.
+    const Tensor last = rows_of(reserve, c.inter_offset(c.L - 1), 0, c.N, c.D * c.P);
+    if (output.is_cpu()) {
+      std::memcpy(output.data_ptr(), last.data_ptr(), output.nbytes());
+    } else {
+      output.copy_(last);
+    }
+  }
 
   if (!c.packed) output = output.view({c.T, c.B, c.D * c.P});
   const auto out_t = input.scalar_type();
@@ -624,7 +671,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
 template <typename T>
 void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& w,
                     const Tensor& h0, const std::optional<Tensor>& c0,
-                    const std::optional<Tensor>& masks, const Tensor& output,
+                    const std::optional<Tensor>& masks,
                     const Tensor& reserve, const std::optional<Tensor>& grad_output,
                     const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy,
                     const Tensor& grad_input, const Tensor& dhx, const Tensor& dcx,
@@ -643,9 +690,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
   std::optional<Tensor> go = grad_output;  // gradient w.r.t. layer l's output (N, D*P)
   for (int64_t l = c.L - 1; l >= 0; --l) {
     const Tensor xl = layer_input(c, l, x, reserve, masks);
-    const Tensor out_l = l == c.L - 1
-                             ? output
-                             : rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P);
+    const Tensor out_l = rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P);
     Tensor dxl = l == 0 ? grad_input : alloc({c.N, c.D * c.P}, opts, poison);
     for (const auto d : c10::irange(c.D)) {
       const int64_t idx = l * c.D + d;
@@ -713,7 +758,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks, const Tensor& output, const Tensor& reserve,
+    const std::optional<Tensor>& dropout_masks, const Tensor& reserve,
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
     const std::optional<Tensor>& grad_cy, bool need_grad_input) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
@@ -721,7 +766,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const at::ScalarType cd = compute_type(input.scalar_type());
   std::vector<int64_t> out_shape = c.packed ? std::vector<int64_t>{c.N, c.D * c.P}
                                             : std::vector<int64_t>{c.T, c.B, c.D * c.P};
-  check_tensor(output, "output", out_shape, input);
   TORCH_CHECK(reserve.defined() && reserve.dim() == 1 && reserve.size(0) == c.reserve_size() &&
                   reserve.scalar_type() == cd && reserve.device() == input.device(),
               "fastcells: `reserve` must be the 1-D ", cd, " tensor of ", c.reserve_size(),
@@ -749,7 +793,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const std::optional<Tensor>& c0 = states.second;
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
-  const Tensor out = to_compute(output, cd).view({c.N, c.D * c.P});
+  // Saved tensors may come back from autograd in another layout
+  // (saved_tensors_hooks that offload or compress); the kernels read raw
+  // pointers, so every buffer is made contiguous here (a no-op when it is).
+  const Tensor res = reserve.contiguous();
   auto go = to_compute(grad_output, cd);
   if (go.has_value()) go = go->view({c.N, c.D * c.P});
   const auto ghy = to_compute(grad_hy, cd);
@@ -773,7 +820,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     if (lstm) { if (gcy.has_value()) dcx.copy_(*gcy); else dcx.zero_(); }
   } else {
     AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_backward", [&] {
-      backward_stack<scalar_t>(c, x, w, h0, c0, masks, out, reserve, go, ghy, gcy, grad_input,
+      backward_stack<scalar_t>(c, x, w, h0, c0, masks, res, go, ghy, gcy, grad_input,
                                dhx, dcx, gw, sched, poison, need_grad_input);
     });
   }
@@ -825,7 +872,7 @@ TORCH_LIBRARY(fastcells, m) {
   m.def(
       "rnn_backward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
-      "Tensor? dropout_masks, Tensor output, Tensor reserve, Tensor? grad_output, "
+      "Tensor? dropout_masks, Tensor reserve, Tensor? grad_output, "
       "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True) -> (Tensor grad_input, "
       "Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
   m.def("build_info() -> str", &build_info);

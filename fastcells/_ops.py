@@ -47,13 +47,34 @@ def _layout(input: torch.Tensor, weights: Sequence[torch.Tensor], batch_sizes, m
         N = T * B
     GH = c.gates * H
     EH = c.extra_size(H)
-    reserve = num_layers * D * N * (GH + EH) + (num_layers - 1) * N * D * P
+    reserve = num_layers * D * N * (GH + EH) + num_layers * N * D * P
     return N, T, B, H, P, D, reserve
+
+
+def _check_devices(input: torch.Tensor, **named) -> None:
+    """Every tensor argument on the input's device, as the real kernels check.
+
+    A meta tensor among CPU (or CUDA) arguments sends the whole call to the
+    fake kernels; without this check they would return uninitialised tensors
+    on the input's device instead of the error torch.nn gives.
+    """
+    for name, t in named.items():
+        ts = t if isinstance(t, (list, tuple)) else [t]
+        for k, x in enumerate(ts):
+            if x is None or x.device == input.device:
+                continue
+            arg = f"{name}[{k}]" if isinstance(t, (list, tuple)) else name
+            kind = {"weights": "parameter", "hx": "hidden", "cx": "hidden"}.get(name, "argument")
+            raise RuntimeError(
+                f"fastcells: Input and {kind} tensors are not at the same device, found input "
+                f"tensor at {input.device} and `{arg}` at {x.device}; expected `{arg}` on "
+                f"{input.device} (the input's device)")
 
 
 @torch.library.register_fake("fastcells::rnn_forward")
 def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                   has_biases, proj_size, dropout_masks, need_reserve=True):
+    _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks)
     N, T, B, H, P, D, reserve = _layout(input, weights, batch_sizes, mode, num_layers,
                                         bidirectional, proj_size)
     if batch_sizes is not None:
@@ -69,16 +90,23 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
 
 @torch.library.register_fake("fastcells::rnn_backward")
 def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                   has_biases, proj_size, dropout_masks, output, reserve, grad_output, grad_hy,
-                   grad_cy, need_grad_input=True):
+                   has_biases, proj_size, dropout_masks, reserve, grad_output, grad_hy, grad_cy,
+                   need_grad_input=True):
+    _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks,
+                   reserve=reserve, grad_output=grad_output, grad_hy=grad_hy,
+                   grad_cy=grad_cy)
     N, T, B, H, P, D, _ = _layout(input, weights, batch_sizes, mode, num_layers, bidirectional,
                                   proj_size)
     grad_hx = input.new_empty((num_layers * D, B, P))
     grad_cx = (input.new_empty((num_layers * D, B, H)) if CELLS[mode].has_cell_state
                else input.new_empty((0,)))
-    grad_input = torch.empty_like(input) if need_grad_input else input.new_empty((0,))
+    # The real kernel allocates every gradient contiguous, whatever the layout
+    # of the tensor it belongs to (a batch_first input is a transposed view,
+    # weights may be non-contiguous Parameters): compiled graphs rely on these
+    # strides, so empty_like (which keeps the argument's strides) would not do.
+    grad_input = input.new_empty(input.shape if need_grad_input else (0,))
     return (grad_input, grad_hx, grad_cx,
-            [torch.empty_like(w) for w in weights])
+            [input.new_empty(w.shape) for w in weights])
 
 
 def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch.Tensor],

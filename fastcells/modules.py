@@ -13,6 +13,7 @@ with ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Optional, Tuple, Union
 
@@ -96,6 +97,13 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
             if self.batch_first and batched:
                 x = x.transpose(0, 1)
             B = x.shape[1]
+        w0 = self._flat_weights[0]
+        if (w0 is not None and x.dtype != w0.dtype
+                and not torch._C._is_any_autocast_enabled()):
+            # torch.nn's check_input, with its exception class and message.
+            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
+                             f"({w0.dtype}). Convert input: input.to({w0.dtype}), or convert "
+                             f"model: model.to({x.dtype})")
         if x.shape[-1] != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {x.shape[-1]}")
@@ -254,7 +262,11 @@ def _swap(module: nn.Module) -> nn.Module:
     cls = _SWAPS[type(module)]
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
-    new._parameters = dict(module._parameters)
+    # Containers (parameters, buffers, hook dicts, ...) are copied one level
+    # deep: hooks registered on the new module must not fire on the old one.
+    for name, value in module.__dict__.items():
+        if isinstance(value, (dict, list, set)):
+            new.__dict__[name] = copy.copy(value)
     if isinstance(new, nn.RNNBase):
         new._init_flat_weights()
     return new
@@ -272,11 +284,20 @@ def convert(model: nn.Module) -> nn.Module:
     """
     if type(model) in _SWAPS:
         return _swap(model)
+    # One swap per module object: a module held under several names (or by
+    # several parents) stays one shared module.
+    swapped = {}
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
+        # parent._modules, not named_children(): that skips a second name for
+        # a module already seen under the same parent.
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             base = parametrize.type_before_parametrizations(child)
             if type(child) in _SWAPS:
-                setattr(parent, child_name, _swap(child))
+                if id(child) not in swapped:
+                    swapped[id(child)] = _swap(child)
+                setattr(parent, child_name, swapped[id(child)])
             elif base in _SWAPS:
                 warnings.warn(
                     f"fastcells.convert: left `{child_name}` ({base.__name__}) as torch.nn: it "

@@ -39,13 +39,18 @@ def _hx(mode: str, shape_h, shape_c=None, dtype=torch.float32):
 
 def same_or_clear_error(ref: nn.Module, mod: nn.Module, match: str, *args) -> str:
     """torch.nn accepts -> fastcells returns the same; torch.nn rejects ->
-    fastcells raises RuntimeError/ValueError matching ``match``.
+    fastcells raises the same exception class (RuntimeError or ValueError),
+    with a message matching ``match``: code that catches torch.nn's errors
+    must catch fastcells' too.
     Returns "same" or "error" for the caller's assertions."""
     try:
         expect = ref(*args)
-    except ERRORS:
-        with pytest.raises(ERRORS, match=match):
+    except ERRORS as e:
+        with pytest.raises(ERRORS, match=match) as info:
             mod(*args)
+        assert type(info.value) is type(e), (
+            f"torch.nn raises {type(e).__name__} ({e}), fastcells {type(info.value).__name__} "
+            f"({info.value})")
         return "error"
     got = mod(*args)
     dtype = flatten_result(expect)[0].dtype
@@ -95,8 +100,38 @@ def test_hx_wrong_shape(mode, which):
 def test_hx_wrong_dtype(mode):
     ref, mod = _pair(mode)
     hx = _hx(mode, (2, B, H), dtype=torch.float64)
-    with pytest.raises(ERRORS, match=r"(?i)hx|hidden|h0"):
-        mod(torch.randn(T, B, I), hx)
+    assert same_or_clear_error(ref, mod, r"(?i)hx|hidden|h0", torch.randn(T, B, I), hx) == "error"
+
+
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("case", ["input_3d", "hx_3d", "input_size", "hx_batch", "hx_size",
+                                  "input_float64", "input_int", "hx_float64"])
+def test_cell_errors_have_torch_nn_classes(cell, case):
+    import fastcells
+
+    torch.manual_seed(0)
+    ref = getattr(nn, cell)(I, H)
+    mod = getattr(fastcells, cell)(I, H)
+    mod.load_state_dict(ref.state_dict())
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    if case == "input_3d":
+        x = x.unsqueeze(0)
+    elif case == "hx_3d":
+        h = h.unsqueeze(0)
+    elif case == "input_size":
+        x = torch.randn(B, I + 1)
+    elif case == "hx_batch":
+        h = torch.randn(B + 1, H)
+    elif case == "hx_size":
+        h = torch.randn(B, H + 1)
+    elif case == "input_float64":
+        x = x.double()
+    elif case == "input_int":
+        x = x.long()
+    else:
+        h = h.double()
+    hx = (h, torch.randn(B, H)) if cell == "LSTMCell" else h
+    assert same_or_clear_error(ref, mod, r"(?i)input|hx|hidden|dtype|size|shape", x, hx) == "error"
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
@@ -444,17 +479,15 @@ def test_op_backward_rejects_bad_arguments():
     output, hy, cy, reserve = torch.ops.fastcells.rnn_forward.default(*args)
     bwd = torch.ops.fastcells.rnn_backward.default
     go, gh, gc = torch.ones_like(output), torch.ones_like(hy), torch.ones_like(cy)
-    bwd(*args, output, reserve, go, gh, gc)  # valid
+    bwd(*args, reserve, go, gh, gc)  # valid
     with pytest.raises(ERRORS, match="reserve"):
-        bwd(*args, output, reserve[:-1], go, gh, gc)
+        bwd(*args, reserve[:-1], go, gh, gc)
     with pytest.raises(ERRORS, match="grad_output"):
-        bwd(*args, output, reserve, go[:-1], gh, gc)
+        bwd(*args, reserve, go[:-1], gh, gc)
     with pytest.raises(ERRORS, match="grad_hy"):
-        bwd(*args, output, reserve, go, gh[:, :1], gc)
+        bwd(*args, reserve, go, gh[:, :1], gc)
     with pytest.raises(ERRORS, match="grad_cy"):
-        bwd(*args, output, reserve, go, gh, gc.float())
-    with pytest.raises(ERRORS, match="output"):
-        bwd(*args, output[:, :, :1], reserve, go, gh, gc)
+        bwd(*args, reserve, go, gh, gc.float())
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)

@@ -77,7 +77,7 @@ def test_python_table_matches_torch_nn(c):
 @pytest.mark.parametrize("c", CELLS, ids=lambda c: c.name)
 def test_reserve_layout_uses_gates_and_extra(c):
     """The reserve the op returns is what the table says: per layer, direction
-    and row G*H gates plus extra*H saved values."""
+    and row G*H gates plus extra*H saved values, then each layer's output (H per row)."""
     H, I, T, B = 4, 3, 5, 2
     kwargs = {"nonlinearity": c.nonlinearity} if c.nonlinearity else {}
     ref = getattr(nn, c.nn_class)(I, H, **kwargs).double()
@@ -86,7 +86,7 @@ def test_reserve_layout_uses_gates_and_extra(c):
     cx = h.clone() if c.has_cell_state else None
     out, hy, cy, reserve = torch.ops.fastcells.rnn_forward(
         x, list(ref._flat_weights), h, cx, None, c.code, 1, False, True, 0, None, True)
-    assert reserve.numel() == T * B * (c.gates * H + c.extra_size(H))
+    assert reserve.numel() == T * B * (c.gates * H + c.extra_size(H) + H)
     assert cy.numel() == (B * H if c.has_cell_state else 0)
 
 

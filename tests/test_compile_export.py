@@ -66,7 +66,8 @@ def _torch_nn_twin(model: Forecaster) -> nn.Module:
     if cls is nn.RNN:
         kwargs["nonlinearity"] = r.nonlinearity
     twin.rnn = cls(r.input_size, r.hidden_size, r.num_layers, bias=r.bias,
-                   batch_first=r.batch_first, bidirectional=r.bidirectional, **kwargs)
+                   batch_first=r.batch_first, bidirectional=r.bidirectional,
+                   dtype=r.weight_ih_l0.dtype, **kwargs)
     twin.rnn.load_state_dict(r.state_dict())
     return twin
 
@@ -126,6 +127,75 @@ def test_compile_fullgraph_training_step_inductor_lstm():
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])
 def test_compile_fullgraph_training_step_inductor_slow(kind):
     _compiled_matches_eager(kind, "inductor")
+
+
+def _non_contiguous_parameters(rnn: nn.Module) -> None:
+    """Every weight as a Parameter with the same values in another layout."""
+    for name in rnn._flat_weights_names:
+        w = getattr(rnn, name).detach()
+        w = (w.t().contiguous().t() if w.dim() == 2
+             else torch.stack([w, torch.zeros_like(w)], -1)[..., 0])
+        assert not w.is_contiguous()
+        setattr(rnn, name, nn.Parameter(w))
+
+
+class LinearIntoRNN(nn.Module):
+    """A layer in front of the RNN, so that the RNN's input requires grad."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, rnn.input_size, dtype=torch.float64)
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.lin(x))
+        return (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum()
+
+
+def _compiled_input_grad_matches_torch_nn(kind: str, backend: str, batch_first: bool,
+                                          non_contiguous: bool, **kwargs) -> None:
+    torch.manual_seed(6)
+    cls = getattr(fastcells, kind)
+    rnn = cls(8, 5, 2, batch_first=batch_first, dtype=torch.float64, **kwargs)
+    model = LinearIntoRNN(rnn)
+    twin = _torch_nn_twin(model)  # torch.nn's RNN, same weights, before the relayout
+    if non_contiguous:
+        _non_contiguous_parameters(model.rnn)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn((4, 10, 3) if batch_first else (10, 4, 3), dtype=torch.float64)
+    for step in range(2):  # the second call reuses the compiled graph
+        xc = x.clone().requires_grad_()
+        xt = x.clone().requires_grad_()
+        model.zero_grad()
+        twin.zero_grad()
+        lc, lt = compiled(xc), twin(xt)
+        lc.backward()
+        lt.backward()
+        torch.testing.assert_close(lc, lt, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(xc.grad, xt.grad, rtol=1e-10, atol=1e-10)
+        for (name, pc), (_, pt) in zip(model.named_parameters(), twin.named_parameters()):
+            torch.testing.assert_close(pc.grad, pt.grad, rtol=1e-10, atol=1e-10, msg=name)
+        x = x + 0.5
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["weights", "strided_weights"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tb", "bf"])
+@pytest.mark.parametrize("kind,kwargs", [("GRU", {}), ("LSTM", {"bidirectional": True}),
+                                         ("RNN", {"nonlinearity": "relu"})],
+                         ids=["GRU", "LSTM-bi", "RNN-relu"])
+def test_compile_training_with_input_grad_aot_eager(kind, kwargs, batch_first, non_contiguous):
+    """Gradients that flow out of the op into the layer before it (and into
+    strided weight Parameters) equal torch.nn's, in float64."""
+    _compiled_input_grad_matches_torch_nn(kind, "aot_eager", batch_first, non_contiguous,
+                                          **kwargs)
+
+
+@pytest.mark.parametrize("kind,non_contiguous", [("GRU", False), ("LSTM", True)],
+                         ids=["GRU", "LSTM-strided_weights"])
+def test_compile_training_with_input_grad_inductor(kind, non_contiguous):
+    """Inductor checks the fake kernel's strides at run time and plans the
+    Linear's backward on them."""
+    _compiled_input_grad_matches_torch_nn(kind, "inductor", True, non_contiguous)
 
 
 def test_compile_fullgraph_state_output_and_hx():
@@ -298,7 +368,7 @@ def _backward_args(case, grads_require_grad: bool):
         if t is not None:
             t.requires_grad_(grads_require_grad)
     return (x, weights, hx, cx, batch_sizes, mode, layers, bidirectional, bias, proj, masks,
-            output, reserve, grad_output, grad_hy, grad_cy)
+            reserve, grad_output, grad_hy, grad_cy)
 
 
 BACKWARD_CASES = [

@@ -124,3 +124,82 @@ def test_convert_keeps_dtype(dtype):
     model = nn.Sequential(nn.GRU(3, 4, dtype=dtype))
     fastcells.convert(model)
     assert all(p.dtype == dtype for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_convert_hooks_and_containers_are_the_new_modules_own(kind):
+    """Hooks, buffers and submodules registered on the converted module after
+    convert() stay off the old module, and the other way round; hooks that
+    were registered before convert() carry over."""
+    import fastcells
+
+    torch.manual_seed(3)
+    old = getattr(nn, kind)(3, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    if kind in ("LSTM", "GRU", "RNN"):
+        x = x.unsqueeze(0)
+    fired = []
+    old.register_forward_hook(lambda m, i, o: fired.append(("before", type(m).__name__)))
+    new = fastcells.convert(nn.Sequential(old))[0]
+    assert type(new) is getattr(fastcells, kind)
+
+    new.register_forward_hook(lambda m, i, o: fired.append(("new", type(m).__name__)))
+    new.register_forward_pre_hook(lambda m, i: fired.append(("new-pre", type(m).__name__)))
+    new.register_full_backward_hook(lambda m, gi, go: fired.append(("new-bwd", None)))
+    new.register_state_dict_post_hook(lambda m, sd, p, lm: fired.append(("new-sd", None)))
+    new.register_buffer("extra", torch.zeros(1))
+    old.register_forward_hook(lambda m, i, o: fired.append(("old", type(m).__name__)))
+
+    out_old = old(x)
+    old.state_dict()
+    assert fired == [("before", kind), ("old", kind)]
+    assert "extra" not in old._buffers and "extra" not in old.state_dict()
+
+    fired.clear()
+    out_new = new(x)
+    first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731
+    first(out_new).sum().backward()
+    new.state_dict()
+    assert ("before", kind) in fired and ("new", kind) in fired and ("new-pre", kind) in fired
+    assert ("new-bwd", None) in fired and ("new-sd", None) in fired
+    assert ("old", kind) not in fired
+    torch.testing.assert_close(first(out_new), first(out_old), atol=1e-12, rtol=1e-12)
+    # Parameters are still shared (an optimizer built before convert() keeps training).
+    assert all(a is b for a, b in zip(old.parameters(), new.parameters()))
+
+
+def test_convert_shared_module_stays_shared():
+    """A module held twice (two names, two parents, twice in one Sequential)
+    becomes one fastcells module, as parameters() and state_dict() see it."""
+    import fastcells
+
+    torch.manual_seed(4)
+    gru = nn.GRU(4, 4, dtype=torch.float64)
+    cell = nn.LSTMCell(4, 4, dtype=torch.float64)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = gru
+            self.b = gru
+            self.seq = nn.Sequential(gru, gru)
+            self.cell1 = cell
+            self.inner = nn.ModuleDict({"cell2": cell})
+
+        def forward(self, x):
+            y = self.b(self.a(x)[0])[0]
+            for m in self.seq:
+                y = m(y)[0]
+            h, c = self.cell1(y[-1])
+            return self.inner["cell2"](h, (h, c))[0]
+
+    model = Shared()
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    expect = model(x)
+    n_params = len(list(model.parameters()))
+    fastcells.convert(model)
+    assert isinstance(model.a, fastcells.GRU)
+    assert model.a is model.b is model.seq[0] is model.seq[1]
+    assert isinstance(model.cell1, fastcells.LSTMCell) and model.cell1 is model.inner["cell2"]
+    assert len(list(model.parameters())) == n_params
+    torch.testing.assert_close(model(x), expect, atol=1e-12, rtol=1e-12)

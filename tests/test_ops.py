@@ -153,7 +153,7 @@ def test_opcheck_rnn_backward(name, grads):
     elif grads == "states_only":
         grad_output = None
     torch.library.opcheck(torch.ops.fastcells.rnn_backward.default,
-                          args + (output, reserve, grad_output, grad_hy, grad_cy))
+                          args + (reserve, grad_output, grad_hy, grad_cy))
 
 
 @pytest.mark.parametrize("name", ["LSTM-proj-bidir-2layer-packed", "GRU-masks-packed",
@@ -171,14 +171,14 @@ def test_rnn_backward_without_input_gradient(name):
     gc = (torch.randn(cy.shape, generator=g, dtype=cy.dtype) if CELLS[c["mode"]].has_cell_state
           else None)
     bwd = torch.ops.fastcells.rnn_backward.default
-    full = bwd(*args, output, reserve, go, gh, gc)
-    part = bwd(*args, output, reserve, go, gh, gc, False)
+    full = bwd(*args, reserve, go, gh, gc)
+    part = bwd(*args, reserve, go, gh, gc, False)
     assert full[0].shape == c["input"].shape and part[0].numel() == 0
     assert torch.equal(full[1], part[1]) and torch.equal(full[2], part[2])
     assert len(full[3]) == len(part[3])
     for a, b in zip(full[3], part[3]):
         assert torch.equal(a, b)
-    torch.library.opcheck(bwd, args + (output, reserve, go, gh, gc, False), test_utils=(
+    torch.library.opcheck(bwd, args + (reserve, go, gh, gc, False), test_utils=(
         "test_schema", "test_faketensor"))
 
 
@@ -205,7 +205,7 @@ def test_ops_with_none_initial_states(name):
     go, gh = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (output, hy))
     gc = (torch.randn(cy.shape, generator=g, dtype=cy.dtype) if CELLS[c["mode"]].has_cell_state
           else None)
-    tail = (output, reserve, go, gh, gc)
+    tail = (reserve, go, gh, gc)
     gb, eb = bwd(*args, *tail), bwd(*zeros, *tail)
     for a, b in zip(gb[:3], eb[:3]):
         assert torch.equal(a, b)
@@ -271,7 +271,7 @@ def test_rnn_backward_matches_autograd_of_reference():
     g = torch.Generator().manual_seed(4)
     go, gh, gc = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (output, hy, cy))
     gi, ghx, gcx, gws = torch.ops.fastcells.rnn_backward.default(
-        *args, output, reserve, go, gh, gc)
+        *args, reserve, go, gh, gc)
     leaves = [c["input"], c["hx"], c["cx"]] + c["weights"]
     leaves = [t.clone().requires_grad_() for t in leaves]
     ro, rh, rc = rnn_reference(leaves[0], leaves[3:], leaves[1], leaves[2], *args[4:])
