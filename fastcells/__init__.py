@@ -3,13 +3,19 @@
     import fastcells
     lstm = fastcells.LSTM(3, 6, num_layers=2)   # same arguments as torch.nn.LSTM
     model = fastcells.convert(model)            # swap torch.nn RNNs in a model
+    model = fastcells.revert(model)             # and back (same Parameter objects)
+
+torch.onnx.export of fastcells models gives ONNX's LSTM / GRU / RNN operators
+(fastcells.onnx).
 """
-from . import functional
+from . import functional, onnx
 from ._isa import cpu_host_features, cpu_isa, cpu_isas, set_cpu_isa, use_cpu_isa
 from ._ops import MODES, build_info, set_poison_outputs
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, revert
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional",
-           "MODES", "build_info", "set_poison_outputs", "cpu_isa", "cpu_isas", "set_cpu_isa",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "revert",
+           "functional", "onnx", "MODES", "build_info", "set_poison_outputs", "cpu_isa", "cpu_isas", "set_cpu_isa",
            "use_cpu_isa", "cpu_host_features"]
 __version__ = "0.1.0"
+
+onnx._install()
