@@ -7,14 +7,13 @@ node per layer (both directions in one node, ``direction="bidirectional"``),
 the weights in ONNX's gate order and the biases as ONNX's ``[Wb, Rb]``.
 Exported models run in any ONNX runtime without fastcells.
 
-    import fastcells, fastcells.onnx
+    import fastcells
     torch.onnx.export(model, (x,), "model.onnx")                # default (dynamo) exporter
     torch.onnx.export(model, (x,), "model.onnx", dynamo=False)  # TorchScript exporter
 
-``import fastcells`` registers the TorchScript symbolic and arranges for the
-dynamo exporter's registry to include the translation as soon as that
-exporter loads ONNX Script (so importing fastcells costs nothing here). The
-translation table can also be passed explicitly::
+``import fastcells`` registers both translations, each right after its
+exporter's module is imported (so importing fastcells imports neither
+torch.onnx nor ONNX Script). The translation can also be passed explicitly::
 
     torch.onnx.export(model, (x,), f, custom_translation_table=fastcells.onnx.custom_translation_table())
 
@@ -30,12 +29,13 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ._cells import CELLS, cell
+from ._cells import cell
 
 __all__ = ["export", "custom_translation_table", "check_exportable", "FastcellsOnnxError"]
 
@@ -370,7 +370,12 @@ class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         loader = self._loaders.pop(name)
         module.__spec__.loader = module.__loader__ = loader
         loader.exec_module(module)
-        _AFTER_IMPORT[name](module)
+        try:
+            _AFTER_IMPORT[name](module)
+        except Exception as e:  # an exporter must keep working for models without fastcells
+            warnings.warn(f"fastcells.onnx: could not register the ONNX translation of "
+                          f"fastcells::rnn_forward after importing {name} ({e!r}); use "
+                          "fastcells.onnx.export(...) instead.", stacklevel=2)
         if not self._loaders and all(n in sys.modules for n in _AFTER_IMPORT):
             sys.meta_path.remove(self)
 
