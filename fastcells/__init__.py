@@ -3,15 +3,21 @@
     import fastcells
     lstm = fastcells.LSTM(3, 6, num_layers=2)   # same arguments as torch.nn.LSTM
     model = fastcells.convert(model)            # swap torch.nn RNNs in a model
+    model = fastcells.revert(model)             # and back (same Parameter objects)
+
+torch.onnx.export of fastcells models gives ONNX's LSTM / GRU / RNN operators
+(fastcells.onnx).
 """
-from . import functional
+from . import functional, onnx
 from ._isa import cpu_host_features, cpu_isa, cpu_isas, set_cpu_isa, use_cpu_isa
 from ._ops import MODES, build_info, set_poison_outputs
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, revert
 from .patch import is_patched, patch_torch_nn, patched, unpatch_torch_nn
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional",
-           "MODES", "build_info", "set_poison_outputs", "cpu_isa", "cpu_isas", "set_cpu_isa",
-           "use_cpu_isa", "cpu_host_features", "patch_torch_nn", "unpatch_torch_nn", "patched",
-           "is_patched"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "revert",
+           "functional", "onnx", "MODES", "build_info", "set_poison_outputs", "cpu_isa", "cpu_isas",
+           "set_cpu_isa", "use_cpu_isa", "cpu_host_features", "patch_torch_nn", "unpatch_torch_nn",
+           "patched", "is_patched"]
 __version__ = "0.1.0"
+
+onnx._install()

@@ -311,3 +311,51 @@ def convert(model: nn.Module) -> nn.Module:
                     "class. Make it subclass the fastcells class instead to use the fused op.",
                     stacklevel=2)
     return model
+
+
+__all__ += ["revert"]
+
+_REVERTS = {fast: torch_cls for torch_cls, fast in _SWAPS.items()}
+
+
+def _swap_back(module: nn.Module) -> nn.Module:
+    """The torch.nn module that shares ``module``'s Parameter objects (no copy)."""
+    cls = _REVERTS[type(module)]
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new._parameters = dict(module._parameters)
+    if isinstance(new, nn.RNNBase):
+        new._init_flat_weights()
+    return new
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`: swap every fastcells LSTM/GRU/RNN (and
+    Cell) inside ``model`` back to the torch.nn module of the same configuration,
+    for tools that only know torch.nn (torch.jit.script, quantization, ...).
+
+    Like convert, the swap is in place and keeps the very same Parameter objects
+    (an optimizer keeps training the model), hooks and buffers. Returns
+    ``model``, or the torch.nn module when ``model`` itself is a fastcells
+    module. Left as they are, with a warning: modules with parametrizations and
+    user subclasses of the fastcells classes.
+    """
+    if type(model) in _REVERTS:
+        return _swap_back(model)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            base = parametrize.type_before_parametrizations(child)
+            if type(child) in _REVERTS:
+                setattr(parent, child_name, _swap_back(child))
+            elif base in _REVERTS:
+                warnings.warn(
+                    f"fastcells.revert: left `{child_name}` ({base.__name__}) as fastcells: it "
+                    "has parametrizations, whose class cannot be swapped. Remove them "
+                    "(torch.nn.utils.parametrize.remove_parametrizations), revert, then "
+                    "register them again.", stacklevel=2)
+            elif isinstance(child, tuple(_REVERTS)):
+                warnings.warn(
+                    f"fastcells.revert: left `{child_name}` ({type(child).__name__}) as "
+                    "fastcells: it subclasses a fastcells class, and its own code may depend "
+                    "on that class.", stacklevel=2)
+    return model

@@ -10,6 +10,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if tuple(map(int, torch.__version__
   "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q pybind11 ninja numpy pandas pytest hypothesis matplotlib tqdm setuptools wheel
+# ONNX export tests (tests/test_onnx.py). The constraint keeps pip from
+# replacing the installed torch with a CUDA build several GB in size.
+"$PY" -m pip install -q -c constraints.txt onnx onnxruntime onnxscript
 # MAX_JOBS / TORCH_CUDA_ARCH_LIST / FORCE_CUDA are honoured by setup.py.
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -c "import fastcells; print('fastcells', fastcells.__version__, fastcells.build_info())"
