@@ -14,10 +14,16 @@
 #include <cstdint>
 #include <string>
 
+// On the host, always_inline: the CPU kernels are compiled once per ISA path
+// under `#pragma GCC target` (csrc/cpu/isa.h), and these functions, defined
+// before that switch, must be inlined into the vectorised gate loops. GCC
+// silently refuses to inline across differing target options (a `tune=` in a
+// path's pragma did that, a 3x slowdown); with always_inline it is a compile
+// error instead.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FC_HD __host__ __device__ __forceinline__
 #else
-#define FC_HD inline
+#define FC_HD inline __attribute__((always_inline))
 #endif
 
 // X(code, name, gates, cell_state, extra, proj)
