@@ -50,8 +50,9 @@ inline int team_size(int64_t work, int64_t threshold = kParallelWork) {
 }
 
 // body(tid, team, barrier): the team's threads meet at `barrier`
-// (team_barrier.h), sized to the team OpenMP actually started; how often it
-// had to sleep decides whether the next calls start a team (TeamBackoff).
+// (team_barrier.h), sized to the team OpenMP actually started; how long its
+// threads slept there decides whether the next calls start a team
+// (TeamBackoff).
 template <typename F>
 void run_team(int nt, const F& body) {
   StepBarrier barrier;
@@ -59,13 +60,16 @@ void run_team(int nt, const F& body) {
     body(0, 1, barrier);
     return;
   }
+  const auto start = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp single
     barrier.reset(omp_get_num_threads());  // (single ends with OpenMP's barrier)
     body(omp_get_thread_num(), omp_get_num_threads(), barrier);
   }
-  team_backoff().report(barrier);
+  const auto call = std::chrono::steady_clock::now() - start;
+  team_backoff().report(barrier,
+                        std::chrono::duration_cast<std::chrono::nanoseconds>(call).count());
 }
 
 // A barrier for a team started by run_team (none for a team of one).

@@ -55,10 +55,11 @@ class StepBarrier {
     arrived_.store(0, std::memory_order_relaxed);
   }
 
-  // Waits that were not the last arrival, and how many of them slept; read
-  // after the team has finished.
+  // Team size, waits that were not the last arrival, and the time the waits
+  // that outlasted the spin took in all; read after the team has finished.
+  int size() const { return n_; }
   int64_t waits() const { return waits_.load(std::memory_order_relaxed); }
-  int64_t sleeps() const { return sleeps_.load(std::memory_order_relaxed); }
+  int64_t slept_ns() const { return slept_ns_.load(std::memory_order_relaxed); }
 
   void wait() {
     const uint32_t g = gen_.load(std::memory_order_acquire);
@@ -69,16 +70,18 @@ class StepBarrier {
       return;
     }
     waits_.fetch_add(1, std::memory_order_relaxed);
-    if (spin_until_changed(g)) return;
-    sleeps_.fetch_add(1, std::memory_order_relaxed);
+    const auto start = std::chrono::steady_clock::now();
+    if (spin_until_changed(g, start)) return;
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     while (gen_.load(std::memory_order_seq_cst) == g) sleep_while(g);
     sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+    const auto waited = std::chrono::steady_clock::now() - start;
+    slept_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count(),
+                        std::memory_order_relaxed);
   }
 
  private:
-  bool spin_until_changed(uint32_t g) const {
-    const auto start = std::chrono::steady_clock::now();
+  bool spin_until_changed(uint32_t g, std::chrono::steady_clock::time_point start) const {
     const auto budget = std::chrono::microseconds(spin_micros());
     for (;;) {
       for (int i = 0; i < 64; ++i) {
@@ -113,14 +116,17 @@ class StepBarrier {
   std::atomic<int> arrived_{0};
   std::atomic<uint32_t> gen_{0};
   std::atomic<int> sleepers_{0};
-  std::atomic<int64_t> waits_{0}, sleeps_{0};
+  std::atomic<int64_t> waits_{0}, slept_ns_{0};
 };
 
 // Whether the next call may start a thread team. After a team call whose
-// barrier slept on more than 1 wait in 8, the next 1, 2, 4, ... 64 calls
-// (doubling while it happens again) run on one thread; a team call without
-// it resets the back-off. Results do not depend on the thread count, so this
-// only moves time. Shared by every ISA path and thread of the process.
+// threads spent more than a quarter of their time asleep at the barrier (the
+// team did not have its cores: another process ran on them), the next 1, 2,
+// 4, ... 64 calls (doubling while it happens again) run on one thread; a team
+// call without it resets the back-off. Long steps (large H) may sleep now and
+// then without that: only the share of the call's time counts. Results do not
+// depend on the thread count, so this only moves time. Shared by every ISA
+// path and thread of the process.
 class TeamBackoff {
  public:
   static constexpr int kMaxSoloCalls = 64;
@@ -134,9 +140,10 @@ class TeamBackoff {
     return true;
   }
 
-  void report(const StepBarrier& b) {
-    if (b.waits() == 0) return;
-    if (b.sleeps() * 8 > b.waits()) {
+  // `call_ns`: the team call's wall time.
+  void report(const StepBarrier& b, int64_t call_ns) {
+    if (b.waits() == 0 || b.size() < 2) return;
+    if (4 * b.slept_ns() > call_ns * (b.size() - 1)) {
       const int p = penalty_.load(std::memory_order_relaxed);
       const int next = p == 0 ? 1 : (p >= kMaxSoloCalls ? kMaxSoloCalls : 2 * p);
       penalty_.store(next, std::memory_order_relaxed);
