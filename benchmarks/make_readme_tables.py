@@ -137,6 +137,52 @@ def electricity_section(d: dict, slower: list[str]) -> str:
     return "".join(out)
 
 
+def peak_section(d: dict, slower: list[str]) -> str:
+    """benchmarks/cpu_peak.py: FMA peak per path and the per-step product's share of it."""
+    m = d["machine"]
+    isas = list(d["peaks"])
+    out = [f"### Per-step product against the FMA peak: `python benchmarks/cpu_peak.py`\n\n",
+           f"One thread, float32, best of 3. Host features: {m['host_features']}. Machine: "
+           f"{machine_sentence(m)}. FMA peak (GFLOP/s, independent FMA chains on each path's "
+           "vectors): " + ", ".join(f"{i} {d['peaks'][i]['gflops_1_thread']:.0f} on one thread" for i in isas)
+           + ". Product y(M, N) = h(M, K) W (N = G*H) in GFLOP/s and as a share of the host's widest "
+           "one-thread peak; `brgemm` is ATen's `at::native::cpublas::brgemm` (oneDNN), `torch.mm` is MKL:\n\n"]
+    rows = []
+    for r in d["rows"]:
+        cells = [f"{r['paths'][i]['gflops']:.1f} ({r['paths'][i]['fraction_of_host_peak']:.0%})" for i in isas]
+        cells += [f"{r[k]['gflops']:.1f} ({r[k]['fraction_of_host_peak']:.0%})" for k in ("brgemm", "torch_mm")]
+        rows.append([r["shape"], f"{r['M']},{r['K']},{r['N']}"] + cells)
+    out.append(C.md_table(["shape", "M,K,N"] + isas + ["brgemm", "torch.mm"], rows))
+    return "".join(out)
+
+
+def shared_section(d: dict, slower: list[str]) -> str:
+    """benchmarks/shared_cores.py: quiet, beside a busy process, one thread."""
+    out = [f"### Shared cores and one thread: `python benchmarks/shared_cores.py`\n\n",
+           f"Machine: {machine_sentence(d['machine'])}. `busy`: another process spins on one core "
+           "during the measurement. Median ms per call, speed-up torch.nn / fastcells within a round:\n\n"]
+    rows = []
+    for r in d["rows"]:
+        rows.append([r["setting"], r["threads"], r["cell"].upper(), f"{r['T']},{r['B']},{r['I']},{r['H']}",
+                     r["mode"], C.fmt_ms(r["torch_nn_s"]["median"]), C.fmt_ms(r["fastcells_s"]["median"]),
+                     x(r["speedup"]["median"])])
+        if r["speedup"]["median"] < 1:
+            slower.append(f"shared_cores {r['setting']} {r['cell'].upper()} {r['T']},{r['B']},{r['I']},{r['H']} "
+                          f"{r['mode']} ({r['speedup']['median']:.2f}x)")
+    out.append(C.md_table(["setting", "threads", "cell", "T,B,I,H", "mode", "torch.nn ms", "fastcells ms",
+                           "speed-up"], rows))
+    return "".join(out)
+
+
+CPU_ONLY = ("cpu_peak", "shared_cores")  # named <stem>_<isa>.json
+
+
+def result_name(stem: str, device: str) -> str | None:
+    if stem in CPU_ONLY:
+        return f"{stem}_{device[4:]}.json" if device.startswith("cpu_") else None
+    return f"{stem}_{device}.json"
+
+
 def result_tag(d: dict) -> str:
     """cuda, or cpu_<isa> (results from before the per-ISA paths ran 256-bit AVX2 kernels)."""
     if d["config"]["device"] != "cpu":
@@ -189,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         slower: list[str] = []
         sections = []
         for stem, fn in (("airline", airline_section), ("airline_speed", speed_section),
-                         ("electricity", electricity_section), ("sweep", sweep_section)):
-            d = load(args.results / f"{stem}_{device}.json")
+                         ("electricity", electricity_section), ("sweep", sweep_section),
+                         ("cpu_peak", peak_section), ("shared_cores", shared_section)):
+            name = result_name(stem, device)
+            d = load(args.results / name) if name else None
             if d is not None:
                 sections.append(fn(d, slower))
-                found.append(f"{stem}_{device}.json")
+                found.append(name)
         if not sections:
             continue
         parts.append(f"## Results on {title(device)}\n\n")
