@@ -278,12 +278,20 @@ def convert(model: nn.Module) -> nn.Module:
     The swap is in place and keeps the very same Parameter objects, so an
     optimizer built before the call keeps training the converted model.
     Returns ``model``, or the fastcells module when ``model`` itself is one of
-    the six torch.nn classes. Modules it cannot swap are left as they are with a
-    warning: ones with parametrizations (convert first, then parametrize) and
-    user subclasses of the torch.nn classes.
+    the six torch.nn classes. A user subclass of torch.nn.LSTM / GRU / RNN keeps
+    its object, class relations, methods and Parameters and gets a generated
+    class whose ``super().forward`` is the fused op (fastcells/_subclass.py).
+    Modules it cannot swap are left as they are with a warning: ones with
+    parametrizations (convert first, then parametrize) and user subclasses of
+    the torch.nn Cell classes.
     """
+    from . import _subclass
+
     if type(model) in _SWAPS:
         return _swap(model)
+    if _subclass.convertible(type(model)):
+        model.__class__ = _subclass.fused_subclass(type(model))
+        return model
     # One swap per module object: a module held under several names (or by
     # several parents) stays one shared module.
     swapped = {}
@@ -303,11 +311,14 @@ def convert(model: nn.Module) -> nn.Module:
                     f"fastcells.convert: left `{child_name}` ({base.__name__}) as torch.nn: it "
                     "has parametrizations, whose class cannot be swapped. Convert first, then "
                     "register the parametrizations on the fastcells module.", stacklevel=2)
+            elif _subclass.convertible(type(child)):
+                child.__class__ = _subclass.fused_subclass(type(child))
             elif (isinstance(child, tuple(_SWAPS))
-                  and not isinstance(child, tuple(_SWAPS.values()))):
+                  and not isinstance(child, tuple(_SWAPS.values()))
+                  and not _subclass.is_generated(type(child))):
                 warnings.warn(
                     f"fastcells.convert: left `{child_name}` ({type(child).__name__}) as torch.nn: "
-                    "it subclasses a torch.nn RNN class, and its own code may depend on that "
+                    "it subclasses a torch.nn cell class, and its own code may depend on that "
                     "class. Make it subclass the fastcells class instead to use the fused op.",
                     stacklevel=2)
     return model
@@ -337,16 +348,24 @@ def revert(model: nn.Module) -> nn.Module:
     Like convert, the swap is in place and keeps the very same Parameter objects
     (an optimizer keeps training the model), hooks and buffers. Returns
     ``model``, or the torch.nn module when ``model`` itself is a fastcells
-    module. Left as they are, with a warning: modules with parametrizations and
-    user subclasses of the fastcells classes.
+    module. User subclasses of the torch.nn classes that convert() gave the
+    fused forward get their own class back. Left as they are, with a warning:
+    modules with parametrizations and user subclasses of the fastcells classes.
     """
+    from . import _subclass
+
     if type(model) in _REVERTS:
         return _swap_back(model)
+    if _subclass.is_generated(type(model)):
+        model.__class__ = _subclass.original_class(type(model))
+        return model
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             base = parametrize.type_before_parametrizations(child)
             if type(child) in _REVERTS:
                 setattr(parent, child_name, _swap_back(child))
+            elif _subclass.is_generated(type(child)):  # a user subclass convert() fused
+                child.__class__ = _subclass.original_class(type(child))
             elif base in _REVERTS:
                 warnings.warn(
                     f"fastcells.revert: left `{child_name}` ({base.__name__}) as fastcells: it "

@@ -192,18 +192,19 @@ def test_pruning():
     _compare(ref, fc)
 
 
-def test_convert_warns_about_subclasses_and_skips_fastcells_modules():
-    """A user subclass of a torch.nn RNN class is left alone with a warning;
+def test_convert_warns_about_cell_subclasses_and_skips_fastcells_modules():
+    """A user subclass of a torch.nn Cell class is left alone with a warning
+    (subclasses of the sequence classes are fused: test_convert_subclass.py);
     modules that already are fastcells (whose cells subclass torch.nn's) are
     skipped without one."""
 
-    class MyGRU(nn.GRU):
+    class MyGRUCell(nn.GRUCell):
         pass
 
-    model = nn.Sequential(MyGRU(I, H), nn.LSTM(H, H), fastcells.GRUCell(H, H))
-    with pytest.warns(UserWarning, match="MyGRU"):
+    model = nn.Sequential(MyGRUCell(I, H), nn.LSTM(H, H), fastcells.GRUCell(H, H))
+    with pytest.warns(UserWarning, match="MyGRUCell"):
         fastcells.convert(model)
-    assert type(model[0]) is MyGRU and isinstance(model[1], fastcells.LSTM)
+    assert type(model[0]) is MyGRUCell and isinstance(model[1], fastcells.LSTM)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastcells.convert(nn.Sequential(fastcells.LSTMCell(I, H), fastcells.GRU(I, H)))
