@@ -259,7 +259,11 @@ _SWAPS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,
 
 def _swap(module: nn.Module) -> nn.Module:
     """A fastcells module that shares ``module``'s Parameter objects (no copy)."""
-    cls = _SWAPS[type(module)]
+    return _rebuild_as(module, _SWAPS[type(module)])
+
+
+def _rebuild_as(module: nn.Module, cls: type) -> nn.Module:
+    """A `cls` module with `module`'s state and the very same Parameter objects."""
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     # Containers (parameters, buffers, hook dicts, ...) are copied one level
@@ -331,13 +335,7 @@ _REVERTS = {fast: torch_cls for torch_cls, fast in _SWAPS.items()}
 
 def _swap_back(module: nn.Module) -> nn.Module:
     """The torch.nn module that shares ``module``'s Parameter objects (no copy)."""
-    cls = _REVERTS[type(module)]
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    new._parameters = dict(module._parameters)
-    if isinstance(new, nn.RNNBase):
-        new._init_flat_weights()
-    return new
+    return _rebuild_as(module, _REVERTS[type(module)])
 
 
 def revert(model: nn.Module) -> nn.Module:

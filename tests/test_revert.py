@@ -109,3 +109,16 @@ def test_revert_leaves_torch_nn_and_warns_on_subclasses_and_parametrizations():
     assert parametrize.type_before_parametrizations(model["par"]) is fastcells.GRU
     text = " ".join(str(w.message) for w in caught)
     assert "`sub`" in text and "`par`" in text and "parametrizations" in text
+
+
+def test_hooks_on_the_reverted_module_do_not_fire_on_the_old_one():
+    """revert() copies the hook dicts as convert() does (one level deep)."""
+    old = fastcells.GRU(3, 4)
+    new = fastcells.revert(old)
+    calls = []
+    new.register_forward_hook(lambda m, i, o: calls.append(type(m)))
+    x = torch.randn(2, 1, 3)
+    old(x)
+    assert calls == []
+    new(x)
+    assert calls == [nn.GRU]
