@@ -69,8 +69,12 @@ std::string joined(const std::vector<std::string>& names) {
   return o.str();
 }
 
-// The path called `name`; raises if it is unknown or the host lacks it.
+const IsaKernels& best_path();
+
+// The path called `name` ("auto": the host's best); raises if it is unknown
+// or the host lacks it. `source` names who asked, for the message.
 const IsaKernels& find_path(const std::string& name, const char* source) {
+  if (name == "auto") return best_path();
   for (const Path& p : paths()) {
     if (name != p.kernels().name) continue;
     TORCH_CHECK(p.host_has(), "fastcells: ", source, " asks for the CPU ISA path '", name,
@@ -92,10 +96,8 @@ const IsaKernels& best_path() {
 std::atomic<const IsaKernels*> g_active{nullptr};
 
 const IsaKernels& select_from_env() {
-  const char* v = std::getenv(kSwitch);
-  const std::string name = v ? v : "";
-  if (name.empty() || name == "auto") return best_path();
-  return find_path(name, "the environment variable FASTCELLS_CPU_ISA");
+  const char* v = std::getenv(kSwitch);  // unset or empty: automatic
+  return find_path(v && *v ? v : "auto", "the environment variable FASTCELLS_CPU_ISA");
 }
 
 }  // namespace
@@ -114,13 +116,11 @@ const IsaKernels& active_isa() {
 }
 
 void set_active_isa(const std::string& name) {
-  const IsaKernels& k =
-      name == "auto" ? best_path() : find_path(name, "fastcells.set_cpu_isa()");
-  g_active.store(&k, std::memory_order_release);
+  g_active.store(&find_path(name, "fastcells.set_cpu_isa()"), std::memory_order_release);
 }
 
 const IsaKernels& isa_by_name(const std::string& name) {
-  return name == "auto" ? best_path() : find_path(name, "the benchmark");
+  return find_path(name, "the benchmark");
 }
 
 std::vector<std::string> supported_isas() {
