@@ -28,6 +28,7 @@ reason: the patch never fails a model that torch.nn runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from typing import Iterator
@@ -46,11 +47,14 @@ _saved: dict = {}  # while patched: class -> its own forward; "allow_rnn" -> dyn
 _warned: set = set()
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_built() -> bool:
+    """Whether this build has the CUDA backend (fixed at build time; asked once,
+    not on every patched forward)."""
     return "cuda=1" in _ops.build_info()
 
 
-def _unsupported(module: nn.RNNBase, input) -> str | None:
+def _unsupported(input) -> str | None:
     """Why fastcells cannot run this call, or None."""
     data = input.data if isinstance(input, nn.utils.rnn.PackedSequence) else input
     if not isinstance(data, torch.Tensor):
@@ -65,7 +69,7 @@ def _unsupported(module: nn.RNNBase, input) -> str | None:
 
 
 def _patched_forward(self, input, hx=None):
-    reason = _unsupported(self, input)
+    reason = _unsupported(input)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
