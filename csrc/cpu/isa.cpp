@@ -9,6 +9,8 @@
 #include <mutex>
 #include <sstream>
 
+#include <unistd.h>
+
 namespace fastcells {
 namespace cpu {
 
@@ -134,6 +136,17 @@ std::vector<std::string> built_isas() {
   std::vector<std::string> out;
   for (const Path& p : paths()) out.emplace_back(p.kernels().name);
   return out;
+}
+
+int64_t row_split_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l2 = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return l2 > 0 ? l2 / 2 : int64_t(256) * 1024;
+  }();
+  return bytes;
 }
 
 std::string host_features() {

@@ -89,6 +89,11 @@ const IsaKernels& isa_by_name(const std::string& name);
 std::vector<std::string> supported_isas();
 // Names of every path in this build.
 std::vector<std::string> built_isas();
+// The largest packed W_hh for which the forward and backward loops give each
+// thread a range of batch rows (and the whole W_hh) rather than a range of
+// hidden units with a barrier per step: half of one core's L2 cache as the
+// OS reports it (256 KiB when it reports none).
+int64_t row_split_bytes();
 // The host's x86 features that the paths depend on, e.g. "avx2 fma avx512f".
 std::string host_features();
 

@@ -98,11 +98,12 @@ struct Part {
   bool sync;       // units split: barriers needed
 };
 
-constexpr int64_t kRowSplitBytes = 256 * 1024;
-
+// Rows are split when the packed W_hh takes at most half of one core's L2
+// cache (row_split_bytes(), isa.h), so that each thread's own pass over it
+// per step stays in L2 beside its states and gates.
 inline bool split_by_rows(int nt, int64_t B, int64_t w_hh_elems, size_t elem_size) {
   return nt > 1 && B >= 2 * gemm::kMR * nt &&
-         w_hh_elems * static_cast<int64_t>(elem_size) <= kRowSplitBytes;
+         w_hh_elems * static_cast<int64_t>(elem_size) <= row_split_bytes();
 }
 
 inline Part part_of(bool by_rows, int64_t B, int64_t H, int64_t P, int tid, int team,
