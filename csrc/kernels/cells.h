@@ -123,11 +123,14 @@ FC_HD LstmGrads<acc> lstm_backward(acc i, acc f, acc g, acc o, acc c, acc c_prev
                                    acc dr, acc dc_next) {
   const acc tc = fc_tanh(c);
   const acc dc = dc_next + dr * o * (acc(1) - tc * tc);
+  // Each product takes the bounded sigmoid derivative (<= 1/4) before the
+  // unbounded factor (c_prev), so that a saturated gate (derivative 0) gives 0
+  // and not inf * 0 = NaN when |c_prev| is near the float range.
   LstmGrads<acc> d;
-  d.di = dc * g * i * (acc(1) - i);
-  d.df = dc * c_prev * f * (acc(1) - f);
+  d.di = dc * (i * (acc(1) - i)) * g;
+  d.df = dc * (f * (acc(1) - f)) * c_prev;
   d.dg = dc * i * (acc(1) - g * g);
-  d.do_ = dr * tc * o * (acc(1) - o);
+  d.do_ = dr * (o * (acc(1) - o)) * tc;
   d.dc_prev = dc * f;
   return d;
 }
@@ -166,12 +169,13 @@ struct GruGrads {
 template <typename acc>
 FC_HD GruGrads<acc> gru_backward(acc r, acc z, acc n, acc hh_n, acc h_prev, acc dh) {
   GruGrads<acc> d;
+  // Bounded derivatives first, unbounded factors (hh_n, h_prev) last, as in
+  // lstm_backward: no inf * 0 where the true gradient is finite.
   const acc dn = dh * (acc(1) - z);
-  const acc dz = dh * (h_prev - n);
   d.dx_n = dn * (acc(1) - n * n);
   d.dhh_n = d.dx_n * r;
-  d.dx_r = d.dx_n * hh_n * r * (acc(1) - r);
-  d.dx_z = dz * z * (acc(1) - z);
+  d.dx_r = d.dx_n * (r * (acc(1) - r)) * hh_n;
+  d.dx_z = dh * (z * (acc(1) - z)) * (h_prev - n);
   d.dh_prev_direct = dh * z;
   return d;
 }
