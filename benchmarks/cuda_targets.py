@@ -37,7 +37,8 @@ SHAPES = [(112, 1, 3, 6), (168, 64, 16, 64), (168, 64, 64, 128), (168, 64, 64, 2
 VARIANTS = {"torch.nn": None, "fastcells": "auto", "fastcells_stepwise": "stepwise"}
 
 
-def time_point(fastcells, cell: str, dtype: torch.dtype, shape, rounds: int, min_run_time: float) -> dict:
+def time_point(fastcells, cell: str, dtype: torch.dtype, shape, rounds: int, min_run_time: float,
+               forward_only: bool = False) -> dict:
     T, B, I, H = shape
     torch.manual_seed(0)
     ref = getattr(nn, cell)(I, H).to("cuda", dtype)
@@ -47,6 +48,10 @@ def time_point(fastcells, cell: str, dtype: torch.dtype, shape, rounds: int, min
     gy = torch.randn(T, B, H, device="cuda", dtype=dtype)
 
     def step(m):
+        if forward_only:
+            with torch.no_grad():
+                m(x)
+            return
         y, _ = m(x)
         y.backward(gy)
 
@@ -82,7 +87,7 @@ def time_point(fastcells, cell: str, dtype: torch.dtype, shape, rounds: int, min
 def markdown(meta: dict, rows: list[dict]) -> str:
     tf32 = "on" if meta["cudnn_allow_tf32"] else "off"
     lines = [f"GPU: {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, "
-             f"TF32 {tf32} on both sides. One layer, forward+backward; speed-up = torch.nn / fastcells, "
+             f"TF32 {tf32} on both sides. One layer, {meta.get('pass', 'forward+backward')}; speed-up = torch.nn / fastcells, "
              "median of interleaved rounds. 'stepwise': fastcells with the per-step cuBLAS loop forced.", "",
              "| cell | dtype | T | B | I | H | torch.nn ms | fastcells ms | speed-up (min-max) "
              "| stepwise ms | stepwise speed-up |",
@@ -100,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=C.RESULTS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-run-time", type=float, default=0.15, help="seconds per blocked_autorange")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="time the no_grad forward instead of forward+backward")
     C.add_tf32_flag(ap)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -112,17 +119,20 @@ def main(argv=None) -> int:
     for cell in ("LSTM", "GRU"):
         for dtype in (torch.float32, torch.bfloat16):
             for shape in SHAPES:
-                row = time_point(fastcells, cell, dtype, shape, args.rounds, args.min_run_time)
+                row = time_point(fastcells, cell, dtype, shape, args.rounds, args.min_run_time,
+                                 args.forward_only)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta = C.machine_info("cuda")
     meta["build"] = fastcells._ops.build_info()
+    meta["pass"] = "no_grad forward" if args.forward_only else "forward+backward"
+    stem = "targets_cuda" + ("_fwd" if args.forward_only else "") + ("_tf32" if args.tf32 else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "targets_cuda.json").write_text(json.dumps({"machine": meta, "rows": rows}, indent=1))
+    (args.out / f"{stem}.json").write_text(json.dumps({"machine": meta, "rows": rows}, indent=1))
     md = markdown(meta, rows)
-    (args.out / "targets_cuda.md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
-    print(f"wrote {args.out / 'targets_cuda.json'} and targets_cuda.md")
+    print(f"wrote {args.out / stem}.json and .md")
     return 0
 
 

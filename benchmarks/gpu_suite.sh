@@ -10,6 +10,9 @@
 #   build        FORCE_CUDA=1 pip install --no-build-isolation -e .; checks cuda=1 [300]
 #   cudatests    pytest tests/test_cuda.py tests/test_cuda_compile.py (fast feedback) [150]
 #   tests        the full pytest suite [560]
+#   targets_fwd  the same shapes, no_grad forward only, 2 rounds [150]
+#   targets_tf32 the same shapes with TF32 allowed on both sides (torch's cuDNN default) [150]
+#   xtests       the full suite on 8 pytest-xdist workers [300]
 #   targets      benchmarks/cuda_targets.py: fwd+bwd of the target shapes,
 #                fastcells (auto and forced stepwise loop) vs torch.nn (cuDNN),
 #                float32 and bfloat16, LSTM and GRU -> targets_cuda.json / .md [200]
@@ -125,9 +128,20 @@ crashcheck() {
 targets() {
   "$PY" benchmarks/cuda_targets.py --out "$RES"
 }
+targets_fwd() {
+  "$PY" benchmarks/cuda_targets.py --forward-only --rounds 2 --out "$RES"
+}
+targets_tf32() {
+  "$PY" benchmarks/cuda_targets.py --tf32 --rounds 2 --out "$RES"
+}
+# The full suite on 8 pytest-xdist workers (the GPU image has pytest-xdist):
+# a worker that crashes is reported by name and replaced.
+xtests() {
+  PYTHONFAULTHANDLER=1 "$PY" -m pytest -q -rfE -p no:cacheprovider -n 8 --junitxml="$LOGS/junit_all.xml"
+}
 
 export PY LOGS RES
-export -f build cudatests alltests crashcheck targets
+export -f build cudatests alltests xtests crashcheck targets targets_fwd targets_tf32
 machine
 for stage in "${stages[@]}"; do
   case "$stage" in
@@ -136,6 +150,9 @@ for stage in "${stages[@]}"; do
     tests) run_stage tests 560 alltests ;;
     crashcheck) run_stage crashcheck 120 crashcheck ;;
     targets) run_stage targets 200 targets ;;
+    targets_fwd) run_stage targets_fwd 150 targets_fwd ;;
+    targets_tf32) run_stage targets_tf32 150 targets_tf32 ;;
+    xtests) run_stage xtests 300 xtests ;;
     sweep) run_stage sweep 300 "$PY" benchmarks/sweep.py --device cuda --min-run-time 0.05 --max-minutes "${SWEEP_MINUTES:-3.5}" --out "$RES" ;;
     airline) run_stage airline 150 "$PY" benchmarks/forecast_airline.py --device cuda --out "$RES" --no-progress ;;
     electricity) run_stage electricity 120 "$PY" benchmarks/forecast_electricity.py --device cuda --out "$RES" ;;

@@ -341,9 +341,12 @@ def test_cuda_graph_training_step(monkeypatch, mode, path):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_autocast_runs_in_the_region_dtype(mode, dtype):
-    """Under torch.autocast("cuda") fastcells returns the region's dtype like
-    torch.nn (cuDNN), gives exactly what the same module cast to that dtype
-    gives, and its gradients reach the float32 parameters."""
+    """Under torch.autocast("cuda") fastcells returns the region's dtype,
+    gives exactly what the same module cast to that dtype gives, agrees with
+    torch.nn within that dtype's tolerance, and its gradients reach the
+    float32 parameters. (torch.nn's cuDNN RNN returns float16 in a bfloat16
+    region on torch 2.11: its autocast rule for _cudnn_rnn casts to half, so
+    only values are compared with it.)"""
     import fastcells
 
     torch.manual_seed(0)
@@ -354,7 +357,8 @@ def test_autocast_runs_in_the_region_dtype(mode, dtype):
     with torch.autocast("cuda", dtype=dtype):
         out_ref = ref(x)[0]
         out = fc(x)[0]
-    assert out.dtype == out_ref.dtype == dtype
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), out_ref.float(), atol=5e-2, rtol=5e-2)
     low = copy.deepcopy(fc).to(dtype)
     assert torch.equal(out, low(x.to(dtype))[0])
     out.float().sum().backward()
