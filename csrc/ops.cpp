@@ -69,6 +69,9 @@ struct Config {
   int64_t mode = 0, L = 1, D = 1, G = 1, H = 0, P = 0, I = 0, T = 0, B = 0, N = 0;
   int64_t per_dir = 2;  // weights per layer and direction
   bool bias = true, packed = false;
+  // The inputs are bfloat16 (computed in float): the CPU forward may run its
+  // products on bfloat16 operands (csrc/cpu/isa.h).
+  bool bf16 = false;
   std::vector<int64_t> batch_sizes, offsets;
 
   int64_t GH() const { return G * H; }
@@ -142,6 +145,7 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
   c.D = bidirectional ? 2 : 1;
   c.G = kernels::num_gates(static_cast<int>(mode));
   c.bias = has_biases;
+  c.bf16 = input.scalar_type() == at::kBFloat16;
   c.per_dir = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
 
   TORCH_CHECK(input.defined(), "fastcells: `input` is required");
@@ -414,9 +418,9 @@ void run_cuda(const Params& p, const at::Device& dev, Bytes bytes, Run run) {
 
 template <typename T>
 void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev,
-                 cpu::ForwardPack<T>* cpu_keep = nullptr) {
+                 cpu::ForwardPack<T>* cpu_keep = nullptr, bool bf16 = false) {
   if (dev.is_cpu()) {
-    cpu::recurrent_forward<T>(p, cpu_keep);
+    cpu::recurrent_forward<T>(p, cpu_keep, bf16);
     return;
   }
 #ifdef WITH_CUDA
@@ -458,16 +462,16 @@ Tensor layer_input(const Config& c, int64_t l, const Tensor& x, const Tensor& re
 
 // out (M, N) = [out +] op(a) op(b); on the CPU optionally bias (N) + op(a) op(b).
 // On the CPU, `keep_b` (optional) keeps op(b) packed for later products with
-// the same b (see cpu::matmul).
+// the same b (see cpu::matmul); `bf16` as in cpu::matmul.
 template <typename T>
 void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
             bool accumulate, const T* cpu_bias = nullptr,
-            cpu::PackedStore<T>* keep_b = nullptr) {
+            cpu::PackedStore<T>* keep_b = nullptr, bool bf16 = false) {
   if (out.is_cpu()) {
     const int64_t K = trans_a ? a.size(0) : a.size(1);
     cpu::matmul<T>(out.size(0), out.size(1), K, a.data_ptr<T>(), trans_a ? 1 : a.stride(0),
                    trans_a ? a.stride(0) : 1, b.data_ptr<T>(), b.stride(0), trans_b,
-                   out.data_ptr<T>(), out.stride(0), accumulate, cpu_bias, keep_b);
+                   out.data_ptr<T>(), out.stride(0), accumulate, cpu_bias, keep_b, bf16);
     return;
   }
   const Tensor A = trans_a ? a.t() : a;
@@ -487,7 +491,7 @@ void input_projection(const Config& c, const Tensor& gates, const Tensor& x, con
                       const Tensor* b_ih, const Tensor* b_hh,
                       cpu::PackedStore<T>* keep = nullptr) {
   if (!c.bias) {
-    matmul<T>(gates, x, false, w_ih, true, false, nullptr, keep);
+    matmul<T>(gates, x, false, w_ih, true, false, nullptr, keep, c.bf16);
     return;
   }
   const int64_t GH = c.GH(), folded = c.mode == kernels::kGRU ? 2 * c.H : GH;
@@ -495,7 +499,7 @@ void input_projection(const Config& c, const Tensor& gates, const Tensor& x, con
     std::vector<T> bias(b_ih->data_ptr<T>(), b_ih->data_ptr<T>() + GH);
     const T* bh = b_hh->data_ptr<T>();
     for (int64_t j = 0; j < folded; ++j) bias[j] += bh[j];
-    matmul<T>(gates, x, false, w_ih, true, false, bias.data(), keep);  // the GEMM starts from bias
+    matmul<T>(gates, x, false, w_ih, true, false, bias.data(), keep, c.bf16);  // starts from bias
     return;
   }
   Tensor bias = b_ih->clone();
@@ -606,7 +610,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         p.c0 = lstm ? (first_chunk ? c0->data_ptr<T>() : cy.data_ptr<T>()) + idx * c.B * c.H
                     : nullptr;
         p.cy = lstm ? cy.data_ptr<T>() + idx * c.B * c.H : nullptr;
-        run_forward<T>(p, x.device(), &w_hh_packed);
+        run_forward<T>(p, x.device(), &w_hh_packed, c.bf16);
         first_chunk = false;
       }
     }

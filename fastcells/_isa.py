@@ -1,14 +1,19 @@
 """The CPU ISA path the fused ops run on (see csrc/cpu/isa.h).
 
 One build holds the CPU kernels for several x86 levels and picks one when the
-library loads: the widest the host supports (``avx512``, else ``avx2``, else
-the portable ``generic`` path, which is also the only one off x86), or the one
+library loads: the widest the host supports (``avx512_bf16``, else
+``avx512``, else ``avx2``, else the portable ``generic`` path, which is also
+the only one off x86), or the one
 the environment variable ``FASTCELLS_CPU_ISA`` names. A switch that names an
 unknown path, or one the host cannot run, raises at ``import fastcells``.
 
 ``avx512_layout`` is a testing path: the avx512 path's kernel source, vector
 width and register blocks on AVX2 instructions, so that hosts without
 AVX-512 test its tiling and tails. It is never picked automatically.
+
+``avx512_bf16`` is ``avx512`` (bit for bit, in float32 and float64) plus
+products on bfloat16 operands (``vdpbf16ps``, float32 sums) for bfloat16
+inputs, where ``avx512`` widens them to float32 first.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ pytestmark = needs_ops
 
 import fastcells  # noqa: E402
 
-AUTO_ORDER = ["avx512", "avx2", "generic"]  # what automatic selection prefers
+AUTO_ORDER = ["avx512_bf16", "avx512", "avx2", "generic"]  # what automatic selection prefers
 
 
 def _run(code: str, isa: str | None) -> subprocess.CompletedProcess:
@@ -63,6 +63,10 @@ def test_host_features_match_the_paths():
         assert {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(host)
     elif "avx512" in fastcells.cpu_isas(built=True):
         assert not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(host)
+    if "avx512_bf16" in supported:
+        assert {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512bf16"} <= set(host)
+    elif "avx512_bf16" in fastcells.cpu_isas(built=True):
+        assert not {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512bf16"} <= set(host)
 
 
 _FORWARD = """
@@ -133,14 +137,18 @@ def test_use_cpu_isa_restores_the_previous_path():
     fastcells.set_cpu_isa(before)
 
 
-def _forward_backward(mode: str, dtype, T, B, I, H, proj, packed, seed=0):
+def _forward_backward(mode: str, dtype, T, B, I, H, proj, packed, seed=0, source=None):
+    """Outputs (training and no_grad) and gradients of a 2-layer bidirectional
+    module; with `source`, weights, input and loss weights are rounded to that
+    dtype first, so that a float64 run sees exactly a bfloat16 run's values."""
     cls, _, kw = MODES[mode]
     if proj:
         kw = dict(kw, proj_size=proj)
+    src = source or dtype
     torch.manual_seed(seed)
-    ref = cls(I, H, num_layers=2, bidirectional=True, **kw).to(dtype)
+    ref = cls(I, H, num_layers=2, bidirectional=True, **kw).to(src).to(dtype)
     m = fastcells.convert(torch.nn.Sequential(ref))[0]
-    x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
+    x = torch.randn(T, B, I).to(src).to(dtype).requires_grad_()
     inp = x
     if packed:
         lengths = torch.randint(1, T + 1, (B,))
@@ -148,7 +156,7 @@ def _forward_backward(mode: str, dtype, T, B, I, H, proj, packed, seed=0):
         inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
     out = m(inp)
     y = out[0].data if packed else out[0]
-    loss = (y * torch.randn_like(y)).sum()
+    loss = (y * torch.randn(y.shape).to(src).to(dtype)).sum()
     grads = torch.autograd.grad(loss, [x] + list(m.parameters()))
     with torch.no_grad():
         y_inf = m(inp)[0]
@@ -183,6 +191,49 @@ def test_avx512_layout_is_bit_identical_to_avx2(case, dtype):
         b = _forward_backward(mode, dtype, T, B, I, H, proj, packed)
     for k, (u, v) in enumerate(zip(a, b)):
         assert torch.equal(u, v), f"result {k} differs by {(u - v).abs().max().item()}"
+
+
+def _needs_bf16_path():
+    if not {"avx512", "avx512_bf16"} <= set(fastcells.cpu_isas()):
+        pytest.skip("needs the avx512_bf16 path (AVX-512 with AVX-512-BF16; "
+                    f"host: {fastcells.cpu_host_features()})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_avx512_bf16_path_is_avx512_outside_bfloat16(case, dtype):
+    """The avx512_bf16 path runs avx512's kernels for float32 and float64: bit
+    for bit the same results, forward and backward."""
+    _needs_bf16_path()
+    mode, T, B, I, H, proj, packed = case
+    with fastcells.use_cpu_isa("avx512"):
+        a = _forward_backward(mode, dtype, T, B, I, H, proj, packed)
+    with fastcells.use_cpu_isa("avx512_bf16"):
+        b = _forward_backward(mode, dtype, T, B, I, H, proj, packed)
+    for k, (u, v) in enumerate(zip(a, b)):
+        assert torch.equal(u, v), f"result {k} differs by {(u - v).abs().max().item()}"
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_avx512_bf16_products_are_bfloat16_and_accurate(case):
+    """bfloat16 inputs on the avx512_bf16 path multiply bfloat16 operands
+    (h_{t-1} rounded to bfloat16 as the product reads it) where the avx512 path
+    widens them to float32: the forward results differ, and both stay as close
+    to the float64 result as bfloat16 allows (error no worse than twice the
+    widening path's, plus half a bfloat16 ulp of the output's scale)."""
+    _needs_bf16_path()
+    mode, T, B, I, H, proj, packed = case
+    exact = _forward_backward(mode, torch.float64, T, B, I, H, proj, packed, source=torch.bfloat16)
+    with fastcells.use_cpu_isa("avx512"):
+        wide = _forward_backward(mode, torch.bfloat16, T, B, I, H, proj, packed)
+    with fastcells.use_cpu_isa("avx512_bf16"):
+        native = _forward_backward(mode, torch.bfloat16, T, B, I, H, proj, packed)
+    assert not torch.equal(wide[0], native[0]), "the bfloat16 products did not run"
+    for k, (e, w, n) in enumerate(zip(exact, wide, native)):
+        err_w = (w.double() - e).abs().max().item()
+        err_n = (n.double() - e).abs().max().item()
+        floor = 4e-3 * max(1.0, e.abs().max().item())
+        assert err_n <= 2 * err_w + floor, f"result {k}: {err_n:.3g} against widening {err_w:.3g}"
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)

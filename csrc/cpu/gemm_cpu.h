@@ -31,7 +31,9 @@
 #include <cstring>
 #include <memory>
 
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "memory_cpu.h"
 #include "pack_cpu.h"
@@ -75,13 +77,15 @@ inline void store(T* p, const V& v) {
 // y[0:R, 0:nb) = [y +] x[0:R, 0:K) @ panel[0:K, 0:nb); panel row stride kNB.
 // With `seed` (and not `accumulate`) every row starts from seed[0:nb)
 // instead of zero, as if y held seed broadcast over the rows.
+// The kMR x 2-vector accumulator block of a micro-kernel: loaded from y
+// (`accumulate`), seeded with seed[0:nb) broadcast over the rows (`seed`
+// without `accumulate`), or zero; and stored back to y[0:R, 0:nb).
 template <typename T, int R>
-inline void micro_kernel(int64_t K, const T* __restrict__ x, int64_t ldx, int64_t ksx,
-                         const T* __restrict__ panel, T* __restrict__ y, int64_t ldy,
-                         int64_t nb, bool accumulate, const T* __restrict__ seed) {
+inline void block_start(typename Simd<T>::V (&c0)[R], typename Simd<T>::V (&c1)[R],
+                        const T* __restrict__ y, int64_t ldy, int64_t nb, bool accumulate,
+                        const T* __restrict__ seed) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::kLanes;
-  V c0[R], c1[R];
   if (!accumulate && seed != nullptr) {
     T tmp[2 * L] = {};
     std::copy(seed, seed + nb, tmp);
@@ -108,17 +112,12 @@ inline void micro_kernel(int64_t K, const T* __restrict__ x, int64_t ldx, int64_
       c1[r] = V{};
     }
   }
-  const T* xk = x;
-  for (int64_t k = 0; k < K; ++k, xk += ksx) {
-    const V b0 = load<V>(panel + k * 2 * L);
-    const V b1 = load<V>(panel + k * 2 * L + L);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const T a = xk[r * ldx];
-      c0[r] += a * b0;
-      c1[r] += a * b1;
-    }
-  }
+}
+
+template <typename T, int R>
+inline void block_store(const typename Simd<T>::V (&c0)[R], const typename Simd<T>::V (&c1)[R],
+                        T* __restrict__ y, int64_t ldy, int64_t nb) {
+  constexpr int L = Simd<T>::kLanes;
   for (int r = 0; r < R; ++r) {
     if (nb == 2 * L) {
       store(y + r * ldy, c0[r]);
@@ -131,6 +130,116 @@ inline void micro_kernel(int64_t K, const T* __restrict__ x, int64_t ldx, int64_
     }
   }
 }
+
+// y[0:R, 0:nb) = [y +] x[0:R, 0:K) @ panel[0:K, 0:nb); panel row stride kNB.
+// With `seed` (and not `accumulate`) every row starts from seed[0:nb)
+// instead of zero, as if y held seed broadcast over the rows.
+template <typename T, int R>
+inline void micro_kernel(int64_t K, const T* __restrict__ x, int64_t ldx, int64_t ksx,
+                         const T* __restrict__ panel, T* __restrict__ y, int64_t ldy,
+                         int64_t nb, bool accumulate, const T* __restrict__ seed) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  V c0[R], c1[R];
+  block_start<T, R>(c0, c1, y, ldy, nb, accumulate, seed);
+  const T* xk = x;
+  for (int64_t k = 0; k < K; ++k, xk += ksx) {
+    const V b0 = load<V>(panel + k * 2 * L);
+    const V b1 = load<V>(panel + k * 2 * L + L);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T a = xk[r * ldx];
+      c0[r] += a * b0;
+      c1[r] += a * b1;
+    }
+  }
+  block_store<T, R>(c0, c1, y, ldy, nb);
+}
+
+#if defined(FASTCELLS_BF16)
+// ---------------------------------------------------------------- bfloat16
+// Products on bfloat16 operands with float32 sums (AVX-512-BF16): both
+// operands are rounded to bfloat16 (round to nearest even) and held as pairs
+// of rows k, k + 1 (pack_cpu.h); vdpbf16ps adds both products of a pair to
+// each float32 sum, pair by pair in k order. Its products of two bfloat16
+// values are exact in float32; it treats subnormal operands as zero.
+
+// dst[0:2 ceil(K/2)) = bfloat16(x[k * ks]) for k < K, then a zero if K is odd.
+inline void to_bf16(const float* __restrict__ x, int64_t ks, int64_t K, uint16_t* __restrict__ dst) {
+  int64_t k = 0;
+  for (; k < K; k += 16) {
+    const int64_t n = std::min<int64_t>(16, K - k);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    __m512 v;
+    if (ks == 1) {
+      v = _mm512_maskz_loadu_ps(m, x + k);
+    } else {
+      alignas(64) float tmp[16] = {};
+      for (int64_t j = 0; j < n; ++j) tmp[j] = x[(k + j) * ks];
+      v = _mm512_load_ps(tmp);
+    }
+    _mm256_mask_storeu_epi16(dst + k, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+  if (K & 1) dst[K] = 0;
+}
+
+// One bfloat16 value as float storage bits (round to nearest even, as
+// vcvtneps2bf16 rounds; NaN stays NaN).
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// y[0:R, 0:nb) = [y +] x[0:R, 0:2 KP) @ panel (KP slot rows of kNB pairs):
+// micro_kernel on bfloat16 pairs; x row r holds 2 KP bfloat16 values at
+// x + r * ldx.
+template <int R>
+inline void micro_kernel_pairs(int64_t KP, const uint16_t* __restrict__ x, int64_t ldx,
+                               const float* __restrict__ panel, float* __restrict__ y,
+                               int64_t ldy, int64_t nb, bool accumulate,
+                               const float* __restrict__ seed) {
+  using V = Simd<float>::V;
+  constexpr int L = Simd<float>::kLanes;
+  static_assert(L == 16, "bfloat16 products run on 512-bit vectors");
+  // The sums live in c0/c1, which only unrolled loops index, so that GCC
+  // keeps them in registers; with t0/t1 (indexed by block_start's loops) in
+  // their place it stored every sum to the stack at every k step.
+  V t0[R], t1[R], c0[R], c1[R];
+  block_start<float, R>(t0, t1, y, ldy, nb, accumulate, seed);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    c0[r] = t0[r];
+    c1[r] = t1[r];
+  }
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + kp * 2 * L);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + kp * 2 * L + L);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      int a;
+      std::memcpy(&a, x + r * ldx + 2 * kp, sizeof(a));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(a);
+      c0[r] = (V)_mm512_dpbf16_ps((__m512)c0[r], av, b0);
+      c1[r] = (V)_mm512_dpbf16_ps((__m512)c1[r], av, b1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    t0[r] = c0[r];
+    t1[r] = c1[r];
+  }
+  block_store<float, R>(t0, t1, y, ldy, nb);
+}
+
+using MicroKernelPairs = void (*)(int64_t, const uint16_t*, int64_t, const float*, float*,
+                                  int64_t, int64_t, bool, const float*);
+template <size_t... R>
+constexpr std::array<MicroKernelPairs, sizeof...(R)> micro_kernels_pairs(std::index_sequence<R...>) {
+  return {&micro_kernel_pairs<static_cast<int>(R) + 1>...};
+}
+#endif  // FASTCELLS_BF16
 
 // C(M, NN) = [C +] A(M, K) B(K, NN) for a right-hand side only NN <= 6
 // columns wide and A stored with unit stride along M (A(m, k) = A[m + k * a_ks],
@@ -216,20 +325,36 @@ class PackedB {
   // init() sizes the (uninitialised) storage, S dividing N into segments
   // (S = N: one segment); pack_panels() writes panels [p0, p1), padding
   // included; set_ready() records that every panel is written (a pack can
-  // then serve several products, see holds()).
-  void init(int64_t K, int64_t N, int64_t S) {
+  // then serve several products, see holds()). With `pairs` (float only, on
+  // a path with FASTCELLS_BF16) the panels hold bfloat16 pairs (pack_cpu.h)
+  // and mm() rounds x to bfloat16 too.
+  void init(int64_t K, int64_t N, int64_t S, bool pairs = false) {
     s_.ready = false;
     s_.layout = FASTCELLS_ISA_ID;
+#if defined(FASTCELLS_BF16)
+    s_.pairs = pairs && std::is_same<T, float>::value;
+#else
+    // No pairs form without bfloat16 products: such a path's bfloat16 table
+    // is its float one (isa.h), which never asks for it.
+    s_.pairs = false;
+    (void)pairs;
+#endif
     s_.K = K;
     s_.S = S > 0 ? S : 1;
     s_.per_seg = (s_.S + NB - 1) / NB;
     s_.panels = panel_count(N, s_.S);
-    const size_t n = static_cast<size_t>(std::max<int64_t>(1, s_.panels * s_.K * NB));
+    const size_t n = static_cast<size_t>(std::max<int64_t>(1, s_.panels * rows() * NB));
     s_.data.reset(new T[n]);
     advise_huge_pages(s_.data.get(), n * sizeof(T));
   }
 
   void pack_panels(const T* B, int64_t ldb, bool trans, int64_t p0, int64_t p1) {
+#if defined(FASTCELLS_BF16)
+    if (s_.pairs) {
+      pack_pairs(B, ldb, trans, p0, p1);
+      return;
+    }
+#endif
     const int64_t K = s_.K;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = col0(p), nb = width(p);
@@ -253,11 +378,13 @@ class PackedB {
 
   void set_ready() { s_.ready = true; }
   // Whether the store holds a K x N right-hand side in segments of S, packed
-  // by this path.
-  bool holds(int64_t K, int64_t N, int64_t S) const {
-    return s_.ready && s_.layout == FASTCELLS_ISA_ID && s_.K == K && s_.S == S &&
-           s_.panels == panel_count(N, S);
+  // by this path in the form `pairs` names.
+  bool holds(int64_t K, int64_t N, int64_t S, bool pairs = false) const {
+    return s_.ready && s_.layout == FASTCELLS_ISA_ID && s_.pairs == pairs && s_.K == K &&
+           s_.S == S && s_.panels == panel_count(N, S);
   }
+  // Slot rows of a panel: K, or ceil(K / 2) bfloat16 pairs.
+  int64_t rows() const { return s_.pairs ? (s_.K + 1) / 2 : s_.K; }
 
   // Panels of a K x N right-hand side in segments of S (S > 0): each segment
   // is padded to whole panels.
@@ -286,6 +413,12 @@ class PackedB {
   void mm(int64_t M, int64_t p0, int64_t p1, const T* x, int64_t ldx, int64_t ksx, T* y,
           int64_t ldy, bool accumulate, const T* bias = nullptr) const {
     if (M <= 0 || p0 >= p1) return;
+#if defined(FASTCELLS_BF16)
+    if (s_.pairs) {
+      mm_pairs(M, p0, p1, x, ldx, ksx, y, ldy, accumulate, bias);
+      return;
+    }
+#endif
     constexpr int64_t kMC = 16 * kMR;
     const int64_t K = s_.K;
     const bool copy_x = ldx == 1 && ksx * static_cast<int64_t>(sizeof(T)) >= 4096 &&
@@ -331,13 +464,70 @@ class PackedB {
         const T* xm = xk + m * ldx;
         const MicroKernel<T> kernel = kernels[std::min<int64_t>(rb, M - m) - 1];
         for (int64_t p = q0; p < q1; ++p) {
-          const T* panel = s_.data.get() + p * s_.K * NB + k0 * NB;
+          const T* panel = s_.data.get() + p * rows() * NB + k0 * NB;
           const T* sd = seed ? seed + col0(p) : nullptr;
           kernel(kc, xm, ldx, ksx, panel, y + m * ldy + col0(p), ldy, width(p), acc, sd);
         }
       }
     }
   }
+
+#if defined(FASTCELLS_BF16)
+  // pack_panels in pairs: slot (k/2, c) holds rows k, k + 1 of column c.
+  void pack_pairs(const T* B, int64_t ldb, bool trans, int64_t p0, int64_t p1) {
+    const int64_t K = s_.K, KP = rows();
+    const auto at = [&](int64_t k, int64_t n) -> uint32_t {
+      if (k >= K) return 0;
+      return bf16_bits(static_cast<float>(trans ? B[n * ldb + k] : B[k * ldb + n]));
+    };
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c0 = col0(p), nb = width(p);
+      T* dst = s_.data.get() + p * KP * NB;
+      for (int64_t kp = 0; kp < KP; ++kp) {
+        for (int64_t c = 0; c < NB; ++c) {
+          const uint32_t v = c < nb ? at(2 * kp, c0 + c) | (at(2 * kp + 1, c0 + c) << 16) : 0u;
+          std::memcpy(dst + kp * NB + c, &v, sizeof(v));
+        }
+      }
+    }
+  }
+
+  // mm on bfloat16 pairs: x is rounded to bfloat16 block by block (kMC rows
+  // x all of K, in a per-thread buffer), then multiplied K block by K block.
+  void mm_pairs(int64_t M, int64_t p0, int64_t p1, const T* x, int64_t ldx, int64_t ksx, T* y,
+                int64_t ldy, bool accumulate, const T* bias) const {
+    if constexpr (std::is_same<T, float>::value) {
+      static constexpr auto kernels = micro_kernels_pairs(std::make_index_sequence<kMR>());
+      constexpr int64_t kMC = 16 * kMR, kKP = kKC / 2;
+      const int64_t KP = rows(), ld = 2 * KP;
+      thread_local std::vector<uint16_t> xbuf;
+      xbuf.resize(static_cast<size_t>(std::max<int64_t>(1, std::min(M, kMC) * ld)));
+      for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+        const int64_t mc = std::min<int64_t>(kMC, M - m0);
+        for (int64_t m = 0; m < mc; ++m)
+          to_bf16(x + (m0 + m) * ldx, ksx, s_.K, xbuf.data() + m * ld);
+        for (int64_t kp0 = 0; kp0 == 0 || kp0 < KP; kp0 += kKP) {
+          const int64_t kpc = std::min<int64_t>(kKP, KP - kp0);
+          const bool acc = accumulate || kp0 > 0;
+          const T* seed = !acc ? bias : nullptr;
+          const int64_t rb = row_block(mc);
+          for (int64_t q0 = p0; q0 < p1; q0 += kPC) {
+            const int64_t q1 = std::min<int64_t>(p1, q0 + kPC);
+            for (int64_t m = 0; m < mc; m += rb) {
+              const MicroKernelPairs kernel = kernels[std::min<int64_t>(rb, mc - m) - 1];
+              for (int64_t p = q0; p < q1; ++p) {
+                const T* panel = s_.data.get() + p * KP * NB + kp0 * NB;
+                kernel(kpc, xbuf.data() + m * ld + 2 * kp0, ld, panel,
+                       y + (m0 + m) * ldy + col0(p), ldy, width(p), acc,
+                       seed ? seed + col0(p) : nullptr);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+#endif
 
   PackedStore<T>& s_;
 };

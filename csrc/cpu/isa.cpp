@@ -27,6 +27,9 @@ const IsaKernels& kernels();
 namespace avx512_layout {
 const IsaKernels& kernels();
 }
+namespace avx512_bf16 {
+const IsaKernels& kernels();
+}
 #endif
 
 namespace {
@@ -48,6 +51,7 @@ bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
+bool has_avx512_bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 #endif
 bool always() { return true; }
 
@@ -60,6 +64,7 @@ const std::vector<Path>& paths() {
       {&avx2::kernels, &has_avx2},
       {&avx512_layout::kernels, &has_avx2},
       {&avx512::kernels, &has_avx512},
+      {&avx512_bf16::kernels, &has_avx512_bf16},
 #endif
   };
   return p;

@@ -10,6 +10,10 @@
 //                  aarch64); the only path off x86
 //   avx2           AVX2 + FMA, 8-lane float vectors, 6-row register blocks
 //   avx512         AVX-512 F/BW/DQ/VL, 16-lane float vectors, 12-row blocks
+//   avx512_bf16    avx512 plus AVX-512-BF16: float32 and float64 run avx512's
+//                  kernels unchanged; bfloat16 inputs run the forward
+//                  products on bfloat16 operands (vdpbf16ps, float32 sums)
+//                  instead of widening them to float32 first
 //   avx512_layout  avx512's kernel source, vector width and register blocks
 //                  on AVX2 instructions. Never chosen automatically: it lets a
 //                  host without AVX-512 test that path's tiling, tails and
@@ -30,7 +34,13 @@
 namespace fastcells {
 namespace cpu {
 
-enum IsaId : int { kIsaGeneric = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAvx512Layout = 3 };
+enum IsaId : int {
+  kIsaGeneric = 0,
+  kIsaAvx2 = 1,
+  kIsaAvx512 = 2,
+  kIsaAvx512Layout = 3,
+  kIsaAvx512Bf16 = 4
+};
 
 // The whole-sequence product, forward loop and backward loop of one path for
 // one compute type (contracts in recurrent_cpu.h).
@@ -58,20 +68,25 @@ struct IsaKernels {
   const char* name;
   int vec_bytes;  // bytes per SIMD vector of the products
   int mr;         // rows of the products' register block
+  bool bf16_products;  // bf16 differs from f32: products on bfloat16 operands
   KernelTable<float> f32;
+  // bfloat16 inputs, widened to float by the op layer: every value of the
+  // inputs, weights and initial states is a bfloat16 value.
+  KernelTable<float> bf16;
   KernelTable<double> f64;
   BenchHooks bench;
 
+  // The table for compute type T; bf16: the inputs are bfloat16 (float only).
   template <typename T>
-  const KernelTable<T>& table() const;
+  const KernelTable<T>& table(bool bf16 = false) const;
 };
 
 template <>
-inline const KernelTable<float>& IsaKernels::table<float>() const {
-  return f32;
+inline const KernelTable<float>& IsaKernels::table<float>(bool bf16) const {
+  return bf16 ? this->bf16 : f32;
 }
 template <>
-inline const KernelTable<double>& IsaKernels::table<double>() const {
+inline const KernelTable<double>& IsaKernels::table<double>(bool) const {
   return f64;
 }
 

@@ -4,7 +4,11 @@
 // one call without knowing how a path lays them out: panel width and register
 // blocks differ between ISA paths (csrc/cpu/isa.h). A path fills the store
 // through its own gemm::PackedB view (gemm_cpu.h) and only reuses a store
-// that it filled itself (`layout` names the path).
+// that it filled itself (`layout` names the path, `pairs` the element form).
+//
+// With `pairs`, each 32-bit slot of `data` holds two bfloat16 values, rows k
+// and k + 1 of one column (k even, the low half row k): the operand layout of
+// AVX-512-BF16's vdpbf16ps. A panel then has ceil(K / 2) slot rows.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +21,7 @@ template <typename T>
 struct PackedStore {
   int layout = -1;  // id of the ISA path that packed it (IsaId), -1 empty
   bool ready = false;
+  bool pairs = false;
   int64_t K = 0, S = 1, per_seg = 0, panels = 0;
   std::unique_ptr<T[]> data;
 };

@@ -20,19 +20,23 @@ namespace cpu {
 // With `keep_b`, B is packed into *keep_b (if it does not hold it already)
 // and the pack is reused by later calls with the same B: the caller
 // guarantees B is unchanged in between (one op call, several time chunks).
+//
+// `bf16`: every value of A and B is a bfloat16 value (inputs of a bfloat16
+// call); a path with bfloat16 products may round A to bfloat16 (isa.h).
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
             const T* B, int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate,
-            const T* bias = nullptr, PackedStore<T>* keep_b = nullptr) {
-  active_isa().table<T>().matmul(M, N, K, A, a_rs, a_ks, B, ldb, trans_b, C, ldc, accumulate,
+            const T* bias = nullptr, PackedStore<T>* keep_b = nullptr, bool bf16 = false) {
+  active_isa().table<T>(bf16).matmul(M, N, K, A, a_rs, a_ks, B, ldb, trans_b, C, ldc, accumulate,
                                  bias, keep_b);
 }
 
 // With `keep`, the recurrent weights stay packed there for the later time
-// chunks of the same call (same contract as keep_b).
+// chunks of the same call (same contract as keep_b); `bf16` as in matmul.
 template <typename T>
-void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* keep = nullptr) {
-  active_isa().table<T>().forward(p, keep);
+void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* keep = nullptr,
+                       bool bf16 = false) {
+  active_isa().table<T>(bf16).forward(p, keep);
 }
 
 template <typename T>

@@ -371,7 +371,11 @@ inline void accumulate_row(int64_t u0, int64_t u1, T* acc, const T* d) {
 
 }  // namespace
 
-template <typename T>
+// With Pairs (the bfloat16 table of a path with FASTCELLS_BF16) the
+// products run on bfloat16 operands: W_hh and W_hr (bfloat16 values held in
+// float) packed as pairs, h_{t-1} and r_t rounded to bfloat16 as each product
+// reads them. Gates, states and everything saved stay float32.
+template <typename T, bool Pairs = false>
 void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* keep) {
   const int64_t H = p.H, P = p.P, B = p.B;
   const int64_t G = kernels::num_gates(p.mode), GH = G * H;
@@ -392,10 +396,10 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   ForwardPack<T>& wp = keep ? *keep : local;
   PackedB<T> w_hh_t(wp.w_hh_t), w_hr_t(wp.w_hr_t);
   const int64_t seg = nt > 1 && !by_rows ? H : GH;
-  const bool fill = !w_hh_t.holds(P, GH, seg) || (proj && !w_hr_t.holds(H, P, P));
+  const bool fill = !w_hh_t.holds(P, GH, seg, Pairs) || (proj && !w_hr_t.holds(H, P, P, Pairs));
   if (fill) {
-    w_hh_t.init(P, GH, seg);
-    if (proj) w_hr_t.init(H, P, P);
+    w_hh_t.init(P, GH, seg, Pairs);
+    if (proj) w_hr_t.init(H, P, P, Pairs);
   }
   constexpr int64_t q = PackedB<T>::NB;
 
@@ -568,12 +572,13 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   }
 }
 
-template <typename T>
+// Pairs: on bfloat16 operands, as in recurrent_forward.
+template <typename T, bool Pairs = false>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
             int64_t ldb, bool trans_b, T* C, int64_t ldc, bool accumulate, const T* bias,
             PackedStore<T>* keep_b) {
   if (M == 0 || N == 0) return;
-  if (a_rs == 1 && !trans_b && N <= 6 && bias == nullptr && M >= gemm::kNB<T> && !keep_b) {
+  if (!Pairs && a_rs == 1 && !trans_b && N <= 6 && bias == nullptr && M >= gemm::kNB<T> && !keep_b) {
     // Few output columns (dW_ih with few input features): no padded panels.
     const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
     run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
@@ -595,8 +600,8 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
   }
   PackedStore<T> local;
   PackedB<T> b(keep_b ? *keep_b : local);
-  const bool fill = !b.holds(K, N, N);
-  if (fill) b.init(K, N, N);
+  const bool fill = !b.holds(K, N, N, Pairs);
+  if (fill) b.init(K, N, N, Pairs);
   const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
   // Split the larger output side; every element keeps its own k order.
   const bool split_rows = M >= N;
@@ -663,13 +668,24 @@ double product_seconds(int64_t M, int64_t K, int64_t N, int64_t reps) {
 
 }  // namespace
 
+// Whether this path's bfloat16 table runs bfloat16 products; without them
+// it is the float table (bfloat16 values widened to float32 first).
+#if defined(FASTCELLS_BF16)
+constexpr bool kBf16Products = true;
+#else
+constexpr bool kBf16Products = false;
+#endif
+
 // This path's entry in the dispatch table (csrc/cpu/isa.h).
 const IsaKernels& kernels() {
   static const IsaKernels k{static_cast<IsaId>(FASTCELLS_ISA_ID),
                             FASTCELLS_ISA_NAME,
                             FASTCELLS_VEC_BYTES,
                             FASTCELLS_MR,
+                            kBf16Products,
                             {&matmul<float>, &recurrent_forward<float>, &recurrent_backward<float>},
+                            {&matmul<float, kBf16Products>, &recurrent_forward<float, kBf16Products>,
+                             &recurrent_backward<float>},
                             {&matmul<double>, &recurrent_forward<double>, &recurrent_backward<double>},
                             {&fma_rate, &product_seconds}};
   return k;
