@@ -100,10 +100,16 @@ struct Part {
 
 // Rows are split when the packed W_hh takes at most half of one core's L2
 // cache (row_split_bytes(), isa.h), so that each thread's own pass over it
-// per step stays in L2 beside its states and gates.
+// per step stays in L2 beside its states and gates. On the 512-bit paths the
+// limit is 16 times that (8 MiB beside a 1 MiB L2): on an AVX-512 host (Zen 5,
+// 1 MiB L2) splitting rows beat splitting units by 1.2-2x in forward and
+// forward+backward for every packed W_hh measured from 1 to 4 MiB (LSTM and
+// GRU, hidden 256-512, batch 64-256, float32 and bfloat16), although each
+// thread then streams W_hh from L3 every step.
 inline bool split_by_rows(int nt, int64_t B, int64_t w_hh_elems, size_t elem_size) {
+  constexpr int64_t kScale = FASTCELLS_VEC_BYTES >= 64 ? 16 : 1;
   return nt > 1 && B >= 2 * gemm::kMR * nt &&
-         w_hh_elems * static_cast<int64_t>(elem_size) <= row_split_bytes();
+         w_hh_elems * static_cast<int64_t>(elem_size) <= kScale * row_split_bytes();
 }
 
 inline Part part_of(bool by_rows, int64_t B, int64_t H, int64_t P, int tid, int team,
@@ -389,7 +395,8 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   const std::vector<T> no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0));
   const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
   const int nt = team_size(int64_t(B) * GH * P);
-  const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
+  // Pairs pack two bfloat16 values in each float slot: half the bytes.
+  const bool by_rows = split_by_rows(nt, B, GH * P, Pairs ? sizeof(T) / 2 : sizeof(T));
   // W_hh^T (P, G*H), one segment per gate when the units are split among
   // threads, and W_hr^T (H, P); packed by the team unless `keep` holds them.
   ForwardPack<T> local;
