@@ -11,6 +11,7 @@
 #define FASTCELLS_ISA_ID 2
 #define FASTCELLS_VEC_BYTES 64
 #define FASTCELLS_MR 12
+#define FASTCELLS_AVX512_MASKS 1
 #include "recurrent_cpu_impl.h"
 #pragma GCC pop_options
 #endif

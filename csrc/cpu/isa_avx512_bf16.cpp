@@ -12,6 +12,7 @@
 #define FASTCELLS_ISA_ID 4
 #define FASTCELLS_VEC_BYTES 64
 #define FASTCELLS_MR 12
+#define FASTCELLS_AVX512_MASKS 1
 #define FASTCELLS_BF16 1
 #include "recurrent_cpu_impl.h"
 #pragma GCC pop_options

@@ -148,9 +148,10 @@ struct Runs {
 };
 
 // dst[0:L) = src[0:rest) padded with zeros, and back, for the last rest < L
-// units of a gate loop (for_units_padded). AVX2: masked loads and stores;
-// elsewhere a copy, which the compiler turns into the path's own masked or
-// short moves.
+// units of a gate loop (for_units_padded). AVX2 and AVX-512: masked loads
+// and stores; elsewhere a copy, which the compiler turns into the path's own
+// short moves (on the AVX-512 paths it made calls to memmove: with hidden 6
+// at batch 256 those copies took longer than the gates).
 #if defined(FASTCELLS_AVX2_MASKS)
 inline __m256i tail_mask(int64_t rest) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rest)),
@@ -161,6 +162,14 @@ inline void load_tail(float* dst, const float* src, int64_t rest) {
 }
 inline void store_tail(float* dst, const float* src, int64_t rest) {
   _mm256_maskstore_ps(dst, tail_mask(rest), _mm256_load_ps(src));
+}
+#elif defined(FASTCELLS_AVX512_MASKS)
+inline __mmask16 tail_mask(int64_t rest) { return static_cast<__mmask16>((1u << rest) - 1u); }
+inline void load_tail(float* dst, const float* src, int64_t rest) {
+  _mm512_store_ps(dst, _mm512_maskz_loadu_ps(tail_mask(rest), src));
+}
+inline void store_tail(float* dst, const float* src, int64_t rest) {
+  _mm512_mask_storeu_ps(dst, tail_mask(rest), _mm512_load_ps(src));
 }
 #else
 inline void load_tail(float* dst, const float* src, int64_t rest) {
