@@ -175,6 +175,16 @@ LAYOUT_CASES = [
 ]
 
 
+def _assert_paths_identical(isa_a: str, isa_b: str, case, dtype):
+    mode, T, B, I, H, proj, packed = case
+    with fastcells.use_cpu_isa(isa_a):
+        a = _forward_backward(mode, dtype, T, B, I, H, proj, packed)
+    with fastcells.use_cpu_isa(isa_b):
+        b = _forward_backward(mode, dtype, T, B, I, H, proj, packed)
+    for k, (u, v) in enumerate(zip(a, b)):
+        assert torch.equal(u, v), f"result {k} differs by {(u - v).abs().max().item()}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_avx512_layout_is_bit_identical_to_avx2(case, dtype):
@@ -184,13 +194,7 @@ def test_avx512_layout_is_bit_identical_to_avx2(case, dtype):
     a layout bug (a tail, a panel boundary, a block of rows)."""
     if not {"avx2", "avx512_layout"} <= set(fastcells.cpu_isas()):
         pytest.skip(f"needs the avx2 path (host: {fastcells.cpu_host_features()})")
-    mode, T, B, I, H, proj, packed = case
-    with fastcells.use_cpu_isa("avx2"):
-        a = _forward_backward(mode, dtype, T, B, I, H, proj, packed)
-    with fastcells.use_cpu_isa("avx512_layout"):
-        b = _forward_backward(mode, dtype, T, B, I, H, proj, packed)
-    for k, (u, v) in enumerate(zip(a, b)):
-        assert torch.equal(u, v), f"result {k} differs by {(u - v).abs().max().item()}"
+    _assert_paths_identical("avx2", "avx512_layout", case, dtype)
 
 
 def _needs_bf16_path():
@@ -205,13 +209,7 @@ def test_avx512_bf16_path_is_avx512_outside_bfloat16(case, dtype):
     """The avx512_bf16 path runs avx512's kernels for float32 and float64: bit
     for bit the same results, forward and backward."""
     _needs_bf16_path()
-    mode, T, B, I, H, proj, packed = case
-    with fastcells.use_cpu_isa("avx512"):
-        a = _forward_backward(mode, dtype, T, B, I, H, proj, packed)
-    with fastcells.use_cpu_isa("avx512_bf16"):
-        b = _forward_backward(mode, dtype, T, B, I, H, proj, packed)
-    for k, (u, v) in enumerate(zip(a, b)):
-        assert torch.equal(u, v), f"result {k} differs by {(u - v).abs().max().item()}"
+    _assert_paths_identical("avx512", "avx512_bf16", case, dtype)
 
 
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: "-".join(map(str, c)))
