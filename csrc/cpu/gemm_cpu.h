@@ -74,9 +74,6 @@ inline void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// y[0:R, 0:nb) = [y +] x[0:R, 0:K) @ panel[0:K, 0:nb); panel row stride kNB.
-// With `seed` (and not `accumulate`) every row starts from seed[0:nb)
-// instead of zero, as if y held seed broadcast over the rows.
 // The kMR x 2-vector accumulator block of a micro-kernel: loaded from y
 // (`accumulate`), seeded with seed[0:nb) broadcast over the rows (`seed`
 // without `accumulate`), or zero; and stored back to y[0:R, 0:nb).

@@ -68,7 +68,6 @@ struct IsaKernels {
   const char* name;
   int vec_bytes;  // bytes per SIMD vector of the products
   int mr;         // rows of the products' register block
-  bool bf16_products;  // bf16 differs from f32: products on bfloat16 operands
   KernelTable<float> f32;
   // bfloat16 inputs, widened to float by the op layer: every value of the
   // inputs, weights and initial states is a bfloat16 value.

@@ -698,7 +698,6 @@ const IsaKernels& kernels() {
                             FASTCELLS_ISA_NAME,
                             FASTCELLS_VEC_BYTES,
                             FASTCELLS_MR,
-                            kBf16Products,
                             {&matmul<float>, &recurrent_forward<float>, &recurrent_backward<float>},
                             {&matmul<float, kBf16Products>, &recurrent_forward<float, kBf16Products>,
                              &recurrent_backward<float>},
