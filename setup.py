@@ -38,7 +38,13 @@ def _extension():
     # path is picked at load time from the CPU's features (csrc/cpu/isa.h),
     # so a build runs at the speed of whatever host it is installed on.
     define_macros = []
-    extra_link = ["-fopenmp"]
+    # --exclude-libs,ALL hides the symbols of every static archive linked in.
+    # Toolchains that link libstdc++ statically (some distributions' g++
+    # wrappers do) would otherwise export its locale and facet objects, and the
+    # libstdc++.so.6 that torch loads would take some of those references and
+    # not others: then `stream << integer` in every TORCH_CHECK message reads
+    # another copy's facet table, printing nothing or crashing the process.
+    extra_link = ["-fopenmp", "-Wl,--exclude-libs,ALL"]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -137,7 +137,7 @@ targets_tf32() {
 # The full suite on 8 pytest-xdist workers (the GPU image has pytest-xdist):
 # a worker that crashes is reported by name and replaced.
 xtests() {
-  PYTHONFAULTHANDLER=1 "$PY" -m pytest -q -rfE -p no:cacheprovider -n 8 --junitxml="$LOGS/junit_all.xml"
+  PYTHONFAULTHANDLER=1 "$PY" -m pytest -q -rfE -p no:cacheprovider -n "${XDIST_WORKERS:-8}" --junitxml="$LOGS/junit_all.xml"
 }
 
 export PY LOGS RES
