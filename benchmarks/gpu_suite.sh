@@ -21,8 +21,6 @@
 #                (the whole standard grid took ~5 min on an H200)
 #   airline      benchmarks/forecast_airline.py --device cuda [150]
 #   electricity  benchmarks/forecast_electricity.py --device cuda [120]
-#   crashcheck   the packed bad-input tests under cuda-gdb, for a native backtrace of
-#                the segfault seen on the H200 host (see below) [120]
 # The whole run is held to BUDGET seconds (default 570, under a 10-minute
 # device call): each stage gets min(its limit, what is left), and stages that
 # no longer fit are skipped with a note.
@@ -30,14 +28,15 @@
 # Device time is short (15 minutes a session, each machine start ~30 s, given
 # back 30 s after a call), so plan few calls with the stages in priority
 # order. Measured on an H200 (2026-11-30): build 30 s, cudatests 20-25 s,
-# targets 85 s, airline 41 s, electricity 20 s, the standard sweep ~5 min; the
-# full suite crashed after 25 s (segfault in a CPU bad-input test with packed
-# input, tests/test_bad_input.py::test_hand_made_packed_with_empty_steps, not
-# reproduced off that machine), hence crashcheck.
+# targets 85 s, airline 41 s, electricity 20 s, the standard sweep ~5 min;
+# the full suite on 12 xdist workers does not finish in 300 s (2435 tests in
+# that time). The suite used to crash there in every TORCH_CHECK message: that
+# image's g++ links libstdc++ statically, fixed by setup.py's
+# -Wl,--exclude-libs,ALL (gpu_logs/xtests_after_exclude_libs.txt).
 # Suggested single call (timeout_s 590; about 9 minutes; the machine's start
 # adds ~30 s): first run scripts/cuda_build_check.sh on the development
 # machine, then
-#   PYTHON=python3 BUDGET=560 benchmarks/gpu_suite.sh build crashcheck cudatests \
+#   PYTHON=python3 BUDGET=560 benchmarks/gpu_suite.sh build cudatests \
 #       targets airline electricity sweep tests
 #
 # Logs go to $OUT (the device tool's output folder) when set, else to
@@ -119,11 +118,6 @@ alltests() {
     --junitxml="$LOGS/junit_all.xml"
 }
 
-crashcheck() {
-  cuda-gdb -q -batch -ex "set pagination off" -ex run -ex "bt 40" -ex "info threads" \
-    --args "$PY" -m pytest -q -x -p no:cacheprovider tests/test_bad_input.py -k packed
-}
-
 # The speed targets against cuDNN: benchmarks/cuda_targets.py.
 targets() {
   "$PY" benchmarks/cuda_targets.py --out "$RES"
@@ -141,14 +135,13 @@ xtests() {
 }
 
 export PY LOGS RES
-export -f build cudatests alltests xtests crashcheck targets targets_fwd targets_tf32
+export -f build cudatests alltests xtests targets targets_fwd targets_tf32
 machine
 for stage in "${stages[@]}"; do
   case "$stage" in
     build) run_stage build 300 build ;;
     cudatests) run_stage cudatests 150 cudatests ;;
     tests) run_stage tests 560 alltests ;;
-    crashcheck) run_stage crashcheck 120 crashcheck ;;
     targets) run_stage targets 200 targets ;;
     targets_fwd) run_stage targets_fwd 150 targets_fwd ;;
     targets_tf32) run_stage targets_tf32 150 targets_tf32 ;;

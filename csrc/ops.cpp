@@ -33,13 +33,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-// <iostream> is included for its side effect. With GCC 13 and a toolchain that
-// links libstdc++ statically into the extension (seen on a GPU image whose g++
-// wrapper does so), the standard streams and locales are initialised by an
-// object of libstdc++.a that only <iostream> references; without it the first
-// error message (TORCH_CHECK formats through an ostringstream) crashed in
-// std::codecvt with a segmentation fault.
-#include <iostream>  // NOLINT(misc-include-cleaner)
 #include <limits>
 #include <sstream>
 #include <string>

@@ -471,6 +471,34 @@ def test_op_rejects_bad_arguments(name, entry):
         (_call if entry == "op" else _functional)(a)
 
 
+@pytest.mark.parametrize("mode_value", [99, -7, 2**40])
+def test_error_message_prints_the_value_given(mode_value):
+    # Integers in TORCH_CHECK messages go through the C++ streams of whatever
+    # libstdc++ the extension was linked with; a statically linked copy whose
+    # locale objects were exported printed nothing there (or crashed).
+    a = _op_args("GRU")
+    a["mode"] = mode_value
+    with pytest.raises(ERRORS, match=rf"`mode` must be .*, got {mode_value}\b"):
+        _call(a)
+
+
+def test_extension_exports_no_libstdcxx_objects():
+    import shutil
+    import subprocess
+
+    import fastcells
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    so = fastcells._C.__file__
+    symbols = subprocess.run([nm, "-D", "--defined-only", so], check=True, capture_output=True,
+                             text=True).stdout
+    exported = [line.split()[-1] for line in symbols.splitlines()
+                if "_ZNSt6locale" in line or "_ZSt4cout" in line]
+    assert exported == [], f"{so} exports libstdc++'s own objects: {exported[:5]}"
+
+
 def test_op_backward_rejects_bad_arguments():
     a = _op_args("LSTM")
     args = (a["input"], a["weights"], a["hx"], a["cx"], a["batch_sizes"], a["mode"],
