@@ -42,6 +42,7 @@
 #include "cpu/recurrent_cpu.h"
 #include "kernels/cells.h"
 #include "kernels/params.h"
+#include "weight_cache.h"
 
 #ifdef WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -526,9 +527,24 @@ std::vector<std::pair<int64_t, int64_t>> time_chunks(const Config& c, bool keep,
 // Forward of the whole stack. With `keep`, gates and intermediate outputs go
 // to `reserve` (layout at the top of this file); without it, to scratch that
 // is reused across layers, directions and time chunks.
+// The CPU packs of layer l, direction d: from the weight cache when it holds
+// these weights (`hit`), else fresh ones (cached by publish_layer_packs once
+// filled), or a private set when the weights cannot be cached. `src`: the
+// weights as the op received them (before any widening to the compute type).
+template <typename T>
+std::shared_ptr<LayerPacks<T>> layer_packs(const Config& c, at::TensorList src, int64_t l,
+                                           int64_t d, std::vector<const Tensor*>* ws, bool* hit) {
+  ws->assign({&c.w(src, l, d, 0), &c.w(src, l, d, 1)});
+  if (c.P != c.H) ws->push_back(&c.w(src, l, d, c.per_dir - 1));
+  auto packs = find_packs<T>(*ws, c.bf16, hit);
+  if (packs) return packs;
+  ws->clear();  // not cacheable: nothing to publish
+  return std::make_shared<LayerPacks<T>>();
+}
+
 template <typename T>
 void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& w,
-                   const Tensor& h0, const std::optional<Tensor>& c0,
+                   at::TensorList src_w, const Tensor& h0, const std::optional<Tensor>& c0,
                    const std::optional<Tensor>& masks, const Tensor& output, const Tensor& hy,
                    const Tensor& cy, const Tensor& reserve, const DeviceSchedule& sched,
                    bool keep, bool poison) {
@@ -565,9 +581,12 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
       const Tensor* b_hh = c.bias ? &c.w(w, l, d, 3) : nullptr;
       const Tensor* w_hr = c.P != c.H ? &c.w(w, l, d, c.per_dir - 1) : nullptr;
       bool first_chunk = true;
-      // CPU: the weights are packed by the first chunk and reused by the rest.
-      cpu::PackedStore<T> w_ih_packed;
-      cpu::ForwardPack<T> w_hh_packed;
+      // CPU: the weights are packed by the first chunk and reused by the
+      // rest, and by later calls through the weight cache.
+      std::vector<const Tensor*> ws;
+      bool hit = false;
+      const auto packs = cpu ? layer_packs<T>(c, src_w, l, d, &ws, &hit)
+                             : std::make_shared<LayerPacks<T>>();
       for (const auto& ch : time_chunks(c, keep, d == 1, cpu)) {
         const int64_t t0 = ch.first, t1 = ch.second;
         const int64_t row0 = t1 > t0 ? c.offsets[t0] : 0;
@@ -582,7 +601,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
           extra = keep ? reserve.data_ptr<T>() + c.extra_offset(idx)
                        : scratch.data_ptr<T>() + rows * c.GH();
         input_projection<T>(c, gates, rows_of(xl, 0, row0, rows, xl.size(1)), w_ih, b_ih, b_hh,
-                            &w_ih_packed);
+                            &packs->w_ih);
 
         kernels::LayerForwardParams<T> p{};
         p.mode = static_cast<int>(c.mode);
@@ -610,9 +629,10 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         p.c0 = lstm ? (first_chunk ? c0->data_ptr<T>() : cy.data_ptr<T>()) + idx * c.B * c.H
                     : nullptr;
         p.cy = lstm ? cy.data_ptr<T>() + idx * c.B * c.H : nullptr;
-        run_forward<T>(p, x.device(), &w_hh_packed, c.bf16);
+        run_forward<T>(p, x.device(), &packs->w_hh, c.bf16);
         first_chunk = false;
       }
+      if (cpu && !hit && !ws.empty()) publish_packs<T>(ws, c.bf16, packs);
     }
     prev_out = out_l;
   }
@@ -653,7 +673,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   const DeviceSchedule sched = device_schedule(c, input.device());
 
   AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_forward", [&] {
-    forward_stack<scalar_t>(c, x, w, h0, c0, masks, output, hy, cy, reserve, sched,
+    forward_stack<scalar_t>(c, x, w, weights, h0, c0, masks, output, hy, cy, reserve, sched,
                             need_reserve, poison);
   });
   if (need_reserve && output.numel() > 0) {

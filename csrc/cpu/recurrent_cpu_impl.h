@@ -34,9 +34,16 @@ using kernels::kLSTM;
 // 1.6-1.8x at B=1, H=128 (LSTM) or B=1..2, H=128 (GRU); at 8 Ki (LSTM B=8,
 // H=16) it made no difference.
 constexpr int64_t kParallelWork = 1 << 14;
+// Below this many multiply-adds in the whole call (all steps) the loop runs on
+// one thread whatever the per-step work: a short call, such as one decoding
+// step (T=1), has nothing to amortise the team's start and its per-step
+// exchange of h over. Measured on a 2-core AVX-512 host with a 2-layer LSTM,
+// hidden 40, batch 100, T=1 (640 Ki per layer): 63 us per call on one thread,
+// 98 us with a team.
+constexpr int64_t kParallelCall = 1 << 20;
 // Below this many multiply-adds a whole-sequence product (cpu::matmul) runs on
 // one thread: a team is forked for it alone, with nothing to amortise it over.
-constexpr int64_t kParallelGemm = 1 << 17;
+constexpr int64_t kParallelGemm = 1 << 20;
 
 using gemm::PackedB;
 
@@ -44,8 +51,10 @@ using gemm::PackedB;
 // The time loop runs inside one OpenMP team (one fork per call) when the
 // per-step work is large enough; each thread owns a fixed Part of the work
 // for the whole call.
-inline int team_size(int64_t work, int64_t threshold = kParallelWork) {
-  if (work < threshold || omp_in_parallel() || !team_backoff().allow_team()) return 1;
+inline int team_size(int64_t work, int64_t threshold = kParallelWork, int64_t steps = 1) {
+  if (work < threshold || work * steps < kParallelCall || omp_in_parallel() ||
+      !team_backoff().allow_team())
+    return 1;
   return std::max(1, at::get_num_threads());
 }
 
@@ -403,16 +412,22 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   std::vector<T> r(proj ? static_cast<size_t>(B * H) : 0);
   const std::vector<T> no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0));
   const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
-  const int nt = team_size(int64_t(B) * GH * P);
+  const int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
   // Pairs pack two bfloat16 values in each float slot: half the bytes.
   const bool by_rows = split_by_rows(nt, B, GH * P, Pairs ? sizeof(T) / 2 : sizeof(T));
   // W_hh^T (P, G*H), one segment per gate when the units are split among
   // threads, and W_hr^T (H, P); packed by the team unless `keep` holds them.
-  ForwardPack<T> local;
-  ForwardPack<T>& wp = keep ? *keep : local;
-  PackedB<T> w_hh_t(wp.w_hh_t), w_hr_t(wp.w_hr_t);
+  // A `keep` already filled in another layout (another team split) is left
+  // as it is: other calls may be reading it (csrc/weight_cache.h).
   const int64_t seg = nt > 1 && !by_rows ? H : GH;
-  const bool fill = !w_hh_t.holds(P, GH, seg, Pairs) || (proj && !w_hr_t.holds(H, P, P, Pairs));
+  const auto holds = [&](ForwardPack<T>& f) {
+    return PackedB<T>(f.w_hh_t).holds(P, GH, seg, Pairs) &&
+           (!proj || PackedB<T>(f.w_hr_t).holds(H, P, P, Pairs));
+  };
+  ForwardPack<T> local;
+  ForwardPack<T>& wp = keep && (!keep->w_hh_t.ready || holds(*keep)) ? *keep : local;
+  PackedB<T> w_hh_t(wp.w_hh_t), w_hr_t(wp.w_hr_t);
+  const bool fill = !holds(wp);
   if (fill) {
     w_hh_t.init(P, GH, seg, Pairs);
     if (proj) w_hr_t.init(H, P, P, Pairs);
@@ -474,8 +489,10 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       if (lstm) std::copy(c.begin() + b0 * H, c.begin() + pt.b1 * H, p.cy + b0 * H);
     }
   });
-  w_hh_t.set_ready();
-  if (proj) w_hr_t.set_ready();
+  if (fill) {  // (a pack it did not fill may be shared: no write at all)
+    w_hh_t.set_ready();
+    if (proj) w_hr_t.set_ready();
+  }
 }
 
 template <typename T>
@@ -501,7 +518,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   const auto prev = [&](int t, int64_t b) {
     return kernels::prev_row(p.batch_sizes, p.row_offsets, p.T, p.B, t, b, p.reverse);
   };
-  const int nt = team_size(int64_t(B) * GH * P);
+  const int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
   const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
   PackedStore<T> w_hh_store, w_hr_store;
   PackedB<T> w_hh(w_hh_store), w_hr(w_hr_store);
@@ -614,8 +631,11 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
     });
     return;
   }
+  // A `keep_b` already filled in another form is left as it is, as in
+  // recurrent_forward.
   PackedStore<T> local;
-  PackedB<T> b(keep_b ? *keep_b : local);
+  const bool use_keep = keep_b && (!keep_b->ready || PackedB<T>(*keep_b).holds(K, N, N, Pairs));
+  PackedB<T> b(use_keep ? *keep_b : local);
   const bool fill = !b.holds(K, N, N, Pairs);
   if (fill) b.init(K, N, N, Pairs);
   const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
@@ -635,7 +655,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
       b.mm(M, panels.first, panels.second, A, a_rs, a_ks, C, ldc, accumulate, bias);
     }
   });
-  b.set_ready();
+  if (fill) b.set_ready();
 }
 
 namespace {
