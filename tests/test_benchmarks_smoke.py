@@ -212,3 +212,30 @@ def test_shared_cores_runs(tmp_path):
     out = json.loads((tmp_path / f"shared_cores_{fastcells.cpu_isa()}.json").read_text())
     _finite_numbers(out["rows"])
     assert {r["setting"] for r in out["rows"]} == {"quiet", "busy", "1 thread"}
+
+
+def test_decode_runs(tmp_path):
+    import importlib.util
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "decode.py"), "--quick", "--steps", "3",
+           "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / f"decode_{TAG}_quick.json").read_text())
+    assert out["machine"]["cpu_isa"] == fastcells.cpu_isa()
+    has_ort = importlib.util.find_spec("onnxruntime") is not None
+    assert [(r["cell"], r["B"], r["H"]) for r in out["loop"]] == [
+        ("LSTM", 1, 40), ("LSTM", 100, 40), ("GRU", 1, 40), ("GRU", 100, 40)]
+    for r in out["loop"]:
+        assert r["steps"] == 3
+        # Same weights and inputs: the three decoders agree to float32 rounding.
+        assert r["max_abs_diff_fastcells"] < 1e-5
+        assert r["speedup_vs_torch.nn"]["median"] > 0
+        if has_ort:
+            assert r["max_abs_diff_onnxruntime"] < 1e-5
+            assert r["onnxruntime_ms"]["median"] > 0
+    assert [r["cell"] for r in out["per_call"]] == ["LSTM", "GRU", "RNN"]
+    for r in out["per_call"]:
+        assert r["module_us"] > r["arithmetic_us"] > 0
+    assert "| cell | batch | hidden |" in (tmp_path / f"decode_{TAG}_quick.md").read_text()
+    _finite_numbers(out["loop"])
