@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -17,6 +18,9 @@ namespace fastcells {
 namespace {
 
 constexpr size_t kMaxEntries = 64;
+// Bytes the entries may hold in all (copies and packs); a layer larger than
+// this is not cached.
+constexpr size_t kMaxBytes = size_t(256) << 20;
 
 // What a weight was when its packs were made.
 struct Source {
@@ -61,7 +65,14 @@ bool same(const Source& s, const at::Tensor& t) {
 struct Entry {
   std::vector<Source> sources;
   std::shared_ptr<void> packs;
+  size_t bytes = 0;  // the copies and (an estimate of) the packs
   uint64_t last_use = 0;
+
+  bool orphaned() const {
+    for (const Source& s : sources)
+      if (s.storage.expired()) return true;
+    return false;
+  }
 };
 
 // Key: compute type, product form, ISA path and the weights' data pointers.
@@ -72,12 +83,26 @@ struct Cache {
   std::map<Key, Entry> entries;
   uint64_t tick = 0;
   int64_t hits = 0, misses = 0;
+  size_t bytes = 0;
 
-  void evict_oldest() {
-    auto oldest = entries.begin();
-    for (auto it = entries.begin(); it != entries.end(); ++it)
-      if (it->second.last_use < oldest->second.last_use) oldest = it;
-    entries.erase(oldest);
+  void erase(std::map<Key, Entry>::iterator it) {
+    bytes -= it->second.bytes;
+    entries.erase(it);
+  }
+  // Drops the entries of freed weights, then the least recently used ones
+  // while over either bound.
+  void trim() {
+    for (auto it = entries.begin(); it != entries.end();) {
+      auto next = std::next(it);
+      if (it->second.orphaned()) erase(it);
+      it = next;
+    }
+    while (!entries.empty() && (entries.size() > kMaxEntries || bytes > kMaxBytes)) {
+      auto oldest = entries.begin();
+      for (auto it = entries.begin(); it != entries.end(); ++it)
+        if (it->second.last_use < oldest->second.last_use) oldest = it;
+      erase(oldest);
+    }
   }
 };
 
@@ -134,7 +159,7 @@ std::shared_ptr<LayerPacks<T>> find_packs(const std::vector<const at::Tensor*>& 
       *hit = true;
       return std::static_pointer_cast<LayerPacks<T>>(it->second.packs);
     }
-    c.entries.erase(it);
+    c.erase(it);
   }
   ++c.misses;
   return std::make_shared<LayerPacks<T>>();
@@ -144,14 +169,22 @@ template <typename T>
 void publish_packs(const std::vector<const at::Tensor*>& ws, bool bf16,
                    std::shared_ptr<LayerPacks<T>> packs) {
   if (!packs) return;
+  size_t bytes = 0;
+  for (const at::Tensor* w : ws) bytes += w->nbytes() + w->numel() * sizeof(T);
+  if (bytes > kMaxBytes) return;
   Entry e;
   for (const at::Tensor* w : ws) e.sources.push_back(source_of(*w));
   e.packs = std::move(packs);
+  e.bytes = bytes;
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   e.last_use = ++c.tick;
-  c.entries[key_of<T>(ws, bf16)] = std::move(e);
-  while (c.entries.size() > kMaxEntries) c.evict_oldest();
+  const Key key = key_of<T>(ws, bf16);
+  const auto old = c.entries.find(key);
+  if (old != c.entries.end()) c.erase(old);
+  c.bytes += bytes;
+  c.entries.emplace(key, std::move(e));
+  c.trim();
 }
 
 template std::shared_ptr<LayerPacks<float>> find_packs<float>(
@@ -167,6 +200,7 @@ void clear_weight_cache() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   c.entries.clear();
+  c.bytes = 0;
   c.hits = c.misses = 0;
 }
 

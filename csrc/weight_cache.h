@@ -16,8 +16,9 @@
 // Weights that are inference tensors (no version counter) or not contiguous
 // are never cached. The packs of a hit are shared read-only; a miss packs into
 // fresh storage that publish() then stores, so concurrent calls never write a
-// pack another call reads. At most kMaxEntries layers are kept (least
-// recently used dropped first); FASTCELLS_WEIGHT_CACHE=0 turns the cache off.
+// pack another call reads. Entries of freed weights are dropped at the next
+// publish; at most 64 layers and 256 MiB are kept (least recently used
+// dropped first). FASTCELLS_WEIGHT_CACHE=0 turns the cache off.
 #pragma once
 
 #include <ATen/ATen.h>

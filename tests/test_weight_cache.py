@@ -241,3 +241,21 @@ def test_deepcopy_gets_its_own_entry():
         twin.weight_hh_l0.add_(1.0)
     _check(twin, x)
     _check(new, x)
+
+
+def test_entries_of_freed_weights_are_dropped():
+    import gc
+
+    import fastcells
+
+    x = torch.randn(1, 1, I)
+    first = fastcells.LSTM(I, H, L)
+    with torch.no_grad():
+        first(x)
+    assert _stats()[0] == L
+    del first
+    gc.collect()
+    second = fastcells.GRU(I, H, L)
+    with torch.no_grad():
+        second(x)
+    assert _stats()[0] == L  # only the live model's layers
