@@ -174,6 +174,38 @@ def shared_section(d: dict, slower: list[str]) -> str:
     return "".join(out)
 
 
+def decode_section(d: dict, slower: list[str]) -> str:
+    """benchmarks/decode.py: one-step decoding loops against torch.nn and ONNX Runtime."""
+    cfg = d["config"]
+    out = [f"### Decoding loop (one-step calls): `python benchmarks/decode.py`\n\n",
+           f"{cfg['steps']} calls at T=1 with explicit state, 2 layers, input 16, each followed by a "
+           f"Linear head; inference mode. ONNX Runtime {cfg['onnxruntime']} runs the exported torch.nn "
+           f"loop (CPU provider, {cfg['threads']} intra-op threads, spinning off). "
+           f"Machine: {machine_sentence(d['machine'])}. Median ms per loop over {cfg['repeats']} "
+           "interleaved rounds:\n\n"]
+    rows = []
+    for r in d["loop"]:
+        ort = r.get("onnxruntime_ms")
+        vs_nn = r["speedup_vs_torch.nn"]["median"]
+        vs_ort = r["speedup_vs_onnxruntime"]["median"] if ort else None
+        rows.append([r["cell"], r["B"], r["H"], C.fmt_ms(r["torch.nn_ms"]["median"] / 1e3),
+                     C.fmt_ms(ort["median"] / 1e3) if ort else "-",
+                     C.fmt_ms(r["fastcells_ms"]["median"] / 1e3), x(vs_nn), x(vs_ort) if ort else "-"])
+        shape = f"decode {r['cell']} batch {r['B']} hidden {r['H']}"
+        if vs_nn < 1:
+            slower.append(f"{shape} ({vs_nn:.2f}x)")
+        if vs_ort is not None and vs_ort < 1:
+            slower.append(f"{shape}: slower than ONNX Runtime ({vs_ort:.2f}x)")
+    out.append(C.md_table(["cell", "batch", "hidden", "torch.nn ms", "ORT ms", "fastcells ms",
+                           "vs torch.nn", "vs ORT"], rows))
+    out.append(f"\nOne T=1 call at batch 1, 2 layers, hidden 40, one thread (arithmetic at the measured "
+               f"FMA rate, {d['fma_gflops']:.0f} GFLOP/s):\n\n")
+    rows = [[r["cell"], f"{r['module_us']:.1f}", f"{r['op_us']:.1f}", f"{r['arithmetic_us']:.2f}",
+             f"{r['overhead_us']:.1f}"] for r in d["per_call"]]
+    out.append(C.md_table(["cell", "module call us", "op call us", "arithmetic us", "overhead us"], rows))
+    return "".join(out)
+
+
 CPU_ONLY = ("cpu_peak", "shared_cores")  # named <stem>_<isa>.json
 
 
@@ -236,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         sections = []
         for stem, fn in (("airline", airline_section), ("airline_speed", speed_section),
                          ("electricity", electricity_section), ("sweep", sweep_section),
-                         ("cpu_peak", peak_section), ("shared_cores", shared_section)):
+                         ("cpu_peak", peak_section), ("shared_cores", shared_section),
+                         ("decode", decode_section)):
             name = result_name(stem, device)
             d = load(args.results / name) if name else None
             if d is not None:
@@ -246,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         parts.append(f"## Results on {title(device)}\n\n")
         parts.append("\n".join(sections))
-        parts.append(f"\n### Where fastcells is slower than torch.nn ({title(device)})\n\n")
+        parts.append(f"\n### Where fastcells is slower than torch.nn, or than ONNX Runtime where named ({title(device)})\n\n")
         if slower:
             parts += [f"- {s}\n" for s in slower]
         else:
