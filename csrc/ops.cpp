@@ -160,9 +160,6 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
               "fastcells: `input` is on ", input.device(),
               " but this build of fastcells has no CUDA backend (rebuild with FORCE_CUDA=1)");
 #endif
-  TORCH_CHECK(!(input.is_cpu() && input.scalar_type() == at::kHalf),
-              "fastcells: float16 `input` is supported on CUDA only; use bfloat16 or float32 "
-              "on CPU");
   c.packed = batch_sizes.has_value();
   if (c.packed) {
     TORCH_CHECK(input.dim() == 2, "fastcells: packed `input` must be 2-D (N, input_size), got ",

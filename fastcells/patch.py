@@ -21,8 +21,8 @@ What the patch changes, and nothing else:
 ``unpatch_torch_nn()`` restores both exactly. ``is_patched()`` tells whether
 the patch is active; ``fastcells.patched()`` applies it for a ``with`` block.
 
-Inputs fastcells cannot run (float16 on the CPU, a device this build has no
-backend for) run torch.nn's own forward, with a warning that says so once per
+Inputs fastcells cannot run (on a device this build has no backend for, such
+as meta) run torch.nn's own forward, with a warning that says so once per
 reason: the patch never fails a model that torch.nn runs.
 """
 from __future__ import annotations
@@ -63,8 +63,6 @@ def _unsupported(input) -> str | None:
         return "this fastcells build has no CUDA backend"
     if data.device.type not in ("cpu", "cuda"):
         return f"fastcells has no backend for device type {data.device.type!r}"
-    if data.device.type == "cpu" and data.dtype == torch.float16:
-        return "fastcells does not run float16 on the CPU (use bfloat16 or float32)"
     return None
 
 

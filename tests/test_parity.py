@@ -88,24 +88,27 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
 @pytest.mark.parametrize("kind", ["dense", "packed"])
-def test_module_bfloat16_error_within_2x_torch_nn(mode, kind):
-    """bfloat16: error against the float64 result no worse than 2x torch.nn's own
-    bfloat16 error (plus half a bfloat16 ulp of the tensor's scale)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_module_low_precision_error_within_2x_torch_nn(mode, kind, dtype):
+    """bfloat16 and float16 (on the CPU too): error against the float64 result no
+    worse than 2x torch.nn's own error in that dtype (plus half an ulp of the
+    tensor's scale)."""
     row = dict(mode=mode, kind=kind, bidirectional=True, num_layers=2, batch_first=False,
                proj_size=3 if mode == "LSTM" else 0, bias=True, hx=True, shape="T5B3")
     ref64 = make_nn(mode, I, 8, dtype=torch.float64, **_module_kwargs(row))
-    ref16 = make_nn(mode, I, 8, dtype=torch.bfloat16, **_module_kwargs(row))
+    ref16 = make_nn(mode, I, 8, dtype=dtype, **_module_kwargs(row))
     ref16.load_state_dict(ref64.state_dict())
     mod16 = make_fastcells_like(ref16)
     _, flat64, g64 = _forward_backward(ref64, row, torch.float64)
-    _, flatnn, gnn = _forward_backward(ref16, row, torch.bfloat16)
-    _, flatfc, gfc = _forward_backward(mod16, row, torch.bfloat16)
+    _, flatnn, gnn = _forward_backward(ref16, row, dtype)
+    _, flatfc, gfc = _forward_backward(mod16, row, dtype)
+    half_ulp = torch.finfo(dtype).eps / 2
     for name, e, n, f in zip(["output", "h_n", "c_n"] + _grad_names(ref64, row),
                              flat64 + g64, flatnn + gnn, flatfc + gfc):
-        assert f.dtype == torch.bfloat16, name
-        floor = 4e-3 * max(1.0, e.abs().max().item())
+        assert f.dtype == dtype, name
+        floor = half_ulp * max(1.0, e.abs().max().item())
         assert _max_err(f, e) <= 2 * _max_err(n, e) + floor, (
-            f"{name}: fastcells bf16 error {_max_err(f, e):.3g} vs torch.nn {_max_err(n, e):.3g}")
+            f"{name}: fastcells {dtype} error {_max_err(f, e):.3g} vs torch.nn {_max_err(n, e):.3g}")
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)

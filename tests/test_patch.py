@@ -209,15 +209,26 @@ def test_compile_fullgraph_while_patched():
 
 
 def test_inputs_fastcells_cannot_run_use_torch_nn_visibly():
-    torch.manual_seed(0)
-    m = nn.GRU(3, 5)
-    x = torch.randn(4, 2, 3)
-    expected = m.half()(x.half())[0]
+    m = nn.GRU(3, 5).to("meta")
+    x = torch.randn(4, 2, 3, device="meta")
     with fastcells.patched():
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             fastcells.patch._warned.clear()
-            got = m(x.half())[0]
-        assert any("runs torch.nn's own forward" in str(e.message) and "float16" in str(e.message)
+            got = m(x)[0]
+        assert any("runs torch.nn's own forward" in str(e.message) and "'meta'" in str(e.message)
                    for e in w)
-    assert torch.equal(got, expected)
+    assert got.device.type == "meta" and got.shape == (4, 2, 5)
+
+
+def test_float16_on_cpu_runs_fused_while_patched():
+    torch.manual_seed(0)
+    m = nn.LSTM(3, 5, 2).half()
+    x = torch.randn(4, 2, 3).half()
+    expected = m(x)[0]
+    with fastcells.patched():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            got = m(x)[0]
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
