@@ -60,7 +60,19 @@ TOL: dict[torch.dtype, dict[str, float]] = {
     torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
 }
 
+# FASTCELLS_SLOW=1 (any value but "" and "0") runs the tests marked
+# `@pytest.mark.slow` (pyproject.toml) and the longer variants that read SLOW;
+# this is the only place that reads the variable.
 SLOW = os.environ.get("FASTCELLS_SLOW", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow: set FASTCELLS_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 try:  # the compiled extension may be missing while only the reference is tested
     import fastcells  # noqa: F401
@@ -317,3 +329,52 @@ def module_grid(seed: int = 0) -> list[dict]:
     }
     return pairwise(factors, valid=lambda r: r["mode"] == "LSTM" or r["proj_size"] == 0,
                     seed=seed, base=("mode", "kind", "bidirectional"))
+
+
+# ---------------------------------------------------------------- op arguments
+
+def op_case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_size: int = 0,
+          bias: bool = True, masks: bool = False, T: int = 3, B: int = 2, I: int = 2, H: int = 3,
+          dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
+    """Arguments of functional.rnn / the ops for one configuration, random values."""
+    g = torch.Generator().manual_seed(seed)
+    mode_id = MODES[mode][1]
+    G = gates(mode)
+    D = 2 if bidirectional else 1
+    P = proj_size or H
+
+    def rnd(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+
+    weights = []
+    for layer in range(num_layers):
+        for _ in range(D):
+            weights += [rnd(G * H, I if layer == 0 else D * P), rnd(G * H, P)]
+            if bias:
+                weights += [rnd(G * H), rnd(G * H)]
+            if proj_size:
+                weights.append(rnd(P, H))
+    if packed:
+        lengths = sorted(packed_lengths(T, B), reverse=True)
+        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(max(lengths))]
+        x = rnd(sum(batch_sizes), I)
+        rows = (sum(batch_sizes),)
+    else:
+        batch_sizes = None
+        x = rnd(T, B, I)
+        rows = (T, B)
+    hx = rnd(num_layers * D, B, P)
+    cx = rnd(num_layers * D, B, H) if has_cell_state(mode) else None
+    dropout_masks = None
+    if masks and num_layers > 1:
+        keep = torch.rand(num_layers - 1, *rows, D * P, generator=g) > 0.3
+        dropout_masks = (keep.to(torch.float64) / 0.7).to(dtype)
+    return dict(input=x, weights=weights, hx=hx, cx=cx, batch_sizes=batch_sizes, mode=mode_id,
+                num_layers=num_layers, bidirectional=bidirectional, has_biases=bias,
+                proj_size=proj_size, dropout_masks=dropout_masks)
+
+
+def op_call_args(c: dict) -> tuple:
+    return (c["input"], c["weights"], c["hx"], c["cx"], c["batch_sizes"], c["mode"],
+            c["num_layers"], c["bidirectional"], c["has_biases"], c["proj_size"],
+            c["dropout_masks"])

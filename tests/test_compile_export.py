@@ -10,7 +10,6 @@ inductor backend for GRU and RNN and more opcheck configurations.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -21,10 +20,9 @@ fastcells = pytest.importorskip("fastcells")
 if not hasattr(fastcells, "LSTM"):
     pytest.skip("fastcells extension not built", allow_module_level=True)
 
-SLOW = os.environ.get("FASTCELLS_SLOW", "0") == "1"
-slow = pytest.mark.skipif(not SLOW, reason="set FASTCELLS_SLOW=1 to run")
 
 from fastcells._cells import CELLS, MODES  # noqa: E402
+from conftest import op_call_args, op_case  # noqa: E402
 
 
 class Forecaster(nn.Module):
@@ -123,7 +121,7 @@ def test_compile_fullgraph_training_step_inductor_lstm():
     _compiled_matches_eager("LSTM", "inductor")
 
 
-@slow
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["GRU", "RNN"])
 def test_compile_fullgraph_training_step_inductor_slow(kind):
     _compiled_matches_eager(kind, "inductor")
@@ -269,44 +267,22 @@ def test_export_save_load_roundtrip(tmp_path):
 def _op_args(mode: int, layers: int, bidirectional: bool, bias: bool, proj: int,
              packed: bool, masks: bool, dtype: torch.dtype = torch.float64,
              requires_grad: bool = True):
-    """Arguments for fastcells::rnn_forward built from a torch.nn module."""
-    torch.manual_seed(10 + mode + 3 * layers)
-    I, H, B, T = 3, 4, 3, 5
-    P = proj or H
-    D = 2 if bidirectional else 1
-    cell = CELLS[mode]
-    kwargs = {"proj_size": proj} if cell.proj else {}
-    if cell.nonlinearity:
-        kwargs["nonlinearity"] = cell.nonlinearity
-    ref = getattr(nn, cell.nn_class)(I, H, layers, bias=bias, bidirectional=bidirectional,
-                                     **kwargs)
-    ref = ref.to(dtype)
-    weights = [w.detach().clone().requires_grad_(requires_grad) for w in ref._flat_weights]
-    if packed:
-        lengths = torch.tensor([5, 3, 2])
-        seq = nn.utils.rnn.pack_padded_sequence(torch.randn(T, B, I, dtype=dtype), lengths)
-        x = seq.data
-        batch_sizes = [int(b) for b in seq.batch_sizes]
-        rows = x.shape[0]
-    else:
-        x = torch.randn(T, B, I, dtype=dtype)
-        batch_sizes = None
-        rows = None
-    x.requires_grad_(requires_grad)
-    hx = torch.randn(layers * D, B, P, dtype=dtype, requires_grad=requires_grad)
-    cx = (torch.randn(layers * D, B, H, dtype=dtype, requires_grad=requires_grad)
-          if CELLS[mode].has_cell_state else None)
-    dropout_masks = None
-    if masks and layers > 1:
-        shape = (layers - 1, rows, D * P) if packed else (layers - 1, T, B, D * P)
-        dropout_masks = (torch.rand(shape) > 0.3).to(dtype) / 0.7
-    return (x, weights, hx, cx, batch_sizes, mode, layers, bidirectional, bias, proj,
-            dropout_masks)
+    """Arguments for fastcells::rnn_forward (conftest.op_case), every tensor a
+    leaf that requires grad unless `requires_grad` is False."""
+    c = op_case(CELLS[mode].name, packed, layers, bidirectional, proj_size=proj, bias=bias,
+                masks=masks, T=5, B=3, I=3, H=4, dtype=dtype, seed=10 + mode + 3 * layers)
+    for t in [c["input"], c["hx"], c["cx"]] + c["weights"]:
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return op_call_args(c)
 
 
 FORWARD_CASES = [
-    # mode, layers, bidirectional, bias, proj, packed, masks
+    # mode, layers, bidirectional, bias, proj, packed, masks[, dtype]
     pytest.param((MODES["LSTM"], 2, False, True, 0, False, False), id="lstm-2l"),
+    pytest.param((MODES["LSTM"], 1, False, True, 0, False, False, torch.float32), id="lstm-float32"),
+    pytest.param((MODES["GRU"], 2, True, True, 0, True, False, torch.float32),
+                 id="gru-bi-packed-float32"),
     pytest.param((MODES["LSTM"], 2, True, True, 2, True, True), id="lstm-bi-proj-packed-masks"),
     pytest.param((MODES["GRU"], 1, True, False, 0, False, False), id="gru-bi-nobias"),
     pytest.param((MODES["GRU"], 2, False, True, 0, True, True), id="gru-packed-masks"),
@@ -332,7 +308,7 @@ def test_opcheck_rnn_forward(case):
     _opcheck(torch.ops.fastcells.rnn_forward.default, _op_args(*case))
 
 
-@slow
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SLOW_FORWARD_CASES)
 def test_opcheck_rnn_forward_slow(case):
     _opcheck(torch.ops.fastcells.rnn_forward.default, _op_args(*case))

@@ -33,7 +33,6 @@ if not hasattr(fastcells, "LSTM"):
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs procfs")
 
-SLOW = os.environ.get("FASTCELLS_SLOW", "0") == "1"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1 << 20
 
@@ -105,7 +104,7 @@ def test_rss_flat_over_10000_forward_backward_calls(one_thread):
     assert growth < 8 * MB, f"RSS grew by {growth / MB:.1f} MB over 10,000 calls"
 
 
-@pytest.mark.skipif(not SLOW, reason="set FASTCELLS_SLOW=1 to run")
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["packed-proj-bi", "cells", "rnn-relu-dropout"])
 def test_rss_flat_variants_slow(variant, one_thread):
     torch.manual_seed(0)

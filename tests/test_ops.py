@@ -8,57 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CELLS, MODE_NAMES, MODES, gates, has_cell_state, needs_ops, packed_lengths
+from conftest import CELLS, MODE_NAMES, MODES, gates, needs_ops
+from conftest import op_call_args as _args
+from conftest import op_case as _case
 from fastcells.reference import rnn_reference
 
 pytestmark = needs_ops
-
-
-def _case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_size: int = 0,
-          bias: bool = True, masks: bool = False, T: int = 3, B: int = 2, I: int = 2, H: int = 3,
-          dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
-    """Arguments of functional.rnn / the ops for one configuration, random values."""
-    g = torch.Generator().manual_seed(seed)
-    mode_id = MODES[mode][1]
-    G = gates(mode)
-    D = 2 if bidirectional else 1
-    P = proj_size or H
-
-    def rnd(*shape):
-        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
-
-    weights = []
-    for layer in range(num_layers):
-        for _ in range(D):
-            weights += [rnd(G * H, I if layer == 0 else D * P), rnd(G * H, P)]
-            if bias:
-                weights += [rnd(G * H), rnd(G * H)]
-            if proj_size:
-                weights.append(rnd(P, H))
-    if packed:
-        lengths = sorted(packed_lengths(T, B), reverse=True)
-        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(max(lengths))]
-        x = rnd(sum(batch_sizes), I)
-        rows = (sum(batch_sizes),)
-    else:
-        batch_sizes = None
-        x = rnd(T, B, I)
-        rows = (T, B)
-    hx = rnd(num_layers * D, B, P)
-    cx = rnd(num_layers * D, B, H) if has_cell_state(mode) else None
-    dropout_masks = None
-    if masks and num_layers > 1:
-        keep = torch.rand(num_layers - 1, *rows, D * P, generator=g) > 0.3
-        dropout_masks = (keep.to(torch.float64) / 0.7).to(dtype)
-    return dict(input=x, weights=weights, hx=hx, cx=cx, batch_sizes=batch_sizes, mode=mode_id,
-                num_layers=num_layers, bidirectional=bidirectional, has_biases=bias,
-                proj_size=proj_size, dropout_masks=dropout_masks)
-
-
-def _args(c: dict) -> tuple:
-    return (c["input"], c["weights"], c["hx"], c["cx"], c["batch_sizes"], c["mode"],
-            c["num_layers"], c["bidirectional"], c["has_biases"], c["proj_size"],
-            c["dropout_masks"])
 
 
 CASES = {}
@@ -117,21 +72,6 @@ def test_gradcheck(name, cpu_isa):  # once per CPU ISA path the host supports
 
 OPCHECK_CASES = ["LSTM-dense-1layer", "GRU-packed-bidir-2layer", "RNN_RELU-dense-1layer",
                  "LSTM-proj-bidir-2layer-packed", "LSTM-masks-2layer-bidir"]
-
-
-@pytest.mark.parametrize("name,dtype", [pytest.param(n, torch.float64, id=f"{n}-float64")
-                                        for n in OPCHECK_CASES]
-                         + [pytest.param(n, torch.float32, id=f"{n}-float32")
-                            for n in OPCHECK_CASES[:2]])
-def test_opcheck_rnn_forward(name, dtype):
-    import fastcells  # noqa: F401  registers the ops
-
-    c = _case(**CASES[name], dtype=dtype)
-    args = list(_args(c))
-    # Inputs that require grad make opcheck test the autograd registration too.
-    args[0] = args[0].requires_grad_()
-    args[1] = [w.requires_grad_() for w in args[1]]
-    torch.library.opcheck(torch.ops.fastcells.rnn_forward.default, tuple(args))
 
 
 @pytest.mark.parametrize("name,grads", [(n, "all") for n in OPCHECK_CASES]
