@@ -35,7 +35,6 @@ def _forward_class(base: type) -> type:
     """nn.LSTM (GRU, RNN) with fastcells' forward: sits right above torch.nn's class."""
     name = f"_Fused{base.__name__}Forward"
     return type(name, (base,), {"forward": _FusedRNNBase.forward,
-                                "_current_weights": _FusedRNNBase._current_weights,
                                 "__module__": __name__, "__qualname__": name})
 
 

@@ -50,110 +50,134 @@ class _NoTorchScript:
             "torch.compile(model, fullgraph=True) or torch.export.export(model, args) instead.")
 
 
+# ---------------------------------------------------------------- forward steps
+# Each works on any torch.nn.RNNBase (m).
+
+
+def _current_weights(m):
+    """The weights in torch.nn's flat order, as this call must see them.
+
+    ``_flat_weights`` follows assignments through RNNBase.__setattr__ (new
+    Parameters, hook-based weight_norm / spectral_norm). It does not follow
+    parametrizations (torch.nn.utils.parametrize, parametrizations.weight_norm:
+    recomputed on every attribute access), tensors put straight into
+    ``_parameters`` (torch.func.functional_call) or weights moved out of
+    ``_parameters`` (weight drop). torch.nn re-reads its weights in forward for
+    these, and so does this: when any flat weight is not the registered
+    Parameter, every weight is read by attribute.
+    """
+    params = m._parameters
+    flat = m._flat_weights
+    for name, w in zip(m._flat_weights_names, flat):
+        if params.get(name) is not w:
+            return [getattr(m, n) for n in m._flat_weights_names]
+    return flat
+
+
+def _unpack_input(m, input):
+    """(time-major data, batch, batched, batch_sizes list or None, sorted_indices)."""
+    if isinstance(input, PackedSequence):
+        batch_sizes = input.batch_sizes.tolist()
+        B = batch_sizes[0] if batch_sizes else 0
+        return input.data, B, True, batch_sizes, input.sorted_indices
+    if input.dim() not in (2, 3):
+        raise ValueError(f"{type(m).__name__}: Expected input to be 2D or 3D, got "
+                         f"{input.dim()}D tensor instead")
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(1)
+    if m.batch_first and batched:
+        x = x.transpose(0, 1)
+    return x, x.shape[1], batched, None, None
+
+
+def _check_input(m, x: Tensor) -> None:
+    """torch.nn's check_input: dtype against the weights, feature size."""
+    w0 = m._flat_weights[0]
+    if (w0 is not None and x.dtype != w0.dtype
+            and not torch._C._is_any_autocast_enabled()):
+        # torch.nn's exception class and message.
+        raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
+                         f"({w0.dtype}). Convert input: input.to({w0.dtype}), or convert "
+                         f"model: model.to({x.dtype})")
+    if x.shape[-1] != m.input_size:
+        raise RuntimeError(f"{type(m).__name__}: input.size(-1) must be equal to "
+                           f"input_size. Expected {m.input_size}, got {x.shape[-1]}")
+
+
+def _initial_state(m, hx, has_cell_state: bool, B: int, batched: bool, sorted_indices):
+    """(h_0, c_0) in the op's layout, or (None, None) for zero states."""
+    if hx is None:
+        return None, None  # zero initial states, created inside the op
+    name = type(m).__name__
+    if has_cell_state:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise ValueError(f"{name}: hx must be a tuple (h_0, c_0)")
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    want = 3 if batched else 2
+    for t, n in ((h0, "h_0"), (c0, "c_0")):
+        if t is not None and t.dim() != want:
+            raise RuntimeError(
+                f"{name}: for {'batched 3-D' if batched else 'unbatched 2-D'} input, "
+                f"{n} should be {want}-D but got {t.dim()}-D tensor")
+    if not batched:
+        h0 = h0.unsqueeze(1)
+        c0 = c0.unsqueeze(1) if c0 is not None else None
+    if sorted_indices is not None:
+        h0 = h0.index_select(1, sorted_indices)
+        c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
+    D = 2 if m.bidirectional else 1
+    H = m.hidden_size
+    P = m.proj_size if m.proj_size > 0 else H
+    L = m.num_layers
+    if tuple(h0.shape) != (L * D, B, P):
+        raise RuntimeError(f"{name}: Expected hidden{'[0]' if has_cell_state else ''} size "
+                           f"{(L * D, B, P)}, got {list(h0.shape)}")
+    if c0 is not None and tuple(c0.shape) != (L * D, B, H):
+        raise RuntimeError(f"{name}: Expected hidden[1] size {(L * D, B, H)}, "
+                           f"got {list(c0.shape)}")
+    return h0, c0
+
+
+def _wrap_output(m, input, out: Tensor, hy: Tensor, cy: Optional[Tensor], batched: bool):
+    """The op's results in the caller's layout (packed, batch_first, unbatched)."""
+    if isinstance(input, PackedSequence):
+        output = PackedSequence(out, input.batch_sizes, input.sorted_indices,
+                                input.unsorted_indices)
+        if input.unsorted_indices is not None:
+            hy = hy.index_select(1, input.unsorted_indices)
+            cy = cy.index_select(1, input.unsorted_indices) if cy is not None else None
+        return output, hy, cy
+    if m.batch_first and batched:
+        out = out.transpose(0, 1)
+    if not batched:
+        out = out.squeeze(1)
+        hy = hy.squeeze(1)
+        cy = cy.squeeze(1) if cy is not None else None
+    return out, hy, cy
+
+
 class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
-    """Shared forward of LSTM, GRU and RNN (torch.nn semantics)."""
+    """Shared forward of LSTM, GRU and RNN (torch.nn semantics).
 
-    def _current_weights(self):
-        """The weights in torch.nn's flat order, as this call must see them.
+    ``forward`` and the functions it calls only use torch.nn.RNNBase's
+    attributes, so patch_torch_nn() and convert() of subclasses run it on
+    torch.nn's own classes as it is.
+    """
 
-        ``_flat_weights`` follows assignments through RNNBase.__setattr__ (new
-        Parameters, hook-based weight_norm / spectral_norm). It does not follow
-        parametrizations (torch.nn.utils.parametrize, parametrizations.weight_norm:
-        recomputed on every attribute access), tensors put straight into
-        ``_parameters`` (torch.func.functional_call) or weights moved out of
-        ``_parameters`` (weight drop). torch.nn re-reads its weights in forward for
-        these, and so does this: when any flat weight is not the registered
-        Parameter, every weight is read by attribute.
-        """
-        params = self._parameters
-        flat = self._flat_weights
-        for name, w in zip(self._flat_weights_names, flat):
-            if params.get(name) is not w:
-                return [getattr(self, n) for n in self._flat_weights_names]
-        return flat
-
-    def forward(self, input: Union[Tensor, PackedSequence], hx=None):  # noqa: C901
-        name = type(self).__name__
+    def forward(self, input: Union[Tensor, PackedSequence], hx=None):
         has_cell_state = CELLS[MODES[self.mode]].has_cell_state
+        x, B, batched, batch_sizes, sorted_indices = _unpack_input(self, input)
+        _check_input(self, x)
+        h0, c0 = _initial_state(self, hx, has_cell_state, B, batched, sorted_indices)
         D = 2 if self.bidirectional else 1
-        H = self.hidden_size
-        P = self.proj_size if self.proj_size > 0 else H
-        L = self.num_layers
-
-        sorted_indices = unsorted_indices = None
-        batch_sizes = None
-        if isinstance(input, PackedSequence):
-            data, bs_tensor, sorted_indices, unsorted_indices = input
-            batch_sizes = bs_tensor.tolist()
-            B = batch_sizes[0] if batch_sizes else 0
-            x = data
-            batched = True
-        else:
-            if input.dim() not in (2, 3):
-                raise ValueError(f"{name}: Expected input to be 2D or 3D, got "
-                                 f"{input.dim()}D tensor instead")
-            batched = input.dim() == 3
-            x = input if batched else input.unsqueeze(1)
-            if self.batch_first and batched:
-                x = x.transpose(0, 1)
-            B = x.shape[1]
-        w0 = self._flat_weights[0]
-        if (w0 is not None and x.dtype != w0.dtype
-                and not torch._C._is_any_autocast_enabled()):
-            # torch.nn's check_input, with its exception class and message.
-            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype "
-                             f"({w0.dtype}). Convert input: input.to({w0.dtype}), or convert "
-                             f"model: model.to({x.dtype})")
-        if x.shape[-1] != self.input_size:
-            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
-                               f"Expected {self.input_size}, got {x.shape[-1]}")
-
-        if hx is None:
-            h0 = c0 = None  # zero initial states, created inside the op
-        else:
-            if has_cell_state:
-                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise ValueError(f"{name}: hx must be a tuple (h_0, c_0)")
-                h0, c0 = hx
-            else:
-                h0, c0 = hx, None
-            want = 3 if batched else 2
-            for t, n in ((h0, "h_0"), (c0, "c_0")):
-                if t is not None and t.dim() != want:
-                    raise RuntimeError(
-                        f"{name}: for {'batched 3-D' if batched else 'unbatched 2-D'} input, "
-                        f"{n} should be {want}-D but got {t.dim()}-D tensor")
-            if not batched:
-                h0 = h0.unsqueeze(1)
-                c0 = c0.unsqueeze(1) if c0 is not None else None
-            if sorted_indices is not None:
-                h0 = h0.index_select(1, sorted_indices)
-                c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
-            if tuple(h0.shape) != (L * D, B, P):
-                raise RuntimeError(f"{name}: Expected hidden{'[0]' if has_cell_state else ''} size "
-                                   f"{(L * D, B, P)}, got {list(h0.shape)}")
-            if c0 is not None and tuple(c0.shape) != (L * D, B, H):
-                raise RuntimeError(f"{name}: Expected hidden[1] size {(L * D, B, H)}, "
-                                   f"got {list(c0.shape)}")
-
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
         rows = (x.shape[0],) if batch_sizes is not None else (x.shape[0], B)
         masks = _dropout_masks(self, rows, D, P, x)
-        out, hy, cy = rnn(x, self._current_weights(), h0, c0, batch_sizes, MODES[self.mode], L,
-                          self.bidirectional, self.bias, self.proj_size, masks)
-
-        if batch_sizes is not None:
-            output = PackedSequence(out, input.batch_sizes, sorted_indices, unsorted_indices)
-            if unsorted_indices is not None:
-                hy = hy.index_select(1, unsorted_indices)
-                cy = cy.index_select(1, unsorted_indices) if cy is not None else None
-        else:
-            output = out
-            if self.batch_first and batched:
-                output = output.transpose(0, 1)
-            if not batched:
-                output = output.squeeze(1)
-                hy = hy.squeeze(1)
-                cy = cy.squeeze(1) if cy is not None else None
+        out, hy, cy = rnn(x, _current_weights(self), h0, c0, batch_sizes, MODES[self.mode],
+                          self.num_layers, self.bidirectional, self.bias, self.proj_size, masks)
+        output, hy, cy = _wrap_output(self, input, out, hy, cy, batched)
         return output, ((hy, cy) if has_cell_state else hy)
 
 

@@ -102,9 +102,6 @@ def patch_torch_nn() -> None:
         for cls in _CLASSES:
             _saved[cls] = cls.__dict__["forward"]
         _saved["allow_rnn"] = torch._dynamo.config.allow_rnn
-        # _FusedRNNBase.forward reads the weights through this method.
-        _saved["current_weights"] = nn.RNNBase.__dict__.get("_current_weights")
-        nn.RNNBase._current_weights = _FusedRNNBase._current_weights
         for cls in _CLASSES:
             cls.forward = _patched_forward
         torch._dynamo.config.allow_rnn = True
@@ -121,11 +118,6 @@ def unpatch_torch_nn() -> None:
         for cls in _CLASSES:
             cls.forward = _saved.pop(cls)
         torch._dynamo.config.allow_rnn = _saved.pop("allow_rnn")
-        previous = _saved.pop("current_weights")
-        if previous is None:
-            del nn.RNNBase._current_weights
-        else:
-            nn.RNNBase._current_weights = previous
         torch._dynamo.reset()
 
 
