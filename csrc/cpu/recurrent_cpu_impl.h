@@ -245,25 +245,23 @@ inline void for_units_padded(int64_t n, const Runs<T, NI, NO>& r, const F& f) {
 // One batch row's gate loop over the units [u0, u1) of every gate. The
 // structs name the slots of Runs::in and Runs::out.
 
-// LSTM forward. gt (G*H): x-side pre-activations in, activated i, f, g, o
-// out; rc (G*H): recurrent products; c: c_{t-1} in, c_t out; e: c_t saved for
-// backward; r: r_t = o * tanh(c_t) (h_t, or the projection's input).
+// LSTM forward. gt (G*H): the whole pre-activations in (the recurrent
+// product is accumulated onto the x side in place), activated i, f, g, o
+// out; c: c_{t-1} in, c_t out; e: c_t saved for backward; r: r_t =
+// o * tanh(c_t) (h_t, or the projection's input).
 struct LstmFwd {
-  enum In { kXi, kXf, kXg, kXo, kHi, kHf, kHg, kHo, kCPrev, kIns };
+  enum In { kAi, kAf, kAg, kAo, kCPrev, kIns };
   enum Out { kI, kF, kG, kO, kCSaved, kCNext, kR, kOuts };
 };
 template <typename T>
-inline void lstm_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, const T* rc, T* c, T* e,
-                             T* r) {
+inline void lstm_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, T* c, T* e, T* r) {
   using S = LstmFwd;
   const Runs<T, S::kIns, S::kOuts> io{
-      {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, rc + u0, rc + H + u0,
-       rc + 2 * H + u0, rc + 3 * H + u0, c + u0},
+      {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, c + u0},
       {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, e + u0, c + u0, r + u0}};
   for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
-    const auto st = kernels::lstm_forward<T>(
-        in[S::kXi][j] + in[S::kHi][j], in[S::kXf][j] + in[S::kHf][j],
-        in[S::kXg][j] + in[S::kHg][j], in[S::kXo][j] + in[S::kHo][j], in[S::kCPrev][j]);
+    const auto st = kernels::lstm_forward<T>(in[S::kAi][j], in[S::kAf][j], in[S::kAg][j],
+                                             in[S::kAo][j], in[S::kCPrev][j]);
     out[S::kI][j] = st.i;
     out[S::kF][j] = st.f;
     out[S::kG][j] = st.g;
@@ -303,10 +301,10 @@ inline void gru_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, const T* r
 
 // RNN forward: h_t = act(x-side + recurrent), into gt (saved) and hn.
 template <typename T>
-inline void rnn_forward_row(int mode, int64_t u0, int64_t u1, T* gt, const T* rc, T* hn) {
-  const Runs<T, 2, 2> io{{gt + u0, rc + u0}, {gt + u0, hn + u0}};
+inline void rnn_forward_row(int mode, int64_t u0, int64_t u1, T* gt, T* hn) {
+  const Runs<T, 1, 2> io{{gt + u0}, {gt + u0, hn + u0}};
   for_units_padded(u1 - u0, io, [mode](const T* const* in, T* const* out, int64_t j) {
-    const T hv = kernels::rnn_forward<T>(mode, in[0][j] + in[1][j]);
+    const T hv = kernels::rnn_forward<T>(mode, in[0][j]);
     out[0][j] = hv;
     out[1][j] = hv;
   });
@@ -408,7 +406,9 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   // Double-buffered hidden state: step t reads h[cur], writes h[1 - cur].
   std::vector<T> h_a(p.h0, p.h0 + B * P), h_b(h_a);
   std::vector<T> c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr);
-  std::vector<T> rec(static_cast<size_t>(B * GH));
+  // LSTM and RNN accumulate the recurrent product onto the x side in
+  // p.gates; GRU needs it apart (r multiplies the n part).
+  std::vector<T> rec(gru ? static_cast<size_t>(B * GH) : 0);
   std::vector<T> r(proj ? static_cast<size_t>(B * H) : 0);
   const std::vector<T> no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0));
   const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
@@ -452,25 +452,25 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       for (int64_t b = std::max<int64_t>(M, b0); b < pt.b1; ++b)
         for (int64_t j = pt.c0; j < pt.c1; ++j) h_next[b * P + j] = h_cur[b * P + j];
       // Recurrent product for this thread's rows, or its units of every gate.
+      T* const prod = gru ? rec.data() : p.gates + row0 * GH;
       if (!pt.sync) {
-        w_hh_t.mm(b1 - b0, 0, w_hh_t.panels(), h_cur + b0 * P, P, 1, rec.data() + b0 * GH, GH,
-                  false);
+        w_hh_t.mm(b1 - b0, 0, w_hh_t.panels(), h_cur + b0 * P, P, 1, prod + b0 * GH, GH, !gru);
       } else {
         for (int64_t g = 0; g < G; ++g)
-          w_hh_t.mm_cols(M, g * H + u0, g * H + u1, h_cur, P, rec.data(), GH, false);
+          w_hh_t.mm_cols(M, g * H + u0, g * H + u1, h_cur, P, prod, GH, !gru);
       }
       for (int64_t b = b0; b < b1; ++b) {
         T* gt = p.gates + (row0 + b) * GH;
-        const T* rc = rec.data() + b * GH;
         const T* hp = h_cur + b * P;
         T* hn = h_next + b * P;
         if (lstm) {
           T* out_r = proj ? r.data() + b * H : hn;
-          lstm_forward_row(H, u0, u1, gt, rc, c.data() + b * H, p.extra + (row0 + b) * H, out_r);
+          lstm_forward_row(H, u0, u1, gt, c.data() + b * H, p.extra + (row0 + b) * H, out_r);
         } else if (gru) {
-          gru_forward_row(H, u0, u1, gt, rc, b_hn, hp, p.extra + (row0 + b) * H, hn);
+          gru_forward_row(H, u0, u1, gt, rec.data() + b * GH, b_hn, hp, p.extra + (row0 + b) * H,
+                          hn);
         } else {
-          rnn_forward_row(p.mode, u0, u1, gt, rc, hn);
+          rnn_forward_row(p.mode, u0, u1, gt, hn);
         }
       }
       if (proj) {
