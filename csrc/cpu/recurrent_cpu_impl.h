@@ -37,9 +37,11 @@ constexpr int64_t kParallelWork = 1 << 14;
 // Below this many multiply-adds in the whole call (all steps) the loop runs on
 // one thread whatever the per-step work: a short call, such as one decoding
 // step (T=1), has nothing to amortise the team's start and its per-step
-// exchange of h over. Measured on a 2-core AVX-512 host with a 2-layer LSTM,
-// hidden 40, batch 100, T=1 (640 Ki per layer): 63 us per call on one thread,
-// 98 us with a team.
+// exchange of h over. Measured on a 2-core AVX-512 host (a VM whose second
+// vCPU is not always its own) with a 2-layer LSTM, hidden 40, batch 100, T=1
+// (640 Ki per layer) and a Linear head: about 57-60 us per step on one thread
+// at any time; with a team and the packs already cached, 45 us while the
+// second core was free and 81 us while it was not.
 constexpr int64_t kParallelCall = 1 << 20;
 // Below this many multiply-adds a whole-sequence product (cpu::matmul) runs on
 // one thread: a team is forked for it alone, with nothing to amortise it over.
