@@ -62,11 +62,20 @@ bool same(const Source& s, const at::Tensor& t) {
          std::memcmp(s.bytes.data(), t.data_ptr(), s.bytes.size()) == 0;
 }
 
+// Entries whose weights change at every call (training) would cost a copy of
+// the weights per call and never serve one: an entry replaced before its
+// first hit becomes a tombstone (no copies, no packs), and the key is cached
+// again only at every kRetryAfter-th miss, so that a model that starts
+// decoding with fixed weights gets its cache back.
+constexpr int64_t kRetryAfter = 16;
+
 struct Entry {
   std::vector<Source> sources;
   std::shared_ptr<void> packs;
   size_t bytes = 0;  // the copies and (an estimate of) the packs
   uint64_t last_use = 0;
+  int64_t hits = 0;
+  int64_t skipped = -1;  // >= 0: a tombstone, and the misses it has let pass
 
   bool orphaned() const {
     for (const Source& s : sources)
@@ -82,7 +91,7 @@ struct Cache {
   std::mutex mu;
   std::map<Key, Entry> entries;
   uint64_t tick = 0;
-  int64_t hits = 0, misses = 0;
+  int64_t hits = 0, misses = 0, stores = 0;
   size_t bytes = 0;
 
   void erase(std::map<Key, Entry>::iterator it) {
@@ -150,18 +159,33 @@ std::shared_ptr<LayerPacks<T>> find_packs(const std::vector<const at::Tensor*>& 
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   const auto it = c.entries.find(key);
+  ++c.misses;  // (taken back on a hit)
   if (it != c.entries.end()) {
-    bool valid = it->second.sources.size() == ws.size();
-    for (size_t i = 0; valid && i < ws.size(); ++i) valid = same(it->second.sources[i], *ws[i]);
+    Entry& e = it->second;
+    e.last_use = ++c.tick;
+    if (e.skipped >= 0) {  // tombstone: pack privately, except every kRetryAfter-th miss
+      if (++e.skipped % kRetryAfter != 0) return nullptr;
+      c.erase(it);
+      return std::make_shared<LayerPacks<T>>();
+    }
+    bool valid = e.sources.size() == ws.size();
+    for (size_t i = 0; valid && i < ws.size(); ++i) valid = same(e.sources[i], *ws[i]);
     if (valid) {
-      it->second.last_use = ++c.tick;
+      --c.misses;
       ++c.hits;
+      ++e.hits;
       *hit = true;
-      return std::static_pointer_cast<LayerPacks<T>>(it->second.packs);
+      return std::static_pointer_cast<LayerPacks<T>>(e.packs);
+    }
+    if (e.hits == 0) {  // replaced before its first hit: weights that change every call
+      c.bytes -= e.bytes;
+      e = Entry();
+      e.last_use = c.tick;
+      e.skipped = 0;
+      return nullptr;
     }
     c.erase(it);
   }
-  ++c.misses;
   return std::make_shared<LayerPacks<T>>();
 }
 
@@ -183,6 +207,7 @@ void publish_packs(const std::vector<const at::Tensor*>& ws, bool bf16,
   const auto old = c.entries.find(key);
   if (old != c.entries.end()) c.erase(old);
   c.bytes += bytes;
+  ++c.stores;
   c.entries.emplace(key, std::move(e));
   c.trim();
 }
@@ -201,13 +226,13 @@ void clear_weight_cache() {
   std::lock_guard<std::mutex> lock(c.mu);
   c.entries.clear();
   c.bytes = 0;
-  c.hits = c.misses = 0;
+  c.hits = c.misses = c.stores = 0;
 }
 
 std::vector<int64_t> weight_cache_stats() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
-  return {static_cast<int64_t>(c.entries.size()), c.hits, c.misses};
+  return {static_cast<int64_t>(c.entries.size()), c.hits, c.misses, c.stores};
 }
 
 }  // namespace fastcells

@@ -16,7 +16,9 @@
 // Weights that are inference tensors (no version counter) or not contiguous
 // are never cached. The packs of a hit are shared read-only; a miss packs into
 // fresh storage that publish() then stores, so concurrent calls never write a
-// pack another call reads. Entries of freed weights are dropped at the next
+// pack another call reads. Weights that change at every call (training) stop
+// being stored after one entry that was never hit (weight_cache.cpp). Entries
+// of freed weights are dropped at the next
 // publish; at most 64 layers and 256 MiB are kept (least recently used
 // dropped first). FASTCELLS_WEIGHT_CACHE=0 turns the cache off.
 #pragma once
@@ -45,7 +47,8 @@ bool weight_cache_enabled();
 // direction, as the caller received them) for products on bfloat16 operands
 // or not (`bf16`). Sets *hit when they already hold these weights; otherwise
 // returns empty packs for the caller to fill and publish, or nullptr when the
-// weights cannot be cached (the caller then packs into its own storage).
+// weights are not to be cached (not cacheable, or changing at every call):
+// the caller then packs into its own storage.
 template <typename T>
 std::shared_ptr<LayerPacks<T>> find_packs(const std::vector<const at::Tensor*>& ws, bool bf16,
                                           bool* hit);
@@ -58,7 +61,8 @@ void publish_packs(const std::vector<const at::Tensor*>& ws, bool bf16,
 // Drops every entry (torch.ops.fastcells.clear_weight_cache).
 void clear_weight_cache();
 
-// [entries, hits, misses] since the last clear (torch.ops.fastcells.weight_cache_stats).
+// [entries, hits, misses, stores] since the last clear
+// (torch.ops.fastcells.weight_cache_stats); tombstones count as entries.
 std::vector<int64_t> weight_cache_stats();
 
 }  // namespace fastcells

@@ -23,7 +23,7 @@ I, H, L, B = 5, 7, 2, 3
 
 
 def _stats():
-    entries, hits, misses = torch.ops.fastcells.weight_cache_stats()
+    entries, hits, misses, _stores = torch.ops.fastcells.weight_cache_stats()
     return entries, hits, misses
 
 
@@ -259,3 +259,23 @@ def test_entries_of_freed_weights_are_dropped():
     with torch.no_grad():
         second(x)
     assert _stats()[0] == L  # only the live model's layers
+
+
+def test_training_stops_storing_and_decoding_gets_the_cache_back():
+    """Weights that change at every call are stored once, then left alone (no
+    copy per call); once they stop changing the cache serves them again."""
+    new = _pair("GRU")
+    x = torch.randn(5, B, I, dtype=torch.float64)
+    opt = torch.optim.SGD(new.parameters(), lr=0.01)
+    for _ in range(10):
+        out = new(x)[0]
+        out.sum().backward()
+        opt.step()
+        opt.zero_grad()
+    stores = torch.ops.fastcells.weight_cache_stats()[3]
+    assert stores == L  # the first call's entries, never hit, became tombstones
+    _check(new, x)  # still right while not stored
+    for _ in range(2 * 16):  # fixed weights: stored again at a retry, then hit
+        _check(new, x)
+    entries, hits, misses, stores = torch.ops.fastcells.weight_cache_stats()
+    assert stores == 2 * L and hits > 0
