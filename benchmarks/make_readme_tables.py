@@ -206,6 +206,31 @@ def decode_section(d: dict, slower: list[str]) -> str:
     return "".join(out)
 
 
+def ecosystem_section(d: dict, slower: list[str]) -> str:
+    """benchmarks/ecosystem.py: forecasting libraries stock and under fastcells.patched()."""
+    cfg, v = d["config"], d["libraries"]
+    out = [f"### Forecasting libraries, unchanged: `python benchmarks/ecosystem.py`\n\n",
+           f"gluonts {v['gluonts']}, pytorch-forecasting {v['pytorch_forecasting']}, lightning "
+           f"{v['lightning']}; electricity data, batch {cfg['batch']}, {cfg['context']} h context, "
+           f"{cfg['horizon']} h ahead, {cfg['layers']} layers of hidden {cfg['hidden']}; "
+           f"{cfg['epochs']} epochs of {cfg['batches']} batches per run, {cfg['rounds']} alternating "
+           f"runs per side (medians). Machine: {machine_sentence(d['machine'])}.\n\n"]
+    rows = []
+    for r in d["rows"]:
+        s, p = r["stock"], r["patched"]
+        speed = s["epoch_s"] / p["epoch_s"]
+        rows.append([r["model"], f"{s['epoch_s']:.2f}", f"{p['epoch_s']:.2f}", f"**{x(speed)}**",
+                     f"{s['predict_s']:.3f} / {p['predict_s']:.3f}",
+                     f"{s['mae_kw']:.1f} / {p['mae_kw']:.1f}",
+                     "yes" if p["fused"] and not s["fused"] else "NO"])
+        if speed < 1:
+            slower.append(f"ecosystem {r['model']} epoch ({speed:.2f}x)")
+    out.append(C.md_table(["model", "stock s/epoch", "patched s/epoch", "epoch speed-up",
+                           "predict s stock / patched", "MAE kW stock / patched",
+                           "fused when patched"], rows))
+    return "".join(out)
+
+
 CPU_ONLY = ("cpu_peak", "shared_cores")  # named <stem>_<isa>.json
 
 
@@ -269,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         for stem, fn in (("airline", airline_section), ("airline_speed", speed_section),
                          ("electricity", electricity_section), ("sweep", sweep_section),
                          ("cpu_peak", peak_section), ("shared_cores", shared_section),
-                         ("decode", decode_section)):
+                         ("decode", decode_section), ("ecosystem", ecosystem_section)):
             name = result_name(stem, device)
             d = load(args.results / name) if name else None
             if d is not None:

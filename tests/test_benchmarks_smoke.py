@@ -239,3 +239,26 @@ def test_decode_runs(tmp_path):
         assert r["module_us"] > r["arithmetic_us"] > 0
     assert "| cell | batch | hidden |" in (tmp_path / f"decode_{TAG}_quick.md").read_text()
     _finite_numbers(out["loop"])
+
+
+def test_ecosystem_runs_when_the_libraries_are_installed(tmp_path):
+    import importlib.util
+
+    missing = [m for m in ("gluonts", "pytorch_forecasting", "lightning") if importlib.util.find_spec(m) is None]
+    if missing:
+        import pytest
+
+        pytest.skip(f"optional forecasting libraries not installed: {', '.join(missing)}")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "ecosystem.py"), "--epochs", "1", "--batches", "2",
+           "--rounds", "1", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / f"ecosystem_{TAG}.json").read_text())
+    assert len(out["rows"]) == 3
+    for r in out["rows"]:
+        # The library's own model class, running the fused op only while patched.
+        assert r["patched"]["fused"] and not r["stock"]["fused"]
+        assert r["patched"]["rnn_class"] == r["stock"]["rnn_class"]
+        # Same seed, same data: the forecasts agree to float32 training noise.
+        assert abs(r["patched"]["mae_kw"] - r["stock"]["mae_kw"]) < 0.05 * r["stock"]["mae_kw"] + 1.0
+    _finite_numbers(out["rows"])
