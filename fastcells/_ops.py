@@ -71,6 +71,11 @@ def _check_devices(input: torch.Tensor, **named) -> None:
                 f"{input.device} (the input's device)")
 
 
+@torch.library.register_fake("fastcells::dropout_masks")
+def _dropout_masks_fake(shape, p, seed, dtype):
+    return seed.new_empty(shape, dtype=dtype)
+
+
 @torch.library.register_fake("fastcells::rnn_forward")
 def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                   has_biases, proj_size, dropout_masks, need_reserve=True):

@@ -34,9 +34,15 @@ def _dropout_masks(module: nn.RNNBase, rows: Tuple[int, ...], D: int, P: int,
     p = float(module.dropout)
     if not module.training or p == 0.0 or module.num_layers == 1:
         return None
+    shape = (module.num_layers - 1, *rows, D * P)
     if p == 1.0:
-        return like.new_zeros((module.num_layers - 1, *rows, D * P))
-    keep = like.new_empty((module.num_layers - 1, *rows, D * P)).bernoulli_(1.0 - p)
+        return like.new_zeros(shape)
+    if like.device.type == "cpu":
+        # One draw from torch's generator seeds a parallel counter-based
+        # generator (csrc/dropout.cpp): same statistics, a fraction of the time.
+        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)
+        return torch.ops.fastcells.dropout_masks(shape, p, seed, like.dtype)
+    keep = like.new_empty(shape).bernoulli_(1.0 - p)
     return keep.div_(1.0 - p)
 
 
