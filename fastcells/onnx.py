@@ -187,6 +187,12 @@ def _symbolic(g, input, weights, hx, cx, batch_sizes, mode, num_layers, bidirect
                  None if sh._is_none(dropout_masks) else dropout_masks)
 
 
+def _dropout_error(*args, **kwargs):
+    """Translation of ``fastcells::dropout_masks`` (both exporters): the masks
+    exist only in training mode with dropout, which ONNX cannot express."""
+    raise FastcellsOnnxError(f"fastcells.onnx: {_unsupported(0, False, True)}")
+
+
 class _ScriptBuilder:
     """Builder for the dynamo exporter: ONNX Script ops, traced (eager Python)."""
 
@@ -246,9 +252,11 @@ def _translation_fn():
 
 
 def custom_translation_table() -> Dict[Any, Any]:
-    """``{torch.ops.fastcells.rnn_forward.default: translation}`` for the
-    ``custom_translation_table`` argument of ``torch.onnx.export(dynamo=True)``."""
-    return {torch.ops.fastcells.rnn_forward.default: _translation_fn()}
+    """The translations of fastcells' ops (``rnn_forward``; ``dropout_masks``,
+    which raises the dropout error) for the ``custom_translation_table``
+    argument of ``torch.onnx.export(dynamo=True)``."""
+    return {torch.ops.fastcells.rnn_forward.default: _translation_fn(),
+            torch.ops.fastcells.dropout_masks.default: _dropout_error}
 
 
 def check_exportable(model: nn.Module) -> None:
@@ -287,7 +295,8 @@ def export(model: nn.Module, args, f=None, *, dynamo: bool = True, **kwargs):
     check_exportable(model)
     if dynamo:
         table = dict(kwargs.pop("custom_translation_table", None) or {})
-        table.setdefault(torch.ops.fastcells.rnn_forward.default, _translation_fn())
+        for op, fn in custom_translation_table().items():
+            table.setdefault(op, fn)
         kwargs["custom_translation_table"] = table
     else:
         _register_torchscript()
@@ -319,6 +328,7 @@ def _register_torchscript(torch_onnx=None) -> None:
         return
     torch_onnx = torch_onnx or importlib.import_module("torch.onnx")
     torch_onnx.register_custom_op_symbolic("fastcells::rnn_forward", _symbolic, _TS_OPSET)
+    torch_onnx.register_custom_op_symbolic("fastcells::dropout_masks", _dropout_error, _TS_OPSET)
     _registered.add("torchscript")
 
 
@@ -329,6 +339,7 @@ def _register_dynamo(_module=None) -> None:
         return
     from onnxscript.function_libs.torch_lib.registration import torch_op
     torch_op("fastcells::rnn_forward", trace_only=True)(_translation_fn())
+    torch_op("fastcells::dropout_masks", trace_only=True)(_dropout_error)
     _registered.add("dynamo")
 
 
