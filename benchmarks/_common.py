@@ -225,6 +225,14 @@ def write_json(path: Path, obj: dict) -> None:
         f.write("\n")
 
 
+def write_results(out_dir: str | Path, stem: str, obj: dict, markdown: str) -> None:
+    """<out_dir>/<stem>.json and .md, and the markdown on stdout."""
+    path = Path(out_dir)
+    write_json(path / f"{stem}.json", obj)
+    (path / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
 def dtype_of(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
             "float16": torch.float16}[name]

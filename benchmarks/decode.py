@@ -220,10 +220,7 @@ def main(argv=None) -> int:
     for cell in ("LSTM", "GRU", "RNN"):
         out["per_call"].append(call_row(fastcells, cell, 40, args, peak))
     stem = f"decode_{C.device_tag('cpu')}" + ("_quick" if args.quick else "")
-    path = Path(args.out)
-    C.write_json(path / f"{stem}.json", out)
-    (path / f"{stem}.md").write_text(markdown(out))
-    print(markdown(out))
+    C.write_results(args.out, stem, out, markdown(out))
     return 0
 
 

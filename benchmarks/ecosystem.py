@@ -200,10 +200,7 @@ def main(argv=None) -> int:
         print(f"{name}: epoch x{row['stock']['epoch_s'] / row['patched']['epoch_s']:.2f}", file=sys.stderr,
               flush=True)
     stem = f"ecosystem_{C.device_tag('cpu')}"
-    path = Path(args.out)
-    C.write_json(path / f"{stem}.json", out)
-    (path / f"{stem}.md").write_text(markdown(out))
-    print(markdown(out))
+    C.write_results(args.out, stem, out, markdown(out))
     return 0
 
 
