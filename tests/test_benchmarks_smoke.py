@@ -242,13 +242,10 @@ def test_decode_runs(tmp_path):
 
 
 def test_ecosystem_runs_when_the_libraries_are_installed(tmp_path):
-    import importlib.util
+    import pytest
 
-    missing = [m for m in ("gluonts", "pytorch_forecasting", "lightning") if importlib.util.find_spec(m) is None]
-    if missing:
-        import pytest
-
-        pytest.skip(f"optional forecasting libraries not installed: {', '.join(missing)}")
+    for name in ("gluonts", "pytorch_forecasting", "lightning"):
+        pytest.importorskip(name, reason=f"optional: {name} not installed")
     cmd = [sys.executable, str(REPO / "benchmarks" / "ecosystem.py"), "--epochs", "1", "--batches", "2",
            "--rounds", "1", "--threads", "1", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
