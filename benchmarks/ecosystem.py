@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import logging
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -72,7 +73,8 @@ def gluonts_deepar(fastcells, patched: bool, args) -> dict:
                           num_layers=LAYERS, hidden_size=HIDDEN, batch_size=BATCH,
                           num_batches_per_epoch=args.batches,
                           trainer_kwargs=dict(max_epochs=args.epochs, enable_progress_bar=False,
-                                              enable_model_summary=False, logger=False))
+                                              enable_model_summary=False, logger=False,
+                                              default_root_dir=args.scratch))
     with patch_ctx(fastcells, patched):
         t0 = time.perf_counter()
         predictor = est.train(train, cache_data=True)
@@ -108,7 +110,7 @@ def pf_recurrent(fastcells, cell: str, patched: bool, args) -> dict:
                                               rnn_layers=LAYERS)
         trainer = pl.Trainer(max_epochs=args.epochs, limit_train_batches=args.batches,
                              enable_progress_bar=False, enable_model_summary=False, logger=False,
-                             enable_checkpointing=False)
+                             enable_checkpointing=False, default_root_dir=args.scratch)
         t0 = time.perf_counter()
         trainer.fit(model, train_dl)
         fit_s = time.perf_counter() - t0
@@ -179,6 +181,9 @@ def main(argv=None) -> int:
                  " install them with torch pinned: pip install -c constraints.txt "
                  "\"gluonts[torch]==0.17.0\" pytorch-forecasting==1.4.0 lightning")
     quiet_libraries()
+    # gluonts' trainer always saves a checkpoint: keep it out of the working tree.
+    scratch = tempfile.TemporaryDirectory(prefix="fastcells_ecosystem_")
+    args.scratch = scratch.name
     fastcells = C.import_fastcells()
     threads = C.set_threads(args.threads)
     out = {"benchmark": "ecosystem", "machine": C.machine_info("cpu"), "libraries": libs,

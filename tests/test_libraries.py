@@ -60,7 +60,8 @@ def test_gluonts_deepar_serialized_predictor(tmp_path):
     est = DeepAREstimator(freq="h", prediction_length=24, context_length=48, num_layers=2,
                           hidden_size=8, batch_size=8, num_batches_per_epoch=2,
                           trainer_kwargs=dict(max_epochs=1, enable_progress_bar=False,
-                                              enable_model_summary=False, logger=False))
+                                              enable_model_summary=False, logger=False,
+                                              default_root_dir=str(tmp_path / "trainer")))
     torch.manual_seed(0)
     with fastcells.patched():
         predictor = est.train(data)
@@ -94,7 +95,8 @@ def test_pytorch_forecasting_checkpoint_and_pickle(cell, tmp_path):
     with fastcells.patched():
         model = RecurrentNetwork.from_dataset(ds, cell_type=cell, hidden_size=8, rnn_layers=2)
         trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, enable_progress_bar=False,
-                             enable_model_summary=False, logger=False, enable_checkpointing=False)
+                             enable_model_summary=False, logger=False, enable_checkpointing=False,
+                             default_root_dir=str(tmp_path / "trainer"))
         trainer.fit(model, dl)
         assert _runs_fused(model.rnn)
         ckpt = tmp_path / "model.ckpt"
