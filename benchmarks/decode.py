@@ -133,7 +133,7 @@ def call_row(fastcells, cell, H, args, peak_gflops):
     """The fixed cost of one T=1 call (batch 1)."""
     torch.manual_seed(0)
     m = getattr(fastcells, cell)(I, H, LAYERS).eval()
-    a = inputs("LSTM" if cell == "LSTM" else "GRU", 1, H)
+    a = inputs(cell, 1, H)
     hx = (a[1], a[2]) if cell == "LSTM" else a[1]
     w = m._flat_weights
     mode = fastcells.MODES[m.mode]

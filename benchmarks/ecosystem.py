@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import sys
 import tempfile
@@ -90,7 +91,7 @@ def gluonts_deepar(fastcells, patched: bool, args) -> dict:
             "rnn_class": f"{type(rnn).__module__}.{type(rnn).__qualname__}", "fused": active}
 
 
-def pf_recurrent(fastcells, cell: str, patched: bool, args) -> dict:
+def pf_recurrent(fastcells, patched: bool, args, cell: str) -> dict:
     import lightning.pytorch as pl
     from pytorch_forecasting import TimeSeriesDataSet
     from pytorch_forecasting.models import RecurrentNetwork
@@ -126,9 +127,9 @@ def pf_recurrent(fastcells, cell: str, patched: bool, args) -> dict:
 
 
 MODELS = {
-    "gluonts DeepAR (LSTM)": lambda fc, p, a: gluonts_deepar(fc, p, a),
-    "pytorch-forecasting RecurrentNetwork LSTM": lambda fc, p, a: pf_recurrent(fc, "LSTM", p, a),
-    "pytorch-forecasting RecurrentNetwork GRU": lambda fc, p, a: pf_recurrent(fc, "GRU", p, a),
+    "gluonts DeepAR (LSTM)": gluonts_deepar,
+    "pytorch-forecasting RecurrentNetwork LSTM": functools.partial(pf_recurrent, cell="LSTM"),
+    "pytorch-forecasting RecurrentNetwork GRU": functools.partial(pf_recurrent, cell="GRU"),
 }
 
 

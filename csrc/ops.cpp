@@ -521,13 +521,11 @@ std::vector<std::pair<int64_t, int64_t>> time_chunks(const Config& c, bool keep,
   return chunks;
 }
 
-// Forward of the whole stack. With `keep`, gates and intermediate outputs go
-// to `reserve` (layout at the top of this file); without it, to scratch that
-// is reused across layers, directions and time chunks.
 // The CPU packs of layer l, direction d: from the weight cache when it holds
-// these weights (`hit`), else fresh ones (cached by publish_layer_packs once
-// filled), or a private set when the weights cannot be cached. `src`: the
-// weights as the op received them (before any widening to the compute type).
+// these weights (`hit`), else fresh ones (stored by publish_packs once
+// filled), or a private set when the weights are not to be cached (`ws`
+// then empty). `src`: the weights as the op received them (before any
+// widening to the compute type).
 template <typename T>
 std::shared_ptr<LayerPacks<T>> layer_packs(const Config& c, at::TensorList src, int64_t l,
                                            int64_t d, std::vector<const Tensor*>* ws, bool* hit) {
@@ -539,6 +537,9 @@ std::shared_ptr<LayerPacks<T>> layer_packs(const Config& c, at::TensorList src, 
   return std::make_shared<LayerPacks<T>>();
 }
 
+// Forward of the whole stack. With `keep`, gates and intermediate outputs go
+// to `reserve` (layout at the top of this file); without it, to scratch that
+// is reused across layers, directions and time chunks.
 template <typename T>
 void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& w,
                    at::TensorList src_w, const Tensor& h0, const std::optional<Tensor>& c0,

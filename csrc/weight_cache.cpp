@@ -159,33 +159,34 @@ std::shared_ptr<LayerPacks<T>> find_packs(const std::vector<const at::Tensor*>& 
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   const auto it = c.entries.find(key);
-  ++c.misses;  // (taken back on a hit)
-  if (it != c.entries.end()) {
-    Entry& e = it->second;
-    e.last_use = ++c.tick;
-    if (e.skipped >= 0) {  // tombstone: pack privately, except every kRetryAfter-th miss
-      if (++e.skipped % kRetryAfter != 0) return nullptr;
-      c.erase(it);
-      return std::make_shared<LayerPacks<T>>();
-    }
-    bool valid = e.sources.size() == ws.size();
-    for (size_t i = 0; valid && i < ws.size(); ++i) valid = same(e.sources[i], *ws[i]);
-    if (valid) {
-      --c.misses;
-      ++c.hits;
-      ++e.hits;
-      *hit = true;
-      return std::static_pointer_cast<LayerPacks<T>>(e.packs);
-    }
-    if (e.hits == 0) {  // replaced before its first hit: weights that change every call
-      c.bytes -= e.bytes;
-      e = Entry();
-      e.last_use = c.tick;
-      e.skipped = 0;
-      return nullptr;
-    }
-    c.erase(it);
+  if (it == c.entries.end()) {
+    ++c.misses;
+    return std::make_shared<LayerPacks<T>>();
   }
+  Entry& e = it->second;
+  e.last_use = ++c.tick;
+  bool valid = e.skipped < 0 && e.sources.size() == ws.size();
+  for (size_t i = 0; valid && i < ws.size(); ++i) valid = same(e.sources[i], *ws[i]);
+  if (valid) {
+    ++c.hits;
+    ++e.hits;
+    *hit = true;
+    return std::static_pointer_cast<LayerPacks<T>>(e.packs);
+  }
+  ++c.misses;
+  if (e.skipped >= 0) {  // tombstone: pack privately, except every kRetryAfter-th miss
+    if (++e.skipped % kRetryAfter != 0) return nullptr;
+    c.erase(it);
+    return std::make_shared<LayerPacks<T>>();
+  }
+  if (e.hits == 0) {  // replaced before its first hit: weights that change every call
+    c.bytes -= e.bytes;
+    e = Entry();
+    e.last_use = c.tick;
+    e.skipped = 0;
+    return nullptr;
+  }
+  c.erase(it);
   return std::make_shared<LayerPacks<T>>();
 }
 

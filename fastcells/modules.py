@@ -28,12 +28,18 @@ from ._ops import rnn
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
 
-def _dropout_masks(module: nn.RNNBase, rows: Tuple[int, ...], D: int, P: int,
-                   like: Tensor) -> Optional[Tensor]:
+def _sizes(m: nn.RNNBase) -> Tuple[int, int, int]:
+    """(D, H, P): directions, hidden size, output size (proj_size or H)."""
+    H = m.hidden_size
+    return (2 if m.bidirectional else 1), H, (m.proj_size if m.proj_size > 0 else H)
+
+
+def _dropout_masks(module: nn.RNNBase, rows: Tuple[int, ...], like: Tensor) -> Optional[Tensor]:
     """Inverted-dropout multipliers (L-1, *rows, D*P) for the inputs of layers 1..L-1."""
     p = float(module.dropout)
     if not module.training or p == 0.0 or module.num_layers == 1:
         return None
+    D, _, P = _sizes(module)
     shape = (module.num_layers - 1, *rows, D * P)
     if p == 1.0:
         return like.new_zeros(shape)
@@ -133,9 +139,7 @@ def _initial_state(m, hx, has_cell_state: bool, B: int, batched: bool, sorted_in
     if sorted_indices is not None:
         h0 = h0.index_select(1, sorted_indices)
         c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
-    D = 2 if m.bidirectional else 1
-    H = m.hidden_size
-    P = m.proj_size if m.proj_size > 0 else H
+    D, H, P = _sizes(m)
     L = m.num_layers
     if tuple(h0.shape) != (L * D, B, P):
         raise RuntimeError(f"{name}: Expected hidden{'[0]' if has_cell_state else ''} size "
@@ -177,10 +181,8 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
         x, B, batched, batch_sizes, sorted_indices = _unpack_input(self, input)
         _check_input(self, x)
         h0, c0 = _initial_state(self, hx, has_cell_state, B, batched, sorted_indices)
-        D = 2 if self.bidirectional else 1
-        P = self.proj_size if self.proj_size > 0 else self.hidden_size
         rows = (x.shape[0],) if batch_sizes is not None else (x.shape[0], B)
-        masks = _dropout_masks(self, rows, D, P, x)
+        masks = _dropout_masks(self, rows, x)
         out, hy, cy = rnn(x, _current_weights(self), h0, c0, batch_sizes, MODES[self.mode],
                           self.num_layers, self.bidirectional, self.bias, self.proj_size, masks)
         output, hy, cy = _wrap_output(self, input, out, hy, cy, batched)
