@@ -128,21 +128,23 @@ inline void block_store(const typename Simd<T>::V (&c0)[R], const typename Simd<
   }
 }
 
-// y[0:R, 0:nb) = [y +] x[0:R, 0:K) @ panel[0:K, 0:nb); panel row stride kNB.
-// With `seed` (and not `accumulate`) every row starts from seed[0:nb)
-// instead of zero, as if y held seed broadcast over the rows.
+// y[0:R, 0:nb) = [y +] x[0:R, 0:K) @ panel[0:K, 0:nb); panel row k at
+// panel + k * ldp (kNB in a packed panel, B's row stride when B is read in
+// place, see direct_mm). With `seed` (and not `accumulate`) every row starts
+// from seed[0:nb) instead of zero, as if y held seed broadcast over the rows.
 template <typename T, int R>
 inline void micro_kernel(int64_t K, const T* __restrict__ x, int64_t ldx, int64_t ksx,
-                         const T* __restrict__ panel, T* __restrict__ y, int64_t ldy,
-                         int64_t nb, bool accumulate, const T* __restrict__ seed) {
+                         const T* __restrict__ panel, int64_t ldp, T* __restrict__ y,
+                         int64_t ldy, int64_t nb, bool accumulate, const T* __restrict__ seed) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::kLanes;
   V c0[R], c1[R];
   block_start<T, R>(c0, c1, y, ldy, nb, accumulate, seed);
   const T* xk = x;
-  for (int64_t k = 0; k < K; ++k, xk += ksx) {
-    const V b0 = load<V>(panel + k * 2 * L);
-    const V b1 = load<V>(panel + k * 2 * L + L);
+  const T* pk = panel;
+  for (int64_t k = 0; k < K; ++k, xk += ksx, pk += ldp) {
+    const V b0 = load<V>(pk);
+    const V b1 = load<V>(pk + L);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const T a = xk[r * ldx];
@@ -292,8 +294,8 @@ void narrow_mm(int64_t M, int64_t K, const T* __restrict__ A, int64_t a_ks,
 
 // Row counts 1..kMR of the micro-kernel as a table of instantiations.
 template <typename T>
-using MicroKernel = void (*)(int64_t, const T*, int64_t, int64_t, const T*, T*, int64_t, int64_t,
-                             bool, const T*);
+using MicroKernel = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t,
+                             int64_t, bool, const T*);
 template <typename T, size_t... R>
 constexpr std::array<MicroKernel<T>, sizeof...(R)> micro_kernels(std::index_sequence<R...>) {
   return {&micro_kernel<T, static_cast<int>(R) + 1>...};
@@ -306,6 +308,33 @@ constexpr std::array<MicroKernel<T>, sizeof...(R)> micro_kernels(std::index_sequ
 inline int64_t row_block(int64_t M) {
   const int64_t blocks = (M + kMR - 1) / kMR;
   return (M + blocks - 1) / blocks;
+}
+
+// y(M, [n0, n1)) = [y +] x(M, K) @ B(K, [n0, n1)) with B read in place,
+// B(k, n) = B[k * ldb + n], over whole panels (n1 - n0 a multiple of kNB):
+// a row-major right-hand side already holds each panel's k-th row as kNB
+// contiguous values, so packing would only copy it. Blocked as PackedB::mm
+// (K blocks, then panel groups, row blocks, panels); the same sums.
+template <typename T>
+void direct_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t ldx,
+               int64_t ksx, const T* B, int64_t ldb, T* y, int64_t ldy, bool accumulate) {
+  static constexpr auto kernels = micro_kernels<T>(std::make_index_sequence<kMR>());
+  constexpr int64_t NB = kNB<T>;
+  if (M <= 0 || n0 >= n1) return;
+  const int64_t rb = row_block(M);
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {
+    const int64_t kc = std::min<int64_t>(kKC, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t q0 = n0; q0 < n1; q0 += kPC * NB) {
+      const int64_t q1 = std::min<int64_t>(n1, q0 + kPC * NB);
+      for (int64_t m = 0; m < M; m += rb) {
+        const MicroKernel<T> kernel = kernels[std::min<int64_t>(rb, M - m) - 1];
+        for (int64_t c = q0; c < q1; c += NB)
+          kernel(kc, x + m * ldx + k0 * ksx, ldx, ksx, B + k0 * ldb + c, ldb, y + m * ldy + c,
+                 ldy, NB, acc, nullptr);
+      }
+    }
+  }
 }
 
 // A view that packs into and multiplies with a PackedStore (pack_cpu.h) in
@@ -463,7 +492,7 @@ class PackedB {
         for (int64_t p = q0; p < q1; ++p) {
           const T* panel = s_.data.get() + p * rows() * NB + k0 * NB;
           const T* sd = seed ? seed + col0(p) : nullptr;
-          kernel(kc, xm, ldx, ksx, panel, y + m * ldy + col0(p), ldy, width(p), acc, sd);
+          kernel(kc, xm, ldx, ksx, panel, NB, y + m * ldy + col0(p), ldy, width(p), acc, sd);
         }
       }
     }

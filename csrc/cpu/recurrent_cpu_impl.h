@@ -607,6 +607,68 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   }
 }
 
+namespace {
+
+// Columns a product over n columns computes: whole panels of kNB.
+template <typename T>
+int64_t padded(int64_t n) {
+  return (n + gemm::kNB<T> - 1) / gemm::kNB<T> * gemm::kNB<T>;
+}
+
+// Whether C(M, N) = A(M, K) B(K, N) with A stored transposed costs fewer
+// padded columns as C^T = B^T A^T (vectors along M) than as it stands
+// (vectors along N). For the weight gradients dW = dG^T X, M is the G*H gate
+// units and N the input features or the hidden size: an LSTM with 16 inputs
+// and hidden 16 computes 64 x 16 columns as 16 x 64 instead of 64 x 32.
+template <typename T>
+bool transposed_pays(int64_t M, int64_t N) {
+  return N * padded<T>(M) <= M * padded<T>(N);
+}
+
+// C(M, N) = [C +] A(M, K) B(K, N), A(m, k) = A[m + k * a_ks], B row-major, as
+// C^T = B^T A^T: A^T is row-major K x M with row stride a_ks, so its whole
+// panels are read in place (gemm::direct_mm) and only a last partial panel
+// is packed; B^T's rows are B's columns, read with unit stride along them.
+// C^T lives in a small buffer (N x M) and is transposed into C at the end.
+// Each element still sums k = 0..K-1 in order from zero or C: the same bits
+// as the untransposed product.
+template <typename T>
+void transposed_product(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_ks, const T* B,
+                        int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t NB = PackedB<T>::NB;
+  const int64_t full = M / NB * NB, tail = M - full;
+  std::vector<T> ct(static_cast<size_t>(N * M));
+  if (accumulate)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) ct[n * M + m] = C[m * ldc + n];
+  PackedStore<T> tail_store;
+  PackedB<T> tail_b(tail_store);
+  if (tail > 0) tail_b.init(K, tail, tail);
+  const int64_t panels = full / NB + (tail > 0 ? 1 : 0);
+  const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
+  const bool split_rows = N >= M;
+  run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
+    if (tail > 0) {
+      pack_share(tail_b, A + full, a_ks, false, tid, team);
+      team_barrier(team, barrier);
+    }
+    using Range = std::pair<int64_t, int64_t>;
+    const Range rows = split_rows ? share(N, tid, team, gemm::kMR) : Range{0, N};
+    const Range cols = split_rows ? Range{0, panels} : share(panels, tid, team, 1);
+    const int64_t n0 = rows.first, nr = rows.second - rows.first;
+    if (nr <= 0) return;
+    const int64_t c0 = cols.first * NB, c1 = std::min(full, cols.second * NB);
+    T* y = ct.data() + n0 * M;
+    gemm::direct_mm(nr, c0, c1, K, B + n0, 1, ldb, A, a_ks, y, M, accumulate);
+    if (tail > 0 && cols.second * NB > full)
+      tail_b.mm(nr, 0, 1, B + n0, 1, ldb, y + full, M, accumulate);
+  });
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = ct[n * M + m];
+}
+
+}  // namespace
+
 // Pairs: on bfloat16 operands, as in recurrent_forward.
 template <typename T, bool Pairs = false>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* B,
@@ -631,6 +693,11 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a
         default: gemm::narrow_mm<T, 6>(mr, K, a, a_ks, B, ldb, c, ldc, accumulate); break;
       }
     });
+    return;
+  }
+  if (!Pairs && a_rs == 1 && !trans_b && bias == nullptr && !keep_b &&
+      transposed_pays<T>(M, N)) {
+    transposed_product(M, N, K, A, a_ks, B, ldb, C, ldc, accumulate);
     return;
   }
   // A `keep_b` already filled in another form is left as it is, as in
