@@ -74,6 +74,78 @@ inline void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// The first n (0 <= n <= kLanes) values at p as a vector, zeros in the other
+// lanes; and the first n lanes of v stored at p. Memory past p[n) is never
+// touched. AVX2 and AVX-512 float: masked loads and stores; elsewhere through
+// a buffer. (Partial panels and the gate loops' last units run through here
+// once per row: as copies they compiled to memmove calls, which cost more
+// than the arithmetic at hidden sizes such as 6.)
+#if defined(FASTCELLS_AVX2_MASKS)
+inline __m256i lane_mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#elif defined(FASTCELLS_AVX512_MASKS)
+inline __mmask16 lane_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+#endif
+
+template <typename T>
+inline typename Simd<T>::V load_part(const T* p, int64_t n) {
+  using V = typename Simd<T>::V;
+#if defined(FASTCELLS_AVX2_MASKS)
+  if constexpr (std::is_same<T, float>::value) return (V)_mm256_maskload_ps(p, lane_mask(n));
+#elif defined(FASTCELLS_AVX512_MASKS)
+  if constexpr (std::is_same<T, float>::value) return (V)_mm512_maskz_loadu_ps(lane_mask(n), p);
+#endif
+  T tmp[Simd<T>::kLanes] = {};
+  for (int64_t j = 0; j < n; ++j) tmp[j] = p[j];
+  return load<V>(tmp);
+}
+
+template <typename T>
+inline void store_part(T* p, const typename Simd<T>::V& v, int64_t n) {
+#if defined(FASTCELLS_AVX2_MASKS)
+  if constexpr (std::is_same<T, float>::value) {
+    _mm256_maskstore_ps(p, lane_mask(n), (__m256)v);
+    return;
+  }
+#elif defined(FASTCELLS_AVX512_MASKS)
+  if constexpr (std::is_same<T, float>::value) {
+    _mm512_mask_storeu_ps(p, lane_mask(n), (__m512)v);
+    return;
+  }
+#endif
+  T tmp[Simd<T>::kLanes];
+  store(tmp, v);
+  for (int64_t j = 0; j < n; ++j) p[j] = tmp[j];
+}
+
+// The two vectors of a 2-vector row of which only the first nb values count.
+template <typename T>
+inline void load_row(const T* p, int64_t nb, typename Simd<T>::V& v0, typename Simd<T>::V& v1) {
+  constexpr int L = Simd<T>::kLanes;
+  if (nb == 2 * L) {
+    v0 = load<typename Simd<T>::V>(p);
+    v1 = load<typename Simd<T>::V>(p + L);
+  } else {
+    v0 = load_part<T>(p, std::min<int64_t>(nb, L));
+    v1 = load_part<T>(p + L, std::max<int64_t>(nb - L, 0));
+  }
+}
+
+template <typename T>
+inline void store_row(T* p, int64_t nb, const typename Simd<T>::V& v0,
+                      const typename Simd<T>::V& v1) {
+  constexpr int L = Simd<T>::kLanes;
+  if (nb == 2 * L) {
+    store(p, v0);
+    store(p + L, v1);
+  } else {
+    store_part<T>(p, v0, std::min<int64_t>(nb, L));
+    store_part<T>(p + L, v1, std::max<int64_t>(nb - L, 0));
+  }
+}
+
 // The kMR x 2-vector accumulator block of a micro-kernel: loaded from y
 // (`accumulate`), seeded with seed[0:nb) broadcast over the rows (`seed`
 // without `accumulate`), or zero; and stored back to y[0:R, 0:nb).
@@ -82,27 +154,15 @@ inline void block_start(typename Simd<T>::V (&c0)[R], typename Simd<T>::V (&c1)[
                         const T* __restrict__ y, int64_t ldy, int64_t nb, bool accumulate,
                         const T* __restrict__ seed) {
   using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::kLanes;
   if (!accumulate && seed != nullptr) {
-    T tmp[2 * L] = {};
-    std::copy(seed, seed + nb, tmp);
-    const V s0 = load<V>(tmp), s1 = load<V>(tmp + L);
+    V s0, s1;
+    load_row<T>(seed, nb, s0, s1);
     for (int r = 0; r < R; ++r) {
       c0[r] = s0;
       c1[r] = s1;
     }
   } else if (accumulate) {
-    for (int r = 0; r < R; ++r) {
-      if (nb == 2 * L) {
-        c0[r] = load<V>(y + r * ldy);
-        c1[r] = load<V>(y + r * ldy + L);
-      } else {
-        T tmp[2 * L] = {};
-        std::copy(y + r * ldy, y + r * ldy + nb, tmp);
-        c0[r] = load<V>(tmp);
-        c1[r] = load<V>(tmp + L);
-      }
-    }
+    for (int r = 0; r < R; ++r) load_row<T>(y + r * ldy, nb, c0[r], c1[r]);
   } else {
     for (int r = 0; r < R; ++r) {
       c0[r] = V{};
@@ -114,18 +174,7 @@ inline void block_start(typename Simd<T>::V (&c0)[R], typename Simd<T>::V (&c1)[
 template <typename T, int R>
 inline void block_store(const typename Simd<T>::V (&c0)[R], const typename Simd<T>::V (&c1)[R],
                         T* __restrict__ y, int64_t ldy, int64_t nb) {
-  constexpr int L = Simd<T>::kLanes;
-  for (int r = 0; r < R; ++r) {
-    if (nb == 2 * L) {
-      store(y + r * ldy, c0[r]);
-      store(y + r * ldy + L, c1[r]);
-    } else {
-      T tmp[2 * L];
-      store(tmp, c0[r]);
-      store(tmp + L, c1[r]);
-      std::copy(tmp, tmp + nb, y + r * ldy);
-    }
-  }
+  for (int r = 0; r < R; ++r) store_row<T>(y + r * ldy, nb, c0[r], c1[r]);
 }
 
 // y[0:R, 0:nb) = [y +] x[0:R, 0:K) @ panel[0:K, 0:nb); panel row k at

@@ -159,38 +159,13 @@ struct Runs {
 };
 
 // dst[0:L) = src[0:rest) padded with zeros, and back, for the last rest < L
-// units of a gate loop (for_units_padded). AVX2 and AVX-512: masked loads
-// and stores; elsewhere a copy, which the compiler turns into the path's own
-// short moves (on the AVX-512 paths it made calls to memmove: with hidden 6
-// at batch 256 those copies took longer than the gates).
-#if defined(FASTCELLS_AVX2_MASKS)
-inline __m256i tail_mask(int64_t rest) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rest)),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+// units of a gate loop (for_units_padded); see gemm::load_part.
 inline void load_tail(float* dst, const float* src, int64_t rest) {
-  _mm256_store_ps(dst, _mm256_maskload_ps(src, tail_mask(rest)));
+  gemm::store(dst, gemm::load_part<float>(src, rest));
 }
 inline void store_tail(float* dst, const float* src, int64_t rest) {
-  _mm256_maskstore_ps(dst, tail_mask(rest), _mm256_load_ps(src));
+  gemm::store_part<float>(dst, gemm::load<gemm::Simd<float>::V>(src), rest);
 }
-#elif defined(FASTCELLS_AVX512_MASKS)
-inline __mmask16 tail_mask(int64_t rest) { return static_cast<__mmask16>((1u << rest) - 1u); }
-inline void load_tail(float* dst, const float* src, int64_t rest) {
-  _mm512_store_ps(dst, _mm512_maskz_loadu_ps(tail_mask(rest), src));
-}
-inline void store_tail(float* dst, const float* src, int64_t rest) {
-  _mm512_mask_storeu_ps(dst, tail_mask(rest), _mm512_load_ps(src));
-}
-#else
-inline void load_tail(float* dst, const float* src, int64_t rest) {
-  constexpr int L = gemm::Simd<float>::kLanes;
-  for (int j = 0; j < L; ++j) dst[j] = j < rest ? src[j] : 0.f;
-}
-inline void store_tail(float* dst, const float* src, int64_t rest) {
-  for (int64_t j = 0; j < rest; ++j) dst[j] = src[j];
-}
-#endif
 
 // Runs f over the n units of r as one SIMD loop with a scalar remainder.
 // Short ranges (the forecasting regime's H = 6..16) use 4 lanes so that they
@@ -384,6 +359,14 @@ inline void rnn_backward_row(int mode, int64_t u0, int64_t u1, const T* g, const
   });
 }
 
+// dst[u0, u1) = src[u0, u1): one row's short run of units, inline (a call
+// to memmove per row cost 15% of an LSTM forward at hidden 6, batch 256).
+template <typename T>
+inline void copy_row(int64_t u0, int64_t u1, const T* src, T* dst) {
+  const Runs<T, 1, 1> io{{src + u0}, {dst + u0}};
+  for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) { out[0][j] = in[0][j]; });
+}
+
 // acc[u0, u1) += d[u0, u1) (the per-row running sums of the bias gradients).
 template <typename T>
 inline void accumulate_row(int64_t u0, int64_t u1, T* acc, const T* d) {
@@ -481,7 +464,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t j0 = proj ? pt.c0 : u0, j1 = proj ? pt.c1 : u1;
-        std::copy(h_next + b * P + j0, h_next + b * P + j1, p.out + (row0 + b) * p.ld_out + j0);
+        copy_row(j0, j1, h_next + b * P, p.out + (row0 + b) * p.ld_out);
       }
       std::swap(h_cur, h_next);
       part_barrier(pt, barrier);  // h_t complete before step t+1 reads it
@@ -542,13 +525,12 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t pr = prev(t, b);
         const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
-        std::copy(hp + pt.c0, hp + pt.c1, p.h_prev + (row0 + b) * P + pt.c0);
+        copy_row(pt.c0, pt.c1, hp, p.h_prev + (row0 + b) * P);
         T* dt = dtot.data() + b * P;
         const T* go = p.grad_out ? p.grad_out + (row0 + b) * p.ld_gout : nullptr;
         for (int64_t j = pt.c0; j < pt.c1; ++j)
           dt[j] = dh[b * P + j] + (go ? go[j] : T(0));
-        if (proj)
-          std::copy(dt + pt.c0, dt + pt.c1, p.dh_all + (row0 + b) * P + pt.c0);
+        if (proj) copy_row(pt.c0, pt.c1, dt, p.dh_all + (row0 + b) * P);
       }
       // 2. Projection: dr = dh_t W_hr (needs every column of dtot).
       if (proj) {
