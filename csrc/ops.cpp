@@ -429,9 +429,10 @@ void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev,
 }
 
 template <typename T>
-void run_backward(const kernels::LayerBackwardParams<T>& p, const at::Device& dev) {
+void run_backward(const kernels::LayerBackwardParams<T>& p, const at::Device& dev,
+                  bool bf16 = false) {
   if (dev.is_cpu()) {
-    cpu::recurrent_backward<T>(p);
+    cpu::recurrent_backward<T>(p, bf16);
     return;
   }
 #ifdef WITH_CUDA
@@ -752,7 +753,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       const int64_t base = idx * c.per_dir;
       p.db_x = loop_bias ? gw[base + 2].data_ptr<T>() : nullptr;
       p.db_h = loop_bias && gru ? gw[base + 3].data_ptr<T>() : nullptr;
-      run_backward<T>(p, x.device());
+      run_backward<T>(p, x.device(), c.bf16);
 
       // Weight and input gradients: one GEMM each over all time steps.
       matmul<T>(gw[base + 0], dgx, true, xl, false, false);

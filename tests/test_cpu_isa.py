@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CPU_ISAS, MODE_NAMES, MODES, needs_ops
+from conftest import CPU_ISAS, MODE_NAMES, MODES, needs_ops, op_call_args, op_case
 
 pytestmark = needs_ops
 
@@ -212,6 +212,25 @@ def test_avx512_bf16_path_is_avx512_outside_bfloat16(case, dtype):
     _assert_paths_identical("avx512", "avx512_bf16", case, dtype)
 
 
+def _assert_as_accurate_as_widening(case):
+    """Outputs and gradients of a bfloat16 run on avx512_bf16 (native) and
+    on avx512 (widening) against the float64 run on the same values: native's
+    error no worse than twice widening's, plus half a bfloat16 ulp of the
+    result's scale. Returns (widening, native)."""
+    mode, T, B, I, H, proj, packed = case
+    exact = _forward_backward(mode, torch.float64, T, B, I, H, proj, packed, source=torch.bfloat16)
+    with fastcells.use_cpu_isa("avx512"):
+        wide = _forward_backward(mode, torch.bfloat16, T, B, I, H, proj, packed)
+    with fastcells.use_cpu_isa("avx512_bf16"):
+        native = _forward_backward(mode, torch.bfloat16, T, B, I, H, proj, packed)
+    for k, (e, w, n) in enumerate(zip(exact, wide, native)):
+        err_w = (w.double() - e).abs().max().item()
+        err_n = (n.double() - e).abs().max().item()
+        floor = 4e-3 * max(1.0, e.abs().max().item())
+        assert err_n <= 2 * err_w + floor, f"result {k}: {err_n:.3g} against widening {err_w:.3g}"
+    return wide, native
+
+
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_avx512_bf16_products_are_bfloat16_and_accurate(case):
     """bfloat16 inputs on the avx512_bf16 path multiply bfloat16 operands
@@ -220,18 +239,57 @@ def test_avx512_bf16_products_are_bfloat16_and_accurate(case):
     to the float64 result as bfloat16 allows (error no worse than twice the
     widening path's, plus half a bfloat16 ulp of the output's scale)."""
     _needs_bf16_path()
-    mode, T, B, I, H, proj, packed = case
-    exact = _forward_backward(mode, torch.float64, T, B, I, H, proj, packed, source=torch.bfloat16)
-    with fastcells.use_cpu_isa("avx512"):
-        wide = _forward_backward(mode, torch.bfloat16, T, B, I, H, proj, packed)
-    with fastcells.use_cpu_isa("avx512_bf16"):
-        native = _forward_backward(mode, torch.bfloat16, T, B, I, H, proj, packed)
+    wide, native = _assert_as_accurate_as_widening(case)
     assert not torch.equal(wide[0], native[0]), "the bfloat16 products did not run"
-    for k, (e, w, n) in enumerate(zip(exact, wide, native)):
-        err_w = (w.double() - e).abs().max().item()
-        err_n = (n.double() - e).abs().max().item()
-        floor = 4e-3 * max(1.0, e.abs().max().item())
-        assert err_n <= 2 * err_w + floor, f"result {k}: {err_n:.3g} against widening {err_w:.3g}"
+
+
+# Per-step products of 2 Mi multiply-adds and more (kPairsBackwardWork): the
+# bfloat16 backward runs them on bfloat16 operands; a projection's W_hr too.
+BF16_BACKWARD_CASES = [
+    ("LSTM", 4, 32, 8, 128, 0, False),
+    ("GRU", 3, 48, 8, 128, 0, True),
+    ("LSTM", 3, 48, 8, 128, 96, False),
+]
+
+
+def _backward_from(reserve_isa: str, backward_isa: str, case):
+    """The op's gradients of one bfloat16 call: forward on `reserve_isa`, then
+    rnn_backward on `backward_isa` with that same reserve, so that two backward
+    paths see identical saved values."""
+    mode, T, B, I, H, proj, packed = case
+    c = op_case(mode, packed, 1, False, proj_size=proj, T=T, B=B, I=I, H=H, dtype=torch.bfloat16)
+    args = op_call_args(c)
+    with fastcells.use_cpu_isa(reserve_isa):
+        out, hy, cy, reserve = torch.ops.fastcells.rnn_forward(*args)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=g).to(torch.bfloat16)
+    with fastcells.use_cpu_isa(backward_isa):
+        dx, dhx, dcx, dw = torch.ops.fastcells.rnn_backward(*args, reserve, grad_out, None, None)
+    return [dx, dhx] + list(dw)
+
+
+@pytest.mark.parametrize("case", BF16_BACKWARD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_avx512_bf16_backward_products_are_bfloat16_and_accurate(case):
+    """From kPairsBackwardWork multiply-adds per step the bfloat16 backward's
+    per-step products run on bfloat16 operands: from the same saved forward the
+    gradients differ from the widening path's, and forward and backward
+    together stay as accurate as widening."""
+    _needs_bf16_path()
+    wide = _backward_from("avx512_bf16", "avx512", case)
+    native = _backward_from("avx512_bf16", "avx512_bf16", case)
+    assert not torch.equal(wide[1], native[1]), "the bfloat16 backward products did not run"
+    _assert_as_accurate_as_widening(case)
+
+
+def test_avx512_bf16_backward_widens_small_products():
+    """Below kPairsBackwardWork (here 128 Ki multiply-adds per step) the
+    bfloat16 backward widens, as the avx512 path does: the same bits."""
+    _needs_bf16_path()
+    case = ("LSTM", 4, 8, 8, 64, 0, False)
+    wide = _backward_from("avx512_bf16", "avx512", case)
+    native = _backward_from("avx512_bf16", "avx512_bf16", case)
+    for k, (w, n) in enumerate(zip(wide, native)):
+        assert torch.equal(w, n), f"gradient {k} differs"
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)

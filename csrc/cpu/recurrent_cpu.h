@@ -39,9 +39,11 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   active_isa().table<T>(bf16).forward(p, keep);
 }
 
+// `bf16` as in recurrent_forward: the per-step products of a bfloat16 call
+// may run on bfloat16 operands.
 template <typename T>
-void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
-  active_isa().table<T>().backward(p);
+void recurrent_backward(const kernels::LayerBackwardParams<T>& p, bool bf16 = false) {
+  active_isa().table<T>(bf16).backward(p);
 }
 
 }  // namespace cpu
