@@ -756,8 +756,8 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       run_backward<T>(p, x.device(), c.bf16);
 
       // Weight and input gradients: one GEMM each over all time steps.
-      matmul<T>(gw[base + 0], dgx, true, xl, false, false);
-      matmul<T>(gw[base + 1], dgh, true, hprev, false, false);
+      matmul<T>(gw[base + 0], dgx, true, xl, false, false, nullptr, nullptr, c.bf16);
+      matmul<T>(gw[base + 1], dgh, true, hprev, false, false, nullptr, nullptr, c.bf16);
       if (c.bias) {
         if (!loop_bias) {
           at::sum_out(const_cast<Tensor&>(gw[base + 2]), dgx, {0});
@@ -766,7 +766,9 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
         // LSTM/RNN: both biases enter the same pre-activation.
         if (!gru) gw[base + 3].copy_(gw[base + 2]);
       }
-      if (proj) matmul<T>(gw[base + c.per_dir - 1], dh_all, true, r_all, false, false);
+      if (proj)
+        matmul<T>(gw[base + c.per_dir - 1], dh_all, true, r_all, false, false, nullptr, nullptr,
+                  c.bf16);
       // Layer 0's input gradient only when the caller wants it (autograd asks
       // for it only if the input requires grad): a whole GEMM saved otherwise.
       if (l > 0 || need_grad_input) matmul<T>(dxl, dgx, false, w_ih, false, d > 0);

@@ -241,12 +241,14 @@ inline uint16_t bf16_bits(float f) {
 }
 
 // y[0:R, 0:nb) = [y +] x[0:R, 0:2 KP) @ panel (KP slot rows of kNB pairs):
-// micro_kernel on bfloat16 pairs; x row r holds 2 KP bfloat16 values at
-// x + r * ldx.
+// micro_kernel on bfloat16 pairs; the pair kp of x row r (two bfloat16
+// values, rows 2 kp and 2 kp + 1 of the sum) at x + r * ldx + kp * ksx
+// (ksx = 2: each row of x holds its pairs contiguously), slot row kp of
+// the panel at panel + kp * ldp (kNB in a packed panel).
 template <int R>
 inline void micro_kernel_pairs(int64_t KP, const uint16_t* __restrict__ x, int64_t ldx,
-                               const float* __restrict__ panel, float* __restrict__ y,
-                               int64_t ldy, int64_t nb, bool accumulate,
+                               int64_t ksx, const float* __restrict__ panel, int64_t ldp,
+                               float* __restrict__ y, int64_t ldy, int64_t nb, bool accumulate,
                                const float* __restrict__ seed) {
   using V = Simd<float>::V;
   constexpr int L = Simd<float>::kLanes;
@@ -261,13 +263,15 @@ inline void micro_kernel_pairs(int64_t KP, const uint16_t* __restrict__ x, int64
     c0[r] = t0[r];
     c1[r] = t1[r];
   }
-  for (int64_t kp = 0; kp < KP; ++kp) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + kp * 2 * L);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + kp * 2 * L + L);
+  const uint16_t* xk = x;
+  const float* pk = panel;
+  for (int64_t kp = 0; kp < KP; ++kp, xk += ksx, pk += ldp) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(pk);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(pk + L);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       int a;
-      std::memcpy(&a, x + r * ldx + 2 * kp, sizeof(a));
+      std::memcpy(&a, xk + r * ldx, sizeof(a));
       const __m512bh av = (__m512bh)_mm512_set1_epi32(a);
       c0[r] = (V)_mm512_dpbf16_ps((__m512)c0[r], av, b0);
       c1[r] = (V)_mm512_dpbf16_ps((__m512)c1[r], av, b1);
@@ -281,8 +285,31 @@ inline void micro_kernel_pairs(int64_t KP, const uint16_t* __restrict__ x, int64
   block_store<float, R>(t0, t1, y, ldy, nb);
 }
 
-using MicroKernelPairs = void (*)(int64_t, const uint16_t*, int64_t, const float*, float*,
-                                  int64_t, int64_t, bool, const float*);
+// Rows [kp0, kp1) of src (K x N, row stride ld) as bfloat16 pair rows: slot
+// (kp, n) of dst (row stride ldd, a multiple of 16) holds src[2 kp][n] in its
+// low and src[2 kp + 1][n] in its high half, rounded to nearest even as
+// to_bf16 rounds; zeros at n >= N and in place of row K of an odd K. Both
+// operands of a product over a long K (the weight gradients' T*B rows) in
+// the operand layout of vdpbf16ps.
+inline void pack_pair_rows(const float* __restrict__ src, int64_t ld, int64_t K, int64_t N,
+                           float* __restrict__ dst, int64_t ldd, int64_t kp0, int64_t kp1) {
+  for (int64_t kp = kp0; kp < kp1; ++kp) {
+    const float* r0 = src + 2 * kp * ld;
+    const bool odd_end = 2 * kp + 1 >= K;
+    float* d = dst + kp * ldd;
+    for (int64_t n = 0; n < ldd; n += 16) {
+      const __mmask16 m = lane_mask(std::max<int64_t>(0, std::min<int64_t>(16, N - n)));
+      const __m512 a = _mm512_maskz_loadu_ps(m, r0 + n);
+      const __m512 b = odd_end ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, r0 + ld + n);
+      const __m512i lo = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(a)));
+      const __m512i hi = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(b)));
+      _mm512_storeu_si512(d + n, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+using MicroKernelPairs = void (*)(int64_t, const uint16_t*, int64_t, int64_t, const float*,
+                                  int64_t, float*, int64_t, int64_t, bool, const float*);
 template <size_t... R>
 constexpr std::array<MicroKernelPairs, sizeof...(R)> micro_kernels_pairs(std::index_sequence<R...>) {
   return {&micro_kernel_pairs<static_cast<int>(R) + 1>...};
@@ -385,6 +412,36 @@ void direct_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t
     }
   }
 }
+
+#if defined(FASTCELLS_BF16)
+// direct_mm on bfloat16 pair rows (pack_pair_rows), columns [c0, c1) of y:
+// x(m, pair kp) in slot xs[kp * ldxs + m] (a pair-row matrix read
+// transposed), B in slot rows of row stride ldb padded to whole panels, so
+// that every panel load stays inside B; only the first c1 - c columns of the
+// last panel are stored.
+inline void direct_mm_pairs(int64_t M, int64_t c0, int64_t c1, int64_t KP, const float* xs,
+                            int64_t ldxs, const float* B, int64_t ldb, float* y, int64_t ldy,
+                            bool accumulate) {
+  static constexpr auto kernels = micro_kernels_pairs(std::make_index_sequence<kMR>());
+  constexpr int64_t NB = kNB<float>, kKP = kKC / 2;
+  if (M <= 0 || c0 >= c1) return;
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(xs);
+  const int64_t rb = row_block(M);
+  for (int64_t kp0 = 0; kp0 == 0 || kp0 < KP; kp0 += kKP) {
+    const int64_t kpc = std::min<int64_t>(kKP, KP - kp0);
+    const bool acc = accumulate || kp0 > 0;
+    for (int64_t q0 = c0; q0 < c1; q0 += kPC * NB) {
+      const int64_t q1 = std::min<int64_t>(c1, q0 + kPC * NB);
+      for (int64_t m = 0; m < M; m += rb) {
+        const MicroKernelPairs kernel = kernels[std::min<int64_t>(rb, M - m) - 1];
+        for (int64_t c = q0; c < q1; c += NB)
+          kernel(kpc, x + 2 * (kp0 * ldxs + m), 2, 2 * ldxs, B + kp0 * ldb + c, ldb,
+                 y + m * ldy + c, ldy, std::min<int64_t>(NB, c1 - c), acc, nullptr);
+      }
+    }
+  }
+}
+#endif
 
 // A view that packs into and multiplies with a PackedStore (pack_cpu.h) in
 // this path's panel layout.
@@ -592,7 +649,7 @@ class PackedB {
               const MicroKernelPairs kernel = kernels[std::min<int64_t>(rb, mc - m) - 1];
               for (int64_t p = q0; p < q1; ++p) {
                 const T* panel = s_.data.get() + p * KP * NB + kp0 * NB;
-                kernel(kpc, xbuf.data() + m * ld + 2 * kp0, ld, panel,
+                kernel(kpc, xbuf.data() + m * ld + 2 * kp0, ld, 2, panel, NB,
                        y + (m0 + m) * ldy + col0(p), ldy, width(p), acc,
                        seed ? seed + col0(p) : nullptr);
               }
