@@ -24,27 +24,6 @@ std::optional<Tensor> defined_or_null(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
-// Marks gradients computed under create_graph=True as once differentiable:
-// they pass through unchanged, and differentiating them again raises instead of
-// silently treating rnn_backward as constant (it has no derivative formula).
-// `deps` are the tensors the gradients depend on (they give the node its edges).
-class OnceDifferentiable : public torch::autograd::Function<OnceDifferentiable> {
- public:
-  static variable_list forward(AutogradContext* /*ctx*/, at::TensorList /*deps*/,
-                               at::TensorList grads) {
-    variable_list out;
-    out.reserve(grads.size());
-    for (const auto& g : grads) out.push_back(g.view_as(g));
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
-    TORCH_CHECK(false,
-                "fastcells: second derivatives of the RNN ops are not supported (the gradients "
-                "were computed with create_graph=True and are being differentiated again)");
-  }
-};
-
 class RnnFunction : public torch::autograd::Function<RnnFunction> {
  public:
   // Saved: input, hx, cx, dropout_masks, reserve, weights... Not `output`:
@@ -100,44 +79,30 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     // The input gradient is a whole GEMM of the first layer: skip it when
     // the input does not require grad (the usual case in training).
     const bool need_input = ctx->needs_input_grad(0);
-    // Under create_graph=True grad mode is on here; rnn_backward has no autograd
-    // formula, so it runs below autograd and its results are wrapped below.
+    // Under create_graph=True (grad mode on here) the gradients must be
+    // differentiable again: rnn_backward has no derivative formula, so they
+    // come from the pure-PyTorch reference instead (second derivatives at the
+    // reference's speed, documented in the README).
     const bool create_graph = at::GradMode::is_enabled();
+    const int64_t num_layers = ctx->saved_data["num_layers"].toInt();
+    const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
+    const bool has_biases = ctx->saved_data["has_biases"].toBool();
+    const int64_t proj_size = ctx->saved_data["proj_size"].toInt();
     auto [grad_input, grad_hx, grad_cx, grad_weights] = [&] {
+      if (create_graph)
+        return backward_reference_op().call(input, weights, hx, cx, batch_sizes, mode,
+                                            num_layers, bidirectional, has_biases, proj_size,
+                                            masks, grad_out, grad_hy, grad_cy, need_input);
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return backward_op().call(
-          input, weights, hx, cx, batch_sizes, mode, ctx->saved_data["num_layers"].toInt(),
-          ctx->saved_data["bidirectional"].toBool(), ctx->saved_data["has_biases"].toBool(),
-          ctx->saved_data["proj_size"].toInt(), masks, saved[4], grad_out, grad_hy,
-          grad_cy, need_input);
+      return backward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers,
+                                bidirectional, has_biases, proj_size, masks, saved[4], grad_out,
+                                grad_hy, grad_cy, need_input);
     }();
     size_t k = 0;
     result[k++] = need_input ? grad_input : Tensor();
     for (auto& g : grad_weights) result[k++] = std::move(g);
     result[k++] = hx.has_value() ? grad_hx : Tensor();
     result[k++] = cx.has_value() ? grad_cx : Tensor();
-    if (create_graph) {
-      variable_list deps;
-      for (const auto& t : saved) {
-        if (t.defined() && t.requires_grad()) deps.push_back(t);
-      }
-      for (const auto& g : grads) {
-        if (g.defined() && g.requires_grad()) deps.push_back(g);
-      }
-      if (!deps.empty()) {
-        std::vector<size_t> slots;
-        variable_list defined;
-        for (size_t i = 0; i < result.size(); ++i) {
-          if (result[i].defined()) {
-            slots.push_back(i);
-            defined.push_back(result[i]);
-          }
-        }
-        const variable_list wrapped =
-            OnceDifferentiable::apply(at::TensorList(deps), at::TensorList(defined));
-        for (size_t j = 0; j < slots.size(); ++j) result[slots[j]] = wrapped[j];
-      }
-    }
     return result;
   }
 };

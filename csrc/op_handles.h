@@ -1,4 +1,4 @@
-// Typed dispatcher handles of the two fastcells ops, for the C++ kernels that
+// Typed dispatcher handles of the fastcells ops, for the C++ kernels that
 // call them again below their own dispatch key (autograd.cpp, autocast.cpp).
 #pragma once
 
@@ -22,6 +22,13 @@ using BackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, bool);
 
+// rnn_backward_reference: rnn_backward's arguments without the reserve.
+using BackwardReferenceFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+    const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, at::OptionalIntArrayRef, int64_t, int64_t, bool, bool,
+    int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool);
+
 inline c10::TypedOperatorHandle<ForwardFn> forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastcells::rnn_forward", "")
@@ -33,6 +40,13 @@ inline c10::TypedOperatorHandle<BackwardFn> backward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastcells::rnn_backward", "")
                              .typed<BackwardFn>();
+  return op;
+}
+
+inline c10::TypedOperatorHandle<BackwardReferenceFn> backward_reference_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastcells::rnn_backward_reference", "")
+                             .typed<BackwardReferenceFn>();
   return op;
 }
 

@@ -900,6 +900,15 @@ TORCH_LIBRARY(fastcells, m) {
       "Tensor? dropout_masks, Tensor reserve, Tensor? grad_output, "
       "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True) -> (Tensor grad_input, "
       "Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
+  // Gradients of rnn_forward computed through the pure-PyTorch reference
+  // (fastcells/_transforms.py registers its CompositeImplicitAutograd kernel):
+  // the backward under create_graph=True, whose results must be differentiable.
+  m.def(
+      "rnn_backward_reference(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, "
+      "int[]? batch_sizes, int mode, int num_layers, bool bidirectional, bool has_biases, "
+      "int proj_size, Tensor? dropout_masks, Tensor? grad_output, Tensor? grad_hy, "
+      "Tensor? grad_cy, bool need_grad_input) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor grad_cx, Tensor[] grad_weights)");
   m.def("build_info() -> str", &build_info);
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("set_cpu_isa(str name) -> str", &set_cpu_isa);

@@ -9,7 +9,8 @@ and ``torch.ops.fastcells.rnn_backward`` with TORCH_LIBRARY schemas and CPU
 The autograd formula of ``rnn_forward`` (which calls ``rnn_backward``) is
 registered in C++ on the Autograd key (csrc/autograd.cpp): a Python
 registration would cost more per call than the whole fused op at the sizes
-forecasting models use.
+forecasting models use. Second derivatives, forward-mode AD and torch.func
+transforms go through the reference instead (fastcells/_transforms.py).
 
 Shape legend: T steps, B batch, I input size, H hidden, P output size
 (proj_size or H), G gates, L layers, D directions, N rows.
@@ -22,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the library and its registrations)
+from . import _transforms
 from ._cells import CELLS, MODES, cell  # noqa: F401  (MODES is public here)
 
 _forward = torch.ops.fastcells.rnn_forward.default
@@ -136,6 +138,10 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
     Returns:
         output (T, B, D*P) or (N, D*P); h_n (L*D, B, P); c_n (L*D, B, H) or None.
     """
+    if _transforms.needs_reference(input, weights, hx, cx):
+        return _transforms.reference_rnn(input, list(weights), hx, cx, batch_sizes, mode,
+                                         num_layers, bidirectional, has_biases, proj_size,
+                                         dropout_masks)
     # Without grad mode nothing will be differentiated: skip saving activations.
     # A torch.jit.trace graph keeps them (it may later run with grad mode on).
     out, hy, cy, _ = _forward(input, list(weights), hx, cx, batch_sizes, mode, num_layers,

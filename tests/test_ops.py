@@ -246,37 +246,6 @@ def test_gradients_through_non_contiguous_and_expanded_weights():
         torch.testing.assert_close(got, exp, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_create_graph_first_order_and_clear_double_backward_error(mode):
-    """backward with create_graph=True gives torch.nn's first-order gradients
-    (no 'autograd kernel was not registered' warning); differentiating those
-    gradients again raises a clear error instead of treating rnn_backward as a
-    constant (which would silently drop the second-order terms)."""
-    import warnings
-
-    import fastcells
-
-    torch.manual_seed(0)
-    ref = getattr(torch.nn, mode)(3, 5, num_layers=2).double()
-    fc = getattr(fastcells, mode)(3, 5, num_layers=2).double()
-    fc.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 2, 3, dtype=torch.float64)
-    firsts = []
-    for m in (ref, fc):
-        xi = x.clone().requires_grad_()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            grads = torch.autograd.grad(m(xi)[0].pow(2).sum(), [xi] + list(m.parameters()),
-                                        create_graph=True)
-        assert all(g.requires_grad for g in grads)
-        firsts.append((xi, grads))
-    for a, b in zip(firsts[1][1], firsts[0][1]):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
-    xi, grads = firsts[1]
-    with pytest.raises(RuntimeError, match="second derivatives"):
-        torch.autograd.grad(grads[0].sum(), xi)
-
-
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 def test_cpu_autocast_keeps_float32(mode):
     """Under CPU autocast fastcells computes in float32 (as torch.nn's GRU, RNN and

@@ -169,18 +169,6 @@ def test_functional_call_uses_the_given_tensors(cls_name):
     assert_close_list([fc(x)[0]], [ref(x)[0]], torch.float64)
 
 
-def test_torch_func_grad_raises_instead_of_returning_zeros():
-    """torch.func transforms cannot see through the C++ autograd node: they must
-    raise, not return a gradient that ignores the weights."""
-    from torch.func import functional_call, grad
-
-    _, fc = _pair("LSTM")
-    x = torch.randn(T, B, I, dtype=torch.float64)
-    params = {k: v.detach() for k, v in fc.named_parameters()}
-    with pytest.raises(RuntimeError, match="functorch"):
-        grad(lambda p: functional_call(fc, p, (x,))[0].sum())(params)
-
-
 def test_pruning():
     """torch.nn.utils.prune replaces the weight with a masked tensor in a
     forward pre-hook."""
