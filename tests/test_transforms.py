@@ -20,6 +20,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:fastcells. second derivatives:UserWarning"),
 ]
 
+import fastcells  # noqa: E402
 import fastcells._transforms as transforms  # noqa: E402
 
 T, B, I, H = 4, 3, 3, 5
@@ -208,3 +209,21 @@ def test_the_reference_path_is_visible_and_first_derivatives_stay_fused(monkeypa
     monkeypatch.setattr(transforms, "rnn_reference", refuse)
     fc(x)[0].sum().backward()
     assert fc.weight_hh_l0.grad is not None
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_torch_func_grad_of_a_cell_matches_torch_nn(name):
+    """The cells take the same path: torch.func.grad over one step."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(I, H, dtype=torch.float64)
+    fc = getattr(fastcells, name)(I, H, dtype=torch.float64)
+    fc.load_state_dict(ref.state_dict())
+    x = torch.randn(B, I, dtype=torch.float64)
+    results = []
+    for m in (ref, fc):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        out = grad(lambda p: functional_call(m, p, (x,))[0].pow(2).sum())(params)
+        results.append([out[k] for k in params])
+    assert_close_list(results[1], results[0], torch.float64)
