@@ -7,9 +7,10 @@
 // flow back to the float32 parameters. rnn_backward needs no entry: it sees the
 // dtypes forward saved.
 //
-// No CPU entry: under CPU autocast torch.nn's GRU, RNN and cells stay float32
-// (only the oneDNN LSTM layer is on CPU autocast's list), and fastcells'
-// bfloat16 CPU path is no faster than float32, so fastcells stays float32 there.
+// No CPU entry: under CPU autocast torch.nn's modules differ (LSTM, RNN and
+// RNNCell run in the region's dtype, GRU, GRUCell and LSTMCell follow their
+// input's), which the op cannot tell apart; the modules cast for it
+// (fastcells/modules.py, _cpu_autocast).
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 

@@ -116,6 +116,31 @@ def _check_input(m, x: Tensor) -> None:
                            f"input_size. Expected {m.input_size}, got {x.shape[-1]}")
 
 
+# The torch.nn modules whose ATen op is on CPU autocast's lower-precision list
+# (torch 2.13: mkldnn_rnn_layer for LSTM, rnn_tanh / rnn_relu and their cells):
+# under torch.autocast("cpu") they run in the region's dtype whatever the
+# input's. GRU, GRUCell and LSTMCell are composite there: an input in the
+# region's dtype gives that dtype, any other float32.
+_CPU_AUTOCAST_CASTS = frozenset({"LSTM", "RNN", "RNNCell"})
+
+
+def _cpu_autocast(torch_name: str, x: Tensor, weights, h0, c0, masks):
+    """The op's arguments under torch.autocast("cpu"), in the dtype torch.nn's
+    module `torch_name` returns there (float64 is never cast, as autocast
+    leaves it); unchanged outside a CPU autocast region."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return x, weights, h0, c0, masks
+    dt = torch.get_autocast_dtype("cpu")
+    if torch_name not in _CPU_AUTOCAST_CASTS and x.dtype != dt:
+        dt = torch.float32
+
+    def cast(t):
+        return t.to(dt) if t is not None and t.is_floating_point() and \
+            t.dtype != torch.float64 else t
+
+    return cast(x), [cast(w) for w in weights], cast(h0), cast(c0), cast(masks)
+
+
 def _initial_state(m, hx, has_cell_state: bool, B: int, batched: bool, sorted_indices):
     """(h_0, c_0) in the op's layout, or (None, None) for zero states."""
     if hx is None:
@@ -183,8 +208,10 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
         h0, c0 = _initial_state(self, hx, has_cell_state, B, batched, sorted_indices)
         rows = (x.shape[0],) if batch_sizes is not None else (x.shape[0], B)
         masks = _dropout_masks(self, rows, x)
-        out, hy, cy = rnn(x, _current_weights(self), h0, c0, batch_sizes, MODES[self.mode],
-                          self.num_layers, self.bidirectional, self.bias, self.proj_size, masks)
+        x, weights, h0, c0, masks = _cpu_autocast(CELLS[MODES[self.mode]].nn_class, x,
+                                                  _current_weights(self), h0, c0, masks)
+        out, hy, cy = rnn(x, weights, h0, c0, batch_sizes, MODES[self.mode], self.num_layers,
+                          self.bidirectional, self.bias, self.proj_size, masks)
         output, hy, cy = _wrap_output(self, input, out, hy, cy, batched)
         return output, ((hy, cy) if has_cell_state else hy)
 
@@ -255,6 +282,7 @@ def _cell_forward(cell: nn.RNNCellBase, mode: int, input: Tensor, h0: Optional[T
         if t is not None and tuple(t.shape[1:]) != (B, H):
             raise RuntimeError(f"{name}: Expected {n} of shape {(B, H)}, got "
                                f"{list(t.shape[1:])}")
+    x, weights, h, c, _ = _cpu_autocast(CELLS[mode].nn_class + "Cell", x, weights, h, c, None)
     _, hy, cy = rnn(x.unsqueeze(0), weights, h, c, None, mode, 1, False, cell.bias, 0)
     hy = hy[0] if batched else hy[0, 0]
     if cy is None:
