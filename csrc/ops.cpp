@@ -155,6 +155,11 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
               "bfloat16 or float16), got ", input.scalar_type());
   TORCH_CHECK(input.is_cpu() || input.is_cuda(), "fastcells: `input` must be on CPU or CUDA, got ",
               input.device());
+  // The CUDA loops run the reset-after GRU's single product per step; the
+  // reset-before GRU's two dependent products have no CUDA kernel yet.
+  TORCH_CHECK(input.is_cpu() || mode != kernels::kGRU_RESET_BEFORE,
+              "fastcells: mode ", mode, " (GRU_RESET_BEFORE, the reset-before GRU) runs on the "
+              "CPU only; `input` is on ", input.device());
 #ifndef WITH_CUDA
   TORCH_CHECK(input.is_cpu(),
               "fastcells: `input` is on ", input.device(),
@@ -701,13 +706,15 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
                     const std::vector<Tensor>& gw, const DeviceSchedule& sched, bool poison,
                     bool need_grad_input) {
   const bool lstm = c.mode == kernels::kLSTM, gru = c.mode == kernels::kGRU;
+  const bool rb = c.mode == kernels::kGRU_RESET_BEFORE;
   const bool proj = c.P != c.H;
   const auto opts = x.options();
-  // Scratch reused by every layer and direction.
+  // Scratch reused by every layer and direction. r_all: a projection's r_t,
+  // or the reset-before GRU's r * h_{t-1} (W_hn's operand).
   const Tensor dgx = alloc({c.N, c.GH()}, opts, poison);
   const Tensor dgh = gru ? alloc({c.N, c.GH()}, opts, poison) : dgx;
   const Tensor hprev = alloc({c.N, c.P}, opts, poison);
-  const Tensor r_all = proj ? alloc({c.N, c.H}, opts, poison) : Tensor();
+  const Tensor r_all = proj || rb ? alloc({c.N, c.H}, opts, poison) : Tensor();
   const Tensor dh_all = proj ? alloc({c.N, c.P}, opts, poison) : Tensor();
 
   std::optional<Tensor> go = grad_output;  // gradient w.r.t. layer l's output (N, D*P)
@@ -744,7 +751,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       p.dgates_x = dgx.data_ptr<T>();
       p.dgates_h = gru ? dgh.data_ptr<T>() : nullptr;
       p.h_prev = hprev.data_ptr<T>();
-      p.r_all = proj ? r_all.data_ptr<T>() : nullptr;
+      p.r_all = proj || rb ? r_all.data_ptr<T>() : nullptr;
       p.dh_all = proj ? dh_all.data_ptr<T>() : nullptr;
       p.dh0 = dhx.data_ptr<T>() + idx * c.B * c.P;
       p.dc0 = lstm ? dcx.data_ptr<T>() + idx * c.B * c.H : nullptr;
@@ -757,7 +764,15 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
 
       // Weight and input gradients: one GEMM each over all time steps.
       matmul<T>(gw[base + 0], dgx, true, xl, false, false, nullptr, nullptr, c.bf16);
-      matmul<T>(gw[base + 1], dgh, true, hprev, false, false, nullptr, nullptr, c.bf16);
+      if (rb) {  // W_h[r,z] from h_{t-1}, W_hn from r * h_{t-1}
+        const int64_t H = c.H;
+        matmul<T>(gw[base + 1].narrow(0, 0, 2 * H), dgh.narrow(1, 0, 2 * H), true, hprev, false,
+                  false, nullptr, nullptr, c.bf16);
+        matmul<T>(gw[base + 1].narrow(0, 2 * H, H), dgh.narrow(1, 2 * H, H), true, r_all, false,
+                  false, nullptr, nullptr, c.bf16);
+      } else {
+        matmul<T>(gw[base + 1], dgh, true, hprev, false, false, nullptr, nullptr, c.bf16);
+      }
       if (c.bias) {
         if (!loop_bias) {
           at::sum_out(const_cast<Tensor&>(gw[base + 2]), dgx, {0});

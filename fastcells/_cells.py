@@ -28,6 +28,12 @@ class Cell:
     proj: bool               # proj_size > 0 allowed
     nn_class: str            # the torch.nn sequence module; its cell is nn_class + "Cell"
     nonlinearity: Optional[str] = None  # the torch.nn ``nonlinearity`` argument, if any
+    reset_after: bool = True  # GRU convention; False: the original GRU, which torch.nn lacks
+
+    @property
+    def in_torch_nn(self) -> bool:
+        """Whether torch.nn implements this cell (its class computes the same)."""
+        return self.reset_after
 
     def extra_size(self, H: int) -> int:
         """Columns of the saved extra block per row."""
@@ -40,6 +46,8 @@ CELLS: Tuple[Cell, ...] = (
     Cell(1, "GRU", 3, False, 1, False, "GRU"),
     Cell(2, "RNN_TANH", 1, False, 0, False, "RNN", "tanh"),
     Cell(3, "RNN_RELU", 1, False, 0, False, "RNN", "relu"),
+    # The original GRU: fastcells.GRU(..., reset_after=False); no torch.nn twin.
+    Cell(4, "GRU_RESET_BEFORE", 3, False, 0, False, "GRU", reset_after=False),
 )
 assert all(c.code == k for k, c in enumerate(CELLS)), "codes must be 0, 1, ... in order"
 
@@ -47,12 +55,12 @@ assert all(c.code == k for k, c in enumerate(CELLS)), "codes must be 0, 1, ... i
 MODES: Dict[str, int] = {c.name: c.code for c in CELLS}
 
 _BY_NAME: Dict[str, Cell] = {c.name: c for c in CELLS}
-_BY_MODULE: Dict[Tuple[str, Optional[str]], Cell] = {(c.nn_class, c.nonlinearity): c
-                                                      for c in CELLS}
+_BY_MODULE: Dict[Tuple[str, Optional[str], bool], Cell] = {
+    (c.nn_class, c.nonlinearity, c.reset_after): c for c in CELLS}
 
 
 def valid_modes() -> str:
-    """``"0 (LSTM), 1 (GRU), 2 (RNN_TANH) or 3 (RNN_RELU)"``, as the C++ error says."""
+    """``"0 (LSTM), 1 (GRU), ... or 4 (GRU_RESET_BEFORE)"``, as the C++ error says."""
     items = [f"{c.code} ({c.name})" for c in CELLS]
     return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else items[0]
 
@@ -77,11 +85,14 @@ def cell_named(name: str) -> Cell:
         raise ValueError(f"unknown cell {name!r}; expected one of {list(_BY_NAME)}") from None
 
 
-def cell_of_module(class_name: str, nonlinearity: Optional[str] = None) -> Cell:
-    """The row of a torch.nn module class ("LSTM", "GRUCell", "RNN", ...) and,
-    for the Elman RNN, its ``nonlinearity``."""
+def cell_of_module(class_name: str, nonlinearity: Optional[str] = None,
+                   reset_after: bool = True) -> Cell:
+    """The row of a module class ("LSTM", "GRUCell", "RNN", ...) and, for the
+    Elman RNN, its ``nonlinearity``; for a GRU, its ``reset_after``."""
     base = class_name[:-len("Cell")] if class_name.endswith("Cell") else class_name
-    found = _BY_MODULE.get((base, nonlinearity)) or _BY_MODULE.get((base, None))
+    found = (_BY_MODULE.get((base, nonlinearity, reset_after))
+             or _BY_MODULE.get((base, None, reset_after)))
     if found is None:
-        raise ValueError(f"no fastcells cell for {class_name} (nonlinearity={nonlinearity!r})")
+        raise ValueError(f"no fastcells cell for {class_name} (nonlinearity={nonlinearity!r}, "
+                         f"reset_after={reset_after!r})")
     return found

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from ._cells import CELLS, MODES, cell_of_module
+from ._cells import CELLS, MODES, Cell, cell_named, cell_of_module
 from ._ops import rnn
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
@@ -141,6 +141,15 @@ def _cpu_autocast(torch_name: str, x: Tensor, weights, h0, c0, masks):
     return cast(x), [cast(w) for w in weights], cast(h0), cast(c0), cast(masks)
 
 
+def _op_cell(m) -> Cell:
+    """The table row a module runs: its torch.nn mode, or the reset-before GRU
+    for ``reset_after=False`` (torch.nn modules have no such attribute)."""
+    c = cell_named(m.mode)
+    if getattr(m, "reset_after", True):
+        return c
+    return cell_of_module(c.nn_class, c.nonlinearity, reset_after=False)
+
+
 def _initial_state(m, hx, has_cell_state: bool, B: int, batched: bool, sorted_indices):
     """(h_0, c_0) in the op's layout, or (None, None) for zero states."""
     if hx is None:
@@ -202,15 +211,16 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
     """
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
-        has_cell_state = CELLS[MODES[self.mode]].has_cell_state
+        c = _op_cell(self)
+        has_cell_state = c.has_cell_state
         x, B, batched, batch_sizes, sorted_indices = _unpack_input(self, input)
         _check_input(self, x)
         h0, c0 = _initial_state(self, hx, has_cell_state, B, batched, sorted_indices)
         rows = (x.shape[0],) if batch_sizes is not None else (x.shape[0], B)
         masks = _dropout_masks(self, rows, x)
-        x, weights, h0, c0, masks = _cpu_autocast(CELLS[MODES[self.mode]].nn_class, x,
-                                                  _current_weights(self), h0, c0, masks)
-        out, hy, cy = rnn(x, weights, h0, c0, batch_sizes, MODES[self.mode], self.num_layers,
+        x, weights, h0, c0, masks = _cpu_autocast(c.nn_class, x, _current_weights(self), h0, c0,
+                                                  masks)
+        out, hy, cy = rnn(x, weights, h0, c0, batch_sizes, c.code, self.num_layers,
                           self.bidirectional, self.bias, self.proj_size, masks)
         output, hy, cy = _wrap_output(self, input, out, hy, cy, batched)
         return output, ((hy, cy) if has_cell_state else hy)
@@ -224,12 +234,27 @@ class LSTM(_FusedRNNBase):
 
 
 class GRU(_FusedRNNBase):
-    """Fused drop-in for :class:`torch.nn.GRU` (torch.nn's reset-after convention)."""
+    """Fused drop-in for :class:`torch.nn.GRU`.
 
-    def __init__(self, *args, **kwargs):
+    ``reset_after=True`` (the default) is torch.nn's convention, the reset gate
+    applied after the recurrent product: ``n = tanh(W_in x + b_in + r * (W_hn h
+    + b_hn))``. ``reset_after=False`` is the original GRU (Cho et al. 2014; Keras
+    ``reset_after=False``, ONNX ``linear_before_reset=0``), which torch.nn does
+    not have: ``n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)``. Both have
+    torch.nn's GRU parameters, names and shapes.
+    """
+
+    def __init__(self, *args, reset_after: bool = True, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if not isinstance(reset_after, bool):
+            raise TypeError(f"GRU: reset_after must be a bool, got {reset_after!r}")
         super().__init__("GRU", *args, **kwargs)
+        self.reset_after = reset_after
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
 
 
 class RNN(_FusedRNNBase):
@@ -299,10 +324,23 @@ class LSTMCell(_NoTorchScript, nn.LSTMCell):
 
 
 class GRUCell(_NoTorchScript, nn.GRUCell):
-    """Fused drop-in for :class:`torch.nn.GRUCell`; returns ``h_1``."""
+    """Fused drop-in for :class:`torch.nn.GRUCell`; returns ``h_1``.
+    ``reset_after`` as in :class:`GRU`."""
+
+    def __init__(self, *args, reset_after: bool = True, **kwargs):
+        if not isinstance(reset_after, bool):
+            raise TypeError(f"GRUCell: reset_after must be a bool, got {reset_after!r}")
+        super().__init__(*args, **kwargs)
+        self.reset_after = reset_after
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        return _cell_forward(self, MODES["GRU"], input, hx, None)
+        reset_after = getattr(self, "reset_after", True)  # absent on a converted torch.nn cell
+        return _cell_forward(self, cell_of_module("GRUCell", None, reset_after).code, input, hx,
+                             None)
 
 
 class RNNCell(_NoTorchScript, nn.RNNCell):
@@ -393,9 +431,16 @@ __all__ += ["revert"]
 _REVERTS = {fast: torch_cls for torch_cls, fast in _SWAPS.items()}
 
 
+def _has_torch_nn_twin(module: nn.Module) -> bool:
+    """False for a reset-before GRU (reset_after=False), which torch.nn lacks."""
+    return getattr(module, "reset_after", True)
+
+
 def _swap_back(module: nn.Module) -> nn.Module:
     """The torch.nn module that shares ``module``'s Parameter objects (no copy)."""
-    return _rebuild_as(module, _REVERTS[type(module)])
+    new = _rebuild_as(module, _REVERTS[type(module)])
+    new.__dict__.pop("reset_after", None)
+    return new
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -413,6 +458,10 @@ def revert(model: nn.Module) -> nn.Module:
     from . import _subclass
 
     if type(model) in _REVERTS:
+        if not _has_torch_nn_twin(model):
+            raise ValueError(f"fastcells.revert: this {type(model).__name__} has "
+                             "reset_after=False (the reset-before GRU), which torch.nn does not "
+                             "have")
         return _swap_back(model)
     if _subclass.is_generated(type(model)):
         model.__class__ = _subclass.original_class(type(model))
@@ -420,7 +469,12 @@ def revert(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             base = parametrize.type_before_parametrizations(child)
-            if type(child) in _REVERTS:
+            if type(child) in _REVERTS and not _has_torch_nn_twin(child):
+                warnings.warn(
+                    f"fastcells.revert: left `{child_name}` ({type(child).__name__}) as "
+                    "fastcells: it has reset_after=False (the reset-before GRU), which torch.nn "
+                    "does not have.", stacklevel=2)
+            elif type(child) in _REVERTS:
                 setattr(parent, child_name, _swap_back(child))
             elif _subclass.is_generated(type(child)):  # a user subclass convert() fused
                 child.__class__ = _subclass.original_class(type(child))

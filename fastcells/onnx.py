@@ -41,8 +41,8 @@ __all__ = ["export", "custom_translation_table", "check_exportable", "FastcellsO
 
 # ONNX gate order per cell, as indices into torch's gate blocks:
 # torch LSTM i,f,g,o -> ONNX i,o,f,c; torch GRU r,z,n -> ONNX z,r,h.
-_GATE_ORDER = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2), "RNN_TANH": (0,), "RNN_RELU": (0,)}
-_ONNX_OP = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
+_GATE_ORDER = {"LSTM": (0, 3, 1, 2), "GRU": (1, 0, 2), "RNN": (0,)}  # by nn_class
+_ONNX_OP = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN"}
 _RNN_ACTIVATION = {"RNN_TANH": "Tanh", "RNN_RELU": "Relu"}
 # Opset the TorchScript symbolic needs (Slice/Reshape with tensor inputs).
 _TS_OPSET = 11
@@ -84,7 +84,7 @@ def _emit(b, input, weights, hx, cx, batch_sizes, mode: int, num_layers: int,
     G = c.gates
     H = b.static_dim(weights[1], 0, "weight_hh_l0") // G
     per_dir = 4 if has_biases else 2
-    order = _GATE_ORDER[c.name]
+    order = _GATE_ORDER[c.nn_class]
     rows = [g * H + k for g in order for k in range(H)]
     reorder = None if list(order) == list(range(G)) else b.ints(rows)
 
@@ -97,8 +97,10 @@ def _emit(b, input, weights, hx, cx, batch_sizes, mode: int, num_layers: int,
 
     attrs: Dict[str, Any] = {"hidden_size": H,
                              "direction": "bidirectional" if bidirectional else "forward"}
-    if c.name == "GRU":
-        attrs["linear_before_reset"] = 1  # torch applies r after the W_hn h + b_hn product
+    if c.nn_class == "GRU":
+        # 1: torch.nn's GRU applies r after the W_hn h + b_hn product; 0: the
+        # reset-before GRU, r * h before the product (b_hn added as is).
+        attrs["linear_before_reset"] = int(c.reset_after)
     if c.name in _RNN_ACTIVATION:
         attrs["activations"] = [_RNN_ACTIVATION[c.name]] * D
 
@@ -117,7 +119,7 @@ def _emit(b, input, weights, hx, cx, batch_sizes, mode: int, num_layers: int,
         inputs = [x, W, R, B, None, h0]
         if c.has_cell_state:
             inputs.append(None if cx is None else b.op("Slice", cx, *span))
-        outs = b.op(_ONNX_OP[c.name], *inputs, outputs=3 if c.has_cell_state else 2, **attrs)
+        outs = b.op(_ONNX_OP[c.nn_class], *inputs, outputs=3 if c.has_cell_state else 2, **attrs)
         y = outs[0]  # (T, D, B, H)
         hys.append(outs[1])
         if c.has_cell_state:

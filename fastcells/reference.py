@@ -19,6 +19,9 @@ includes ``b_h*`` when ``has_biases``)::
     GRU   r = sigmoid(W_ir x + W_hr h), z = sigmoid(W_iz x + W_hz h)
           n = tanh(W_in x + r * (W_hn h))        (reset applied after the matmul)
           h' = (1 - z) * n + z * h
+    GRU_RESET_BEFORE  r, z as GRU
+          n = tanh(W_in x + W_hn (r * h))        (reset applied before the matmul;
+          h' = (1 - z) * n + z * h                b_hn is added, not multiplied by r)
     RNN   h' = tanh or relu of (W_ih x + W_hh h)
 """
 
@@ -31,9 +34,11 @@ from torch import Tensor
 
 from ._cells import MODES, cell
 
-__all__ = ["rnn_reference", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"]
+__all__ = ["rnn_reference", "lstm_cell", "gru_cell", "gru_reset_before_cell", "rnn_tanh_cell",
+           "rnn_relu_cell"]
 
-LSTM, GRU, RNN_TANH, RNN_RELU = (MODES[n] for n in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"))
+LSTM, GRU, RNN_TANH, RNN_RELU, GRU_RESET_BEFORE = (
+    MODES[n] for n in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "GRU_RESET_BEFORE"))
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -69,6 +74,22 @@ def gru_cell(
     r = torch.sigmoid(xr + hr)
     z = torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
+def gru_reset_before_cell(
+    x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None, b_hh: Tensor | None,
+) -> Tensor:
+    """One step of the original GRU (reset before the recurrent matmul; Keras
+    ``reset_after=False``, ONNX ``linear_before_reset=0``). Same shapes and
+    parameters as :func:`gru_cell`."""
+    xr, xz, xn = _linear(x, w_ih, b_ih).chunk(3, dim=1)
+    w_hr, w_hz, w_hn = w_hh.chunk(3, dim=0)
+    b_hr, b_hz, b_hn = b_hh.chunk(3) if b_hh is not None else (None, None, None)
+    r = torch.sigmoid(xr + _linear(h, w_hr, b_hr))
+    z = torch.sigmoid(xz + _linear(h, w_hz, b_hz))
+    n = torch.tanh(xn + _linear(r * h, w_hn, b_hn))
     return (1 - z) * n + z * h
 
 
@@ -114,6 +135,8 @@ def _layer_direction(
             c = torch.cat([c_new, c[bs:]])
         elif mode == GRU:
             h_new = gru_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
+        elif mode == GRU_RESET_BEFORE:
+            h_new = gru_reset_before_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
         elif mode == RNN_TANH:
             h_new = rnn_tanh_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
         else:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from conftest import (MODE_NAMES, MODES, assert_close_list, flatten_result, gates, grads_of,
+from conftest import (CELLS, MODE_NAMES, MODES, assert_close_list, flatten_result, gates, grads_of,
                       make_fastcells_like, make_nn, needs_fastcells, weighted_loss)
 
 pytestmark = needs_fastcells
@@ -418,7 +418,7 @@ OP_CASES = {
     "weight_2d_bias": ("RNN_RELU", 0, False,
                        lambda a: a.update(weights=_w(a, 3, torch.zeros(1, H, dtype=torch.float64))),
                        r"(?i)weight|bias|b_hh"),
-    "mode_past_last": ("GRU", 0, False, lambda a: a.update(mode=len(MODES)), "mode"),
+    "mode_past_last": ("GRU", 0, False, lambda a: a.update(mode=len(CELLS)), "mode"),
     "mode_neg": ("GRU", 0, False, lambda a: a.update(mode=-1), "mode"),
     "proj_negative": ("LSTM", 0, False, lambda a: a.update(proj_size=-2), "proj_size"),
     "proj_for_gru": ("GRU", 0, False, lambda a: a.update(proj_size=2), r"proj_size|weight"),

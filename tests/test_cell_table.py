@@ -36,7 +36,7 @@ def test_codes_are_positions_and_names_unique():
     assert [c.code for c in CELLS] == list(range(len(CELLS)))
     assert MODES == {c.name: c.code for c in CELLS}
     assert len({c.name for c in CELLS}) == len(CELLS)
-    assert len({(c.nn_class, c.nonlinearity) for c in CELLS}) == len(CELLS)
+    assert len({(c.nn_class, c.nonlinearity, c.reset_after) for c in CELLS}) == len(CELLS)
 
 
 def test_public_codes_unchanged():
@@ -51,12 +51,13 @@ def test_public_codes_unchanged():
 
 @pytest.mark.parametrize("c", CELLS, ids=lambda c: c.name)
 def test_python_table_matches_torch_nn(c):
-    """Each row describes the torch.nn module it stands for: mode string, gate
-    count (weight rows), cell state (tuple state), proj_size support."""
+    """Each row describes the torch.nn module it stands for (whose parameters a
+    row without a torch.nn twin shares): mode string, gate count (weight rows),
+    cell state (tuple state), proj_size support."""
     H, I = 5, 3
     kwargs = {"nonlinearity": c.nonlinearity} if c.nonlinearity else {}
     mod = getattr(nn, c.nn_class)(I, H, **kwargs)
-    assert mod.mode == c.name
+    assert mod.mode == (c.name if c.in_torch_nn else c.nn_class)
     assert mod.weight_ih_l0.shape == (c.gates * H, I)
     assert mod.weight_hh_l0.shape == (c.gates * H, H)
     _, state = mod(torch.zeros(2, 1, I))
@@ -68,8 +69,8 @@ def test_python_table_matches_torch_nn(c):
     else:
         with pytest.raises(ValueError, match="proj_size"):
             getattr(nn, c.nn_class)(I, H, proj_size=2, **kwargs)
-    assert cell_of_module(c.nn_class, c.nonlinearity) is c
-    assert cell_of_module(c.nn_class + "Cell", c.nonlinearity) is c
+    assert cell_of_module(c.nn_class, c.nonlinearity, c.reset_after) is c
+    assert cell_of_module(c.nn_class + "Cell", c.nonlinearity, c.reset_after) is c
     assert cell_named(c.name) is c and cell(c.code) is c
 
 

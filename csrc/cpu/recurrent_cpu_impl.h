@@ -25,6 +25,7 @@ namespace FASTCELLS_CPU_ISA {
 namespace {
 
 using kernels::kGRU;
+using kernels::kGRU_RESET_BEFORE;
 using kernels::kLSTM;
 
 // Below this many multiply-adds per step the loop runs on one thread. Measured
@@ -285,6 +286,43 @@ inline void gru_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, const T* r
   });
 }
 
+// Reset-before GRU forward, first half. gt: the complete a_r, a_z in, r and z
+// out (activated in place); hp: h_{t-1}; rh: r * h_{t-1}, the operand of the
+// second product (which adds (r * h_{t-1}) W_hn^T to gt's n slot).
+struct GruRbRz {
+  enum In { kAr, kAz, kHPrev, kIns };
+  enum Out { kR, kZ, kRh, kOuts };
+};
+template <typename T>
+inline void gru_rb_rz_row(int64_t H, int64_t u0, int64_t u1, T* gt, const T* hp, T* rh) {
+  using S = GruRbRz;
+  const Runs<T, S::kIns, S::kOuts> io{{gt + u0, gt + H + u0, hp + u0},
+                                      {gt + u0, gt + H + u0, rh + u0}};
+  for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    const T r = kernels::sigmoid(in[S::kAr][j]);
+    out[S::kZ][j] = kernels::sigmoid(in[S::kAz][j]);
+    out[S::kR][j] = r;
+    out[S::kRh][j] = r * in[S::kHPrev][j];
+  });
+}
+
+// Second half. gt: the complete a_n in, n out; z (activated); h_t into hn.
+struct GruRbN {
+  enum In { kAn, kZ, kHPrev, kIns };
+  enum Out { kN, kHNext, kOuts };
+};
+template <typename T>
+inline void gru_rb_n_row(int64_t H, int64_t u0, int64_t u1, T* gt, const T* hp, T* hn) {
+  using S = GruRbN;
+  const Runs<T, S::kIns, S::kOuts> io{{gt + 2 * H + u0, gt + H + u0, hp + u0},
+                                      {gt + 2 * H + u0, hn + u0}};
+  for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    const auto st = kernels::gru_rb_forward_h<T>(in[S::kAn][j], in[S::kZ][j], in[S::kHPrev][j]);
+    out[S::kN][j] = st.n;
+    out[S::kHNext][j] = st.h;
+  });
+}
+
 // RNN forward: h_t = act(x-side + recurrent), into gt (saved) and hn.
 template <typename T>
 inline void rnn_forward_row(int mode, int64_t u0, int64_t u1, T* gt, T* hn) {
@@ -359,6 +397,41 @@ inline void gru_backward_row(int64_t H, int64_t u0, int64_t u1, const T* g, cons
   });
 }
 
+// Reset-before GRU backward, first half. g: activated r, z, n; hp: h_{t-1};
+// dh: dL/dh_t; dgx: da_z and da_n out (da_r follows once d(r * h) is known).
+template <typename T>
+inline void gru_rb_backward_nz_row(int64_t H, int64_t u0, int64_t u1, const T* g, const T* hp,
+                                   const T* dh, T* dgx) {
+  const Runs<T, 4, 2> io{{g + H + u0, g + 2 * H + u0, hp + u0, dh + u0},
+                         {dgx + H + u0, dgx + 2 * H + u0}};
+  for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    const auto d = kernels::gru_rb_backward_nz<T>(in[0][j], in[1][j], in[2][j], in[3][j]);
+    out[0][j] = d.da_z;
+    out[1][j] = d.da_n;
+  });
+}
+
+// Second half. d_rh: dL/d(r * h_{t-1}) = da_n W_hn; out: da_r into dgx, the
+// part of dL/dh_{t-1} outside W_h[r,z] into dh_prev, and r * h_{t-1} into rh
+// (the operand of W_hn's gradient).
+struct GruRbBwdR {
+  enum In { kR, kZ, kHPrev, kDh, kDrh, kIns };
+  enum Out { kDar, kDhPrev, kRh, kOuts };
+};
+template <typename T>
+inline void gru_rb_backward_r_row(int64_t H, int64_t u0, int64_t u1, const T* g, const T* hp,
+                                  const T* dh, const T* d_rh, T* dgx, T* dh_prev, T* rh) {
+  using S = GruRbBwdR;
+  const Runs<T, S::kIns, S::kOuts> io{{g + u0, g + H + u0, hp + u0, dh + u0, d_rh + u0},
+                                      {dgx + u0, dh_prev + u0, rh + u0}};
+  for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    const T r = in[S::kR][j], hprev = in[S::kHPrev][j], drh = in[S::kDrh][j];
+    out[S::kDar][j] = kernels::gru_rb_backward_r<T>(r, hprev, drh);
+    out[S::kDhPrev][j] = kernels::gru_rb_dh_direct<T>(r, in[S::kZ][j], in[S::kDh][j], drh);
+    out[S::kRh][j] = r * hprev;
+  });
+}
+
 // RNN backward: the pre-activation gradient from the output h (saved in g).
 template <typename T>
 inline void rnn_backward_row(int mode, int64_t u0, int64_t u1, const T* g, const T* dh, T* dgx) {
@@ -396,24 +469,27 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   const int64_t H = p.H, P = p.P, B = p.B;
   const int64_t G = kernels::num_gates(p.mode), GH = G * H;
   const bool lstm = p.mode == kLSTM, gru = p.mode == kGRU, proj = p.w_hr != nullptr;
+  const bool rb = p.mode == kGRU_RESET_BEFORE;
 
   // Double-buffered hidden state: step t reads h[cur], writes h[1 - cur].
   std::vector<T> h_a(p.h0, p.h0 + B * P), h_b(h_a);
   std::vector<T> c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr);
-  // LSTM and RNN accumulate the recurrent product onto the x side in
-  // p.gates; GRU needs it apart (r multiplies the n part).
+  // LSTM, RNN and the reset-before GRU accumulate the recurrent products onto
+  // the x side in p.gates; GRU needs its product apart (r multiplies the n
+  // part). The reset-before GRU's second product reads r * h_{t-1} (rh).
   std::vector<T> rec(gru ? static_cast<size_t>(B * GH) : 0);
-  std::vector<T> r(proj ? static_cast<size_t>(B * H) : 0);
+  std::vector<T> r(proj || rb ? static_cast<size_t>(B * H) : 0);
   const std::vector<T> no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0));
   const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
   const int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
   // Pairs pack two bfloat16 values in each float slot: half the bytes.
   const bool by_rows = split_by_rows(nt, B, GH * P, Pairs ? sizeof(T) / 2 : sizeof(T));
   // W_hh^T (P, G*H), one segment per gate when the units are split among
-  // threads, and W_hr^T (H, P); packed by the team unless `keep` holds them.
-  // A `keep` already filled in another layout (another team split) is left
-  // as it is: other calls may be reading it (csrc/weight_cache.h).
-  const int64_t seg = nt > 1 && !by_rows ? H : GH;
+  // threads or the gates' products run apart (reset-before GRU), and W_hr^T
+  // (H, P); packed by the team unless `keep` holds them. A `keep` already
+  // filled in another layout (another team split) is left as it is: other
+  // calls may be reading it (csrc/weight_cache.h).
+  const int64_t seg = (nt > 1 && !by_rows) || rb ? H : GH;
   const auto holds = [&](ForwardPack<T>& f) {
     return PackedB<T>(f.w_hh_t).holds(P, GH, seg, Pairs) &&
            (!proj || PackedB<T>(f.w_hr_t).holds(H, P, P, Pairs));
@@ -445,13 +521,26 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       // Inactive rows keep their state in the buffer written this step.
       for (int64_t b = std::max<int64_t>(M, b0); b < pt.b1; ++b)
         for (int64_t j = pt.c0; j < pt.c1; ++j) h_next[b * P + j] = h_cur[b * P + j];
-      // Recurrent product for this thread's rows, or its units of every gate.
+      // Recurrent product of gates [g0, g1) for this thread's rows, or its
+      // units of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}.
       T* const prod = gru ? rec.data() : p.gates + row0 * GH;
-      if (!pt.sync) {
-        w_hh_t.mm(b1 - b0, 0, w_hh_t.panels(), h_cur + b0 * P, P, 1, prod + b0 * GH, GH, !gru);
+      const bool sync = pt.sync;  // (a lambda must not capture Part, an internal type)
+      const auto product = [&](int64_t g0, int64_t g1, const T* x, int64_t ldx) {
+        if (!sync) {
+          w_hh_t.mm_cols(b1 - b0, g0 * H, g1 * H, x + b0 * ldx, ldx, prod + b0 * GH, GH, !gru);
+        } else {
+          for (int64_t g = g0; g < g1; ++g)
+            w_hh_t.mm_cols(M, g * H + u0, g * H + u1, x, ldx, prod, GH, !gru);
+        }
+      };
+      if (rb) {
+        product(0, 2, h_cur, P);
+        for (int64_t b = b0; b < b1; ++b)
+          gru_rb_rz_row(H, u0, u1, p.gates + (row0 + b) * GH, h_cur + b * P, r.data() + b * H);
+        part_barrier(pt, barrier);  // every unit of r * h_{t-1} is written
+        product(2, 3, r.data(), H);
       } else {
-        for (int64_t g = 0; g < G; ++g)
-          w_hh_t.mm_cols(M, g * H + u0, g * H + u1, h_cur, P, prod, GH, !gru);
+        product(0, G, h_cur, P);
       }
       for (int64_t b = b0; b < b1; ++b) {
         T* gt = p.gates + (row0 + b) * GH;
@@ -463,6 +552,8 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
         } else if (gru) {
           gru_forward_row(H, u0, u1, gt, rec.data() + b * GH, b_hn, hp, p.extra + (row0 + b) * H,
                           hn);
+        } else if (rb) {
+          gru_rb_n_row(H, u0, u1, gt, hp, hn);
         } else {
           rnn_forward_row(p.mode, u0, u1, gt, hn);
         }
@@ -499,6 +590,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   const int64_t G = kernels::num_gates(p.mode), GH = G * H;
   const bool pairs = Pairs && int64_t(B) * GH * P >= kPairsBackwardWork;
   const bool lstm = p.mode == kLSTM, gru = p.mode == kGRU, proj = p.w_hr != nullptr;
+  const bool rb = p.mode == kGRU_RESET_BEFORE;
 
   // dh: gradient w.r.t. the state entering the step processed next (B, P).
   std::vector<T> dh(static_cast<size_t>(B * P), T(0));
@@ -506,7 +598,8 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   std::vector<T> dc(lstm ? static_cast<size_t>(B * H) : 0, T(0));
   if (lstm && p.grad_cy) std::copy(p.grad_cy, p.grad_cy + B * H, dc.begin());
   std::vector<T> dtot(static_cast<size_t>(B * P));
-  std::vector<T> dr(proj ? static_cast<size_t>(B * H) : 0);
+  // dr: dL/dr_t of a projection, or the reset-before GRU's dL/d(r * h_{t-1}).
+  std::vector<T> dr(proj || rb ? static_cast<size_t>(B * H) : 0);
   // Per-row running sums of the gate gradients (bias gradients, see params.h).
   // GRU's recurrent side differs from the input side only in the n slot, so
   // acc_h holds that slot alone.
@@ -519,15 +612,20 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   };
   const int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
   const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
-  PackedStore<T> w_hh_store, w_hr_store;
-  PackedB<T> w_hh(w_hh_store), w_hr(w_hr_store);
-  w_hh.init(GH, P, P, pairs);          // W_hh (G*H, P)
-  if (proj) w_hr.init(P, H, H, pairs);  // W_hr (P, H)
+  // W_hh (G*H, P) for dh_{t-1} = dgates_h W_hh; the reset-before GRU takes
+  // its rows apart: W_h[r,z] (2H, P) for that product, W_hn (H, P) for
+  // d(r * h_{t-1}) = da_n W_hn. W_hr (P, H) of a projection.
+  PackedStore<T> w_hh_store, w_hr_store, w_hn_store;
+  PackedB<T> w_hh(w_hh_store), w_hr(w_hr_store), w_hn(w_hn_store);
+  w_hh.init(rb ? 2 * H : GH, P, P, pairs);
+  if (proj) w_hr.init(P, H, H, pairs);
+  if (rb) w_hn.init(H, P, P, pairs);
   constexpr int64_t q = PackedB<T>::NB;
 
   run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
     pack_share(w_hh, p.w_hh, P, false, tid, team);
     if (proj) pack_share(w_hr, p.w_hr, H, false, tid, team);
+    if (rb) pack_share(w_hn, p.w_hh + 2 * H * P, P, false, tid, team);
     team_barrier(team, barrier);
     const Part pt = part_of(by_rows, B, H, P, tid, team, q);
     const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
@@ -569,17 +667,37 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
           // GRU: P == H, so this thread's columns are its units.
           gru_backward_row(H, u0, u1, g, p.extra + row * H, p.h_prev + row * P, d_in, dgx,
                            p.dgates_h + row * GH, dh.data() + b * P);
+        } else if (rb) {
+          gru_rb_backward_nz_row(H, u0, u1, g, p.h_prev + row * P, d_in, dgx);
         } else {
           rnn_backward_row(p.mode, u0, u1, g, d_in, dgx);
         }
+      }
+      if (rb) {
+        // d(r * h_{t-1}) = da_n W_hn needs every unit's da_n; then da_r and
+        // the direct part of dh_{t-1} (P == H: own columns are own units).
+        part_barrier(pt, barrier);
+        w_hn.mm_cols(b1 - b0, pt.c0, pt.c1, p.dgates_x + (row0 + b0) * GH + 2 * H, GH,
+                     dr.data() + b0 * H, H, false);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t row = row0 + b;
+          gru_rb_backward_r_row(H, u0, u1, p.gates + row * GH, p.h_prev + row * P,
+                                dtot.data() + b * P, dr.data() + b * H, p.dgates_x + row * GH,
+                                dh.data() + b * P, p.r_all + row * H);
+        }
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t row = row0 + b;
+        const T* dgx = p.dgates_x + row * GH;
         for (int64_t k = 0; sum_x && k < G; ++k)
           accumulate_row(u0, u1, acc_x.data() + b * GH + k * H, dgx + k * H);
         if (sum_h) accumulate_row(u0, u1, acc_h.data() + b * H, p.dgates_h + row * GH + 2 * H);
       }
       part_barrier(pt, barrier);  // every gate gradient of the step is written
-      // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns.
+      // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns
+      //    (reset-before GRU: its direct part + [da_r, da_z] W_h[r,z]).
       w_hh.mm_cols(b1 - b0, pt.c0, pt.c1, dgh_base + (row0 + b0) * GH, GH,
-                   dh.data() + b0 * P, P, gru);
+                   dh.data() + b0 * P, P, gru || rb);
       part_barrier(pt, barrier);
     }
     if (!pt.sync || tid == 0) {  // gradients of this thread's rows (all rows: tid 0)

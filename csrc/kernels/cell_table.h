@@ -34,11 +34,15 @@
 //   extra       columns of the saved "extra" block per row, in units of H
 //               (csrc/ops.cpp's reserve layout: LSTM c_t, GRU hh_n)
 //   proj        proj_size > 0 is allowed
-#define FASTCELLS_CELL_TABLE(X)          \
-  X(0, LSTM, 4, true, 1, true)           \
-  X(1, GRU, 3, false, 1, false)          \
-  X(2, RNN_TANH, 1, false, 0, false)     \
-  X(3, RNN_RELU, 1, false, 0, false)
+// GRU is torch.nn's (reset gate after the recurrent product); GRU_RESET_BEFORE
+// the original GRU (Keras reset_after=False, ONNX linear_before_reset=0),
+// which torch.nn does not have.
+#define FASTCELLS_CELL_TABLE(X)             \
+  X(0, LSTM, 4, true, 1, true)              \
+  X(1, GRU, 3, false, 1, false)             \
+  X(2, RNN_TANH, 1, false, 0, false)        \
+  X(3, RNN_RELU, 1, false, 0, false)        \
+  X(4, GRU_RESET_BEFORE, 3, false, 0, false)
 
 namespace fastcells {
 namespace kernels {
@@ -102,7 +106,8 @@ FC_HD constexpr const char* cell_name(int mode) { return cell_info(mode).name; }
 constexpr const char* kCellNames[kNumCells] = {FASTCELLS_CELL_TABLE(FC_CELL_NAME)};
 #undef FC_CELL_NAME
 
-// "0 (LSTM), 1 (GRU), 2 (RNN_TANH) or 3 (RNN_RELU)", for error messages.
+// "0 (LSTM), 1 (GRU), 2 (RNN_TANH), 3 (RNN_RELU) or 4 (GRU_RESET_BEFORE)", for
+// error messages.
 inline std::string valid_modes() {
   std::string s;
   for (int m = 0; m < kNumCells; ++m) {

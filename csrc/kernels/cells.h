@@ -180,6 +180,59 @@ FC_HD GruGrads<acc> gru_backward(acc r, acc z, acc n, acc hh_n, acc h_prev, acc 
   return d;
 }
 
+// ---------------------------------------------------------------- GRU, reset before
+// The original GRU (reset gate applied before the recurrent product):
+//   r = sig(a_r)   z = sig(a_z)   a_* = x W_i*^T + b_i* + h_prev W_h*^T + b_h*
+//   n = tanh(a_n)  a_n = x W_in^T + b_in + (r * h_prev) W_hn^T + b_hn
+//   h = (1 - z) * n + z * h_prev
+// Every bias is a plain summand here (b_hn is not multiplied by r), so all of
+// b_hh folds into the x side. A step runs two recurrent products: h_prev
+// W_h[r,z]^T for a_r and a_z, then, once r is known, (r * h_prev) W_hn^T.
+// Backward runs them in the opposite order: da_n and da_z need only dh, then
+// d(r * h_prev) = da_n W_hn gives da_r, then [da_r, da_z] W_h[r,z].
+template <typename acc>
+struct GruRbState {
+  acc n, h;
+};
+
+// n and h_t from the complete a_n, the activated z and h_prev (r and z are
+// sigmoid(a_r), sigmoid(a_z)).
+template <typename acc>
+FC_HD GruRbState<acc> gru_rb_forward_h(acc a_n, acc z, acc h_prev) {
+  GruRbState<acc> s;
+  s.n = fc_tanh(a_n);
+  s.h = (acc(1) - z) * s.n + z * h_prev;
+  return s;
+}
+
+template <typename acc>
+struct GruRbGrads {
+  acc da_n, da_z;
+};
+
+// da_n and da_z of one element from the activated z, n and dL/dh_t.
+template <typename acc>
+FC_HD GruRbGrads<acc> gru_rb_backward_nz(acc z, acc n, acc h_prev, acc dh) {
+  GruRbGrads<acc> d;
+  // Bounded derivatives first, the unbounded h_prev last (see lstm_backward).
+  d.da_n = dh * (acc(1) - z) * (acc(1) - n * n);
+  d.da_z = dh * (z * (acc(1) - z)) * (h_prev - n);
+  return d;
+}
+
+// da_r from d_rh = dL/d(r * h_prev) = da_n W_hn.
+template <typename acc>
+FC_HD acc gru_rb_backward_r(acc r, acc h_prev, acc d_rh) {
+  return d_rh * (r * (acc(1) - r)) * h_prev;
+}
+
+// The part of dL/dh_{t-1} that does not pass through W_h[r,z]: through z and
+// through r * h_prev.
+template <typename acc>
+FC_HD acc gru_rb_dh_direct(acc r, acc z, acc dh, acc d_rh) {
+  return dh * z + d_rh * r;
+}
+
 // ---------------------------------------------------------------- RNN
 template <typename acc>
 FC_HD acc rnn_forward(int mode, acc a) {
