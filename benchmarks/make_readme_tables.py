@@ -231,6 +231,28 @@ def ecosystem_section(d: dict, slower: list[str]) -> str:
     return "".join(out)
 
 
+def variants_section(d: dict, slower: list[str]) -> str:
+    """benchmarks/variants.py: cell variants torch.nn lacks, against their reference loop."""
+    out = ["### Cell variants torch.nn lacks, against their reference loop: "
+           "`python benchmarks/variants.py`\n\n",
+           "The baseline is fastcells.reference's per-step loop of plain PyTorch ops (what a user "
+           f"would write without fastcells). Machine: {machine_sentence(d['machine'])}.\n\n"]
+    rows = []
+    for r in d["rows"]:
+        speed = r["speedup"]["median"]
+        target = r.get("target")
+        rows.append([r["variant"], r["mode"], r["T,B,I,H"],
+                     C.fmt_ms(r["reference_ms"]["median"] / 1e3),
+                     C.fmt_ms(r["fastcells_ms"]["median"] / 1e3), f"**{x(speed)}**",
+                     "" if target is None else f">= {target:g}x " + ("PASS" if speed >= target
+                                                                     else "FAIL")])
+        if speed < 1:
+            slower.append(f"variants {r['variant']} {r['mode']} vs its reference ({speed:.2f}x)")
+    out.append(C.md_table(["variant", "mode", "T,B,I,H", "reference ms", "fastcells ms",
+                           "speed-up", "target"], rows))
+    return "".join(out)
+
+
 CPU_ONLY = ("cpu_peak", "shared_cores")  # named <stem>_<isa>.json
 
 
@@ -294,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         for stem, fn in (("airline", airline_section), ("airline_speed", speed_section),
                          ("electricity", electricity_section), ("sweep", sweep_section),
                          ("cpu_peak", peak_section), ("shared_cores", shared_section),
-                         ("decode", decode_section), ("ecosystem", ecosystem_section)):
+                         ("decode", decode_section), ("ecosystem", ecosystem_section),
+                         ("variants", variants_section)):
             name = result_name(stem, device)
             d = load(args.results / name) if name else None
             if d is not None:

@@ -260,3 +260,19 @@ def test_ecosystem_runs_when_the_libraries_are_installed(tmp_path):
         # draws its own), so after two batches the forecasts are close, not equal.
         assert abs(r["patched"]["mae_kw"] - r["stock"]["mae_kw"]) < 0.25 * r["stock"]["mae_kw"] + 50
     _finite_numbers(out["rows"])
+
+
+def test_variants_runs(tmp_path):
+    """benchmarks/variants.py: the fused variants against their reference loop
+    (the script checks their outputs agree before timing)."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "variants.py"), "--quick", "--threads", "1",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / f"variants_{TAG}_quick.json").read_text())
+    assert out["machine"]["cpu_isa"] == fastcells.cpu_isa()
+    assert [(r["variant"], r["mode"]) for r in out["rows"]] == [
+        ("GRU reset_after=False", "fwd"), ("GRU reset_after=False", "fwd+bwd")]
+    for r in out["rows"]:
+        assert r["speedup"]["median"] > 0
+    assert "| variant | mode |" in (tmp_path / f"variants_{TAG}_quick.md").read_text()

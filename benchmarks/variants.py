@@ -1,0 +1,101 @@
+"""Cell variants that torch.nn lacks, against their pure-PyTorch reference loop.
+
+torch.nn has no reset-before GRU, so the baseline is what a user would write
+without fastcells: the reference's per-step loop (fastcells.reference, plain
+differentiable PyTorch ops, the same equations). Timed in one run, interleaved,
+at the forecasting shape (T, B, I, H) = (168, 64, 16, 64), one layer: no_grad
+forward and forward+backward, float32. The target of the cell-variants work
+is 5x on forward+backward.
+
+    python benchmarks/variants.py            # results/variants_cpu_<isa>.json and .md
+    python benchmarks/variants.py --quick    # one round, short timings
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+SHAPE = (168, 64, 16, 64)
+TARGET = 5.0
+
+
+class ReferenceLoop(nn.Module):
+    """The reference's per-step loop over a fastcells module's own parameters."""
+
+    def __init__(self, m: nn.Module, mode: int):
+        super().__init__()
+        self.m, self.mode = m, mode
+
+    def forward(self, x):
+        from fastcells.reference import rnn_reference
+
+        m = self.m
+        h0 = x.new_zeros(m.num_layers, x.shape[1], m.hidden_size)
+        out, hy, _ = rnn_reference(x, m._flat_weights, h0, None, None, self.mode,
+                                   m.num_layers, False, m.bias, 0)
+        return out, hy
+
+
+def variants(fastcells):
+    """(name, fused module, its mode code)."""
+    I, H = SHAPE[2], SHAPE[3]
+    torch.manual_seed(0)
+    return [("GRU reset_after=False", fastcells.GRU(I, H, reset_after=False),
+             fastcells.MODES["GRU_RESET_BEFORE"])]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args(argv)
+    fastcells = C.import_fastcells()
+    threads = C.set_threads(args.threads)
+    repeats, min_run = (1, 0.05) if args.quick else (3, 0.3)
+    T, B, I, H = SHAPE
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g)
+    grad = torch.randn(T, B, H, generator=g)
+    rows = []
+    for name, fused, mode in variants(fastcells):
+        ref = ReferenceLoop(fused, mode)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x)[0], ref(x)[0], atol=2e-5, rtol=1e-4)
+        stmts = {}
+        for side, m in (("reference", ref), ("fastcells", fused)):
+            fwd, fb = C.module_stmts(m, x, grad)
+            stmts[f"{side} fwd"], stmts[f"{side} fwd+bwd"] = fwd, fb
+        times = C.interleaved(stmts, repeats, min_run, threads, "cpu")
+        for mode_name in ("fwd", "fwd+bwd"):
+            r, f = times[f"reference {mode_name}"], times[f"fastcells {mode_name}"]
+            rows.append({"variant": name, "mode": mode_name, "T,B,I,H": ",".join(map(str, SHAPE)),
+                         "reference_ms": C.summary([t * 1e3 for t in r]),
+                         "fastcells_ms": C.summary([t * 1e3 for t in f]),
+                         "speedup": C.ratio_summary(r, f),
+                         "target": TARGET if mode_name == "fwd+bwd" else None})
+    machine = C.machine_info("cpu")
+    stem = f"variants_{C.device_tag('cpu')}" + ("_quick" if args.quick else "")
+    table = C.md_table(
+        ["variant", "mode", "T,B,I,H", "reference ms", "fastcells ms", "speed-up", "target"],
+        [[r["variant"], r["mode"], r["T,B,I,H"], C.fmt_ms(r["reference_ms"]["median"] / 1e3),
+          C.fmt_ms(r["fastcells_ms"]["median"] / 1e3), f"{r['speedup']['median']:.1f}x",
+          "" if r["target"] is None else
+          f">= {r['target']:g}x " + ("PASS" if r["speedup"]["median"] >= r["target"] else "FAIL")]
+         for r in rows])
+    md = (f"# Cell variants vs their reference loop (cpu, float32)\n\n{C.machine_line(machine)}. "
+          f"Medians of {repeats} interleaved rounds; speed-up = reference / fastcells.\n\n"
+          f"{table}\n")
+    C.write_results(args.out, stem, {"benchmark": "variants", "machine": machine, "rows": rows},
+                    md)
+
+
+if __name__ == "__main__":
+    main()
