@@ -13,6 +13,10 @@ fi
 # ONNX export tests (tests/test_onnx.py). The constraint keeps pip from
 # replacing the installed torch with a CUDA build several GB in size.
 "$PY" -m pip install -q -c constraints.txt onnx onnxruntime onnxscript
+# Keras 3 interchange tests (tests/test_keras.py, skipped without keras):
+# best effort, the library itself does not need it.
+"$PY" -m pip install -q -c constraints.txt keras ||
+  echo "keras could not be installed: tests/test_keras.py will skip"
 # MAX_JOBS / TORCH_CUDA_ARCH_LIST / FORCE_CUDA are honoured by setup.py.
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -c "import fastcells; print('fastcells', fastcells.__version__, fastcells.build_info())"
