@@ -19,6 +19,8 @@ keras = pytest.importorskip("keras", reason="keras is not installed (pip install
                             "constraints.txt keras)")
 pytestmark = [
     pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension not built"),
+    # Keras' own numpy-2 copy-keyword deprecation, on every weight access.
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.skipif(keras.backend.backend() != "torch",
                        reason="Keras must run on the torch backend (KERAS_BACKEND=torch)"),
 ]

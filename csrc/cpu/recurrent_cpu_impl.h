@@ -399,15 +399,21 @@ inline void gru_backward_row(int64_t H, int64_t u0, int64_t u1, const T* g, cons
 
 // Reset-before GRU backward, first half. g: activated r, z, n; hp: h_{t-1};
 // dh: dL/dh_t; dgx: da_z and da_n out (da_r follows once d(r * h) is known).
+struct GruRbBwdNz {
+  enum In { kZ, kN, kHPrev, kDh, kIns };
+  enum Out { kDaz, kDan, kOuts };
+};
 template <typename T>
 inline void gru_rb_backward_nz_row(int64_t H, int64_t u0, int64_t u1, const T* g, const T* hp,
                                    const T* dh, T* dgx) {
-  const Runs<T, 4, 2> io{{g + H + u0, g + 2 * H + u0, hp + u0, dh + u0},
-                         {dgx + H + u0, dgx + 2 * H + u0}};
+  using S = GruRbBwdNz;
+  const Runs<T, S::kIns, S::kOuts> io{{g + H + u0, g + 2 * H + u0, hp + u0, dh + u0},
+                                      {dgx + H + u0, dgx + 2 * H + u0}};
   for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
-    const auto d = kernels::gru_rb_backward_nz<T>(in[0][j], in[1][j], in[2][j], in[3][j]);
-    out[0][j] = d.da_z;
-    out[1][j] = d.da_n;
+    const auto d = kernels::gru_rb_backward_nz<T>(in[S::kZ][j], in[S::kN][j], in[S::kHPrev][j],
+                                                  in[S::kDh][j]);
+    out[S::kDaz][j] = d.da_z;
+    out[S::kDan][j] = d.da_n;
   });
 }
 

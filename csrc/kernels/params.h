@@ -36,10 +36,12 @@ struct LayerForwardParams {
   const int64_t* row_offsets_dev;
   bool reverse;                 // iterate t = T-1 .. 0
 
-  // (N, G*H). In: x W_ih^T + b_ih (+ b_hh for LSTM/RNN, + b_hr, b_hz for
-  // GRU). Out: activated gates, LSTM (i, f, g, o), GRU (r, z, n), RNN (h).
+  // (N, G*H). In: x W_ih^T + b_ih (+ b_hh for LSTM/RNN/reset-before GRU, + b_hr,
+  // b_hz for GRU). Out: activated gates, LSTM (i, f, g, o), GRU and reset-before
+  // GRU (r, z, n), RNN (h).
   scalar_t* gates;
-  // (N, H). Out: LSTM c_t; GRU hh_n = h_prev W_hn^T + b_hn; unused (null) RNN.
+  // (N, H). Out: LSTM c_t; GRU hh_n = h_prev W_hn^T + b_hn; unused (null) RNN
+  // and reset-before GRU.
   scalar_t* extra;
 
   const scalar_t* w_hh;         // (G*H, P)
@@ -87,7 +89,8 @@ struct LayerBackwardParams {
   scalar_t* dgates_h;           // (N, G*H) recurrent side; GRU only, else null
                                 //   (== dgates_x for LSTM and RNN)
   scalar_t* h_prev;             // (N, P) h_{t-1} seen by each row, for dW_hh
-  scalar_t* r_all;              // (N, H) projected LSTM: r_t = o*tanh(c_t)
+  scalar_t* r_all;              // (N, H) projected LSTM: r_t = o*tanh(c_t); reset-before
+                                //   GRU: r * h_{t-1} (W_hn's gradient operand)
   scalar_t* dh_all;             // (N, P) projected LSTM: dL/dh_t
   scalar_t* dh0;                // (B, P)
   scalar_t* dc0;                // (B, H) LSTM only
