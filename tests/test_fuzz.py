@@ -307,3 +307,135 @@ def test_cells_match_torch_nn(kind, input_size, hidden, batch, bias, give_hx, dt
     ge = torch.autograd.grad(expected, leaves + list(ref.parameters()), cot, allow_unused=True)
     ga = torch.autograd.grad(actual, leaves + list(fc.parameters()), cot, allow_unused=True)
     _assert_close_list(ga, ge, tol, "grads")
+
+
+# ------------------------------------------------------------------ conditions
+# The same module comparison under what a caller can change around the call:
+# strided inputs and weights, saved-tensor hooks that unpack into another
+# layout, input magnitudes from 1e-3 to 1e3 (saturated gates), CPU autocast,
+# torch.compile, and meta tensors among CPU arguments.
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (every other element of a
+    buffer twice as long along the last dimension)."""
+    buf = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+    buf[..., ::2] = t
+    return buf[..., ::2]
+
+
+def _other_layout_hooks():
+    """saved_tensors_hooks whose unpack returns each saved tensor copied into
+    the reversed dimension order (column-major for a matrix), as offloading
+    and compression hooks may."""
+    def unpack(t):
+        order = list(reversed(range(t.dim())))
+        return t.permute(*order).contiguous().permute(*order)
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack)
+
+
+@st.composite
+def conditions(draw):
+    return dict(strided_input=draw(st.booleans()), strided_weights=draw(st.booleans()),
+                hooks=draw(st.booleans()), scale=draw(st.sampled_from([1e-3, 1.0, 30.0, 1e3])),
+                autocast=draw(st.booleans()))
+
+
+@FUZZ
+@given(cfg=rnn_configs(TORCH_NN_MODES), cond=conditions())
+def test_module_matches_torch_nn_under_conditions(cfg, cond):
+    import contextlib
+
+    if cond["autocast"] and cfg["layout"] == "packed":
+        cond = dict(cond, autocast=False)  # torch.nn's packed LSTM has no bfloat16 kernel
+    ref, fc = _make_pair(cfg)
+    if cond["strided_weights"]:
+        for name, p in list(fc.named_parameters()):
+            setattr(fc, name, nn.Parameter(_strided(p.detach())))
+    g = torch.Generator().manual_seed(cfg["seed"] + 5)
+    T, B, I = cfg["steps"], cfg["batch"], cfg["input_size"]
+    shape = (T, I) if cfg["layout"] == "unbatched" else \
+        ((B, T, I) if cfg["batch_first"] else (T, B, I))
+    x0 = torch.randn(*shape, generator=g, dtype=cfg["dtype"]) * cond["scale"]
+    x = (_strided(x0) if cond["strided_input"] else x0.clone()).requires_grad_(True)
+
+    def run(module):
+        inp = x
+        if cfg["layout"] == "packed":
+            inp = nn.utils.rnn.pack_padded_sequence(x, torch.tensor(cfg["lengths"]),
+                                                    batch_first=cfg["batch_first"],
+                                                    enforce_sorted=False)
+        region = torch.autocast("cpu", dtype=torch.bfloat16) if cond["autocast"] \
+            else contextlib.nullcontext()
+        hooks = _other_layout_hooks() if cond["hooks"] else contextlib.nullcontext()
+        with hooks:
+            with region:
+                outs = _flatten(module(inp))
+            loss = sum((o.float() * o.float()).sum() for o in outs)
+            grads = torch.autograd.grad(loss, [x] + list(module.parameters()), allow_unused=True)
+        return outs, list(grads)
+
+    (exp, gexp), (act, gact) = run(ref), run(fc)
+    assert [t.dtype for t in act] == [t.dtype for t in exp]
+    if cond["autocast"]:
+        # torch.nn rounds some or all products to bfloat16 there (even where it
+        # returns float32): compare at bfloat16's resolution, values only.
+        for a, e in zip(act, exp):
+            torch.testing.assert_close(a.float(), e.float(), atol=0.1, rtol=0.1)
+        return
+    tol = TOL[cfg["dtype"]]
+    if cond["scale"] >= 30:  # saturated gates: gradients are tiny differences of large terms
+        tol = dict(rtol=tol["rtol"] * 10, atol=tol["atol"] * cond["scale"])
+    _assert_close_list(act, exp, tol, "outputs")
+    _assert_close_list(gact, gexp, tol, "grads")
+
+
+@settings(FUZZ, max_examples=max(5, EXAMPLES // 40))
+@given(cfg=rnn_configs(TORCH_NN_MODES))
+def test_compiled_module_matches_torch_nn(cfg):
+    """torch.compile (aot_eager) of the fastcells module: outputs and gradients
+    equal torch.nn's in eager mode."""
+    torch._dynamo.reset()
+    ref, fc = _make_pair(cfg)
+    g = torch.Generator().manual_seed(cfg["seed"] + 6)
+    T, B, I = cfg["steps"], cfg["batch"], cfg["input_size"]
+    shape = (T, I) if cfg["layout"] == "unbatched" else \
+        ((B, T, I) if cfg["batch_first"] else (T, B, I))
+    x = torch.randn(*shape, generator=g, dtype=cfg["dtype"]).requires_grad_(True)
+
+    def run(module, x):
+        return _flatten(module(x))
+
+    exp = run(ref, x)
+    act = torch.compile(run, backend="aot_eager", fullgraph=True)(fc, x)
+    tol = TOL[cfg["dtype"]]
+    _assert_close_list(act, exp, tol, "outputs")
+    loss_e = sum(o.sum() for o in exp)
+    loss_a = sum(o.sum() for o in act)
+    ge = torch.autograd.grad(loss_e, [x] + list(ref.parameters()), allow_unused=True)
+    ga = torch.autograd.grad(loss_a, [x] + list(fc.parameters()), allow_unused=True)
+    _assert_close_list(list(ga), list(ge), tol, "grads")
+
+
+@CELL_FUZZ
+@given(cfg=rnn_configs(TORCH_NN_MODES), which=st.sampled_from(["input", "h0", "c0", "weight"]))
+def test_a_meta_argument_raises_like_torch_nn(cfg, which):
+    """One argument on the meta device among CPU ones: fastcells raises the
+    RuntimeError torch.nn raises ("not at the same device"), never returns."""
+    c = cell_named(cfg["kind"])
+    if which == "c0" and not c.has_cell_state:
+        which = "h0"
+    ref, fc = _make_pair(cfg)
+    T, B, I = cfg["steps"], cfg["batch"], cfg["input_size"]
+    D = 2 if cfg["bidirectional"] else 1
+    P = cfg["proj"] or cfg["hidden"]
+    dev = {k: "meta" if k == which else "cpu" for k in ("input", "h0", "c0")}
+    x = torch.randn(T, B, I, dtype=cfg["dtype"], device=dev["input"])
+    if cfg["batch_first"]:
+        x = x.transpose(0, 1)
+    h0 = torch.zeros(cfg["layers"] * D, B, P, dtype=cfg["dtype"], device=dev["h0"])
+    c0 = torch.zeros(cfg["layers"] * D, B, cfg["hidden"], dtype=cfg["dtype"], device=dev["c0"])
+    hx = (h0, c0) if c.has_cell_state else h0
+    if which == "weight":
+        fc.weight_hh_l0 = nn.Parameter(fc.weight_hh_l0.detach().to("meta"))
+    with pytest.raises(RuntimeError, match="same device"):
+        fc(x, hx)
