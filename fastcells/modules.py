@@ -218,10 +218,15 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
         h0, c0 = _initial_state(self, hx, has_cell_state, B, batched, sorted_indices)
         rows = (x.shape[0],) if batch_sizes is not None else (x.shape[0], B)
         masks = _dropout_masks(self, rows, x)
+        input_dtype = x.dtype
         x, weights, h0, c0, masks = _cpu_autocast(c.nn_class, x, _current_weights(self), h0, c0,
                                                   masks)
         out, hy, cy = rnn(x, weights, h0, c0, batch_sizes, c.code, self.num_layers,
                           self.bidirectional, self.bias, self.proj_size, masks)
+        if cy is not None and self.proj_size > 0 and x.dtype != input_dtype:
+            # Cast by CPU autocast: torch.nn's projected LSTM is composite there
+            # and keeps c_n in the input's dtype.
+            cy = cy.to(input_dtype)
         output, hy, cy = _wrap_output(self, input, out, hy, cy, batched)
         return output, ((hy, cy) if has_cell_state else hy)
 

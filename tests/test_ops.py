@@ -246,6 +246,27 @@ def test_gradients_through_non_contiguous_and_expanded_weights():
         torch.testing.assert_close(got, exp, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_autocast_projected_lstm_dtypes_match_torch_nn(input_dtype):
+    """torch.nn's projected LSTM is composite under CPU autocast: output and h_n
+    in bfloat16, c_n in the input's dtype."""
+    import fastcells
+
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 5, proj_size=2)
+    fc = fastcells.LSTM(3, 5, proj_size=2)
+    fc.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 2, 3).to(input_dtype)
+    results = []
+    for m in (ref, fc):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h, c) = m(x)
+        results.append((out, h, c))
+    for a, e in zip(results[1], results[0]):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a.float(), e.float(), atol=6e-2, rtol=6e-2)
+
+
 @pytest.mark.parametrize("region", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
