@@ -433,6 +433,23 @@ void run_forward(const kernels::LayerForwardParams<T>& p, const at::Device& dev,
 #endif
 }
 
+// The schedule of one layer and direction: T steps from `batch_sizes` and
+// `row_offsets` (host), the device copies when `sched` holds them.
+void fill_schedule(kernels::LayerSchedule& p, const Config& c, int64_t T,
+                   const int64_t* batch_sizes, const int64_t* row_offsets,
+                   const DeviceSchedule& sched, bool reverse) {
+  p.mode = static_cast<int>(c.mode);
+  p.T = static_cast<int>(T);
+  p.B = static_cast<int>(c.B);
+  p.H = static_cast<int>(c.H);
+  p.P = static_cast<int>(c.P);
+  p.batch_sizes = batch_sizes;
+  p.row_offsets = row_offsets;
+  p.batch_sizes_dev = sched.batch_sizes.defined() ? sched.batch_sizes.data_ptr<int64_t>() : nullptr;
+  p.row_offsets_dev = sched.offsets.defined() ? sched.offsets.data_ptr<int64_t>() : nullptr;
+  p.reverse = reverse;
+}
+
 template <typename T>
 void run_backward(const kernels::LayerBackwardParams<T>& p, const at::Device& dev,
                   bool bf16 = false) {
@@ -608,17 +625,8 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
                             &packs->w_ih);
 
         kernels::LayerForwardParams<T> p{};
-        p.mode = static_cast<int>(c.mode);
-        p.T = static_cast<int>(t1 - t0);
-        p.B = static_cast<int>(c.B);
-        p.H = static_cast<int>(c.H);
-        p.P = static_cast<int>(c.P);
-        p.batch_sizes = c.batch_sizes.data() + t0;
-        p.row_offsets = rel_offsets.data();
-        // Device schedules only exist for a single whole-sequence chunk.
-        p.batch_sizes_dev = sched.batch_sizes.defined() ? sched.batch_sizes.data_ptr<int64_t>() : nullptr;
-        p.row_offsets_dev = sched.offsets.defined() ? sched.offsets.data_ptr<int64_t>() : nullptr;
-        p.reverse = d == 1;
+        // (Device schedules only exist for a single whole-sequence chunk.)
+        fill_schedule(p, c, t1 - t0, c.batch_sizes.data() + t0, rel_offsets.data(), sched, d == 1);
         p.gates = gates.data_ptr<T>();
         p.extra = extra;
         p.w_hh = w_hh.data_ptr<T>();
@@ -726,16 +734,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       const int64_t idx = l * c.D + d;
       const Tensor& w_ih = c.w(w, l, d, 0);
       kernels::LayerBackwardParams<T> p{};
-      p.mode = static_cast<int>(c.mode);
-      p.T = static_cast<int>(c.T);
-      p.B = static_cast<int>(c.B);
-      p.H = static_cast<int>(c.H);
-      p.P = static_cast<int>(c.P);
-      p.batch_sizes = c.batch_sizes.data();
-      p.row_offsets = c.offsets.data();
-      p.batch_sizes_dev = sched.batch_sizes.defined() ? sched.batch_sizes.data_ptr<int64_t>() : nullptr;
-      p.row_offsets_dev = sched.offsets.defined() ? sched.offsets.data_ptr<int64_t>() : nullptr;
-      p.reverse = d == 1;
+      fill_schedule(p, c, c.T, c.batch_sizes.data(), c.offsets.data(), sched, d == 1);
       p.gates = reserve.data_ptr<T>() + c.gates_offset(idx);
       p.extra = c.EH() > 0 ? reserve.data_ptr<T>() + c.extra_offset(idx) : nullptr;
       p.out = out_l.data_ptr<T>() + d * c.P;

@@ -24,8 +24,9 @@
 namespace fastcells {
 namespace kernels {
 
-template <typename scalar_t>
-struct LayerForwardParams {
+// What both passes of one layer and direction share: the cell, the sizes
+// and the time schedule.
+struct LayerSchedule {
   int mode;                     // CellMode
   int T, B, H, P;               // P = proj_size if > 0 else H
   const int64_t* batch_sizes;   // [T], host memory
@@ -35,7 +36,10 @@ struct LayerForwardParams {
   const int64_t* batch_sizes_dev;
   const int64_t* row_offsets_dev;
   bool reverse;                 // iterate t = T-1 .. 0
+};
 
+template <typename scalar_t>
+struct LayerForwardParams : LayerSchedule {
   // (N, G*H). In: x W_ih^T + b_ih (+ b_hh for LSTM/RNN/reset-before GRU, + b_hr,
   // b_hz for GRU). Out: activated gates, LSTM (i, f, g, o), GRU and reset-before
   // GRU (r, z, n), RNN (h).
@@ -58,15 +62,7 @@ struct LayerForwardParams {
 };
 
 template <typename scalar_t>
-struct LayerBackwardParams {
-  int mode;
-  int T, B, H, P;
-  const int64_t* batch_sizes;   // [T], host memory
-  const int64_t* row_offsets;   // [T], host memory
-  const int64_t* batch_sizes_dev;  // as in LayerForwardParams
-  const int64_t* row_offsets_dev;
-  bool reverse;
-
+struct LayerBackwardParams : LayerSchedule {
   // Saved by forward.
   const scalar_t* gates;        // (N, G*H) activated gates
   const scalar_t* extra;        // (N, H) LSTM c_t / GRU hh_n / null
