@@ -745,6 +745,37 @@ bool transposed_pays(int64_t M, int64_t N) {
   return N * padded<T>(M) <= M * padded<T>(N);
 }
 
+// C^T (N x M) in a buffer: C's values transposed with `accumulate`, else
+// zeros (overwritten).
+template <typename T>
+std::vector<T> transposed_start(int64_t M, int64_t N, const T* C, int64_t ldc, bool accumulate) {
+  std::vector<T> ct(static_cast<size_t>(N * M));
+  if (accumulate)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) ct[n * M + m] = C[m * ldc + n];
+  return ct;
+}
+
+template <typename T>
+void transposed_finish(const std::vector<T>& ct, int64_t M, int64_t N, T* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = ct[n * M + m];
+}
+
+// Thread tid's part of C^T (N rows, `panels` column panels): rows [n0, n0 +
+// nr) and panels [p0, p1); the larger side is split.
+struct OutPart {
+  int64_t n0, nr, p0, p1;
+};
+inline OutPart out_part(int64_t N, int64_t M, int64_t panels, int tid, int team) {
+  if (N >= M) {
+    const auto rows = share(N, tid, team, gemm::kMR);
+    return {rows.first, rows.second - rows.first, 0, panels};
+  }
+  const auto cols = share(panels, tid, team, 1);
+  return {0, N, cols.first, cols.second};
+}
+
 // C(M, N) = [C +] A(M, K) B(K, N), A(m, k) = A[m + k * a_ks], B row-major, as
 // C^T = B^T A^T: A^T is row-major K x M with row stride a_ks, so its whole
 // panels are read in place (gemm::direct_mm) and only a last partial panel
@@ -757,34 +788,26 @@ void transposed_product(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_k
                         int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int64_t NB = PackedB<T>::NB;
   const int64_t full = M / NB * NB, tail = M - full;
-  std::vector<T> ct(static_cast<size_t>(N * M));
-  if (accumulate)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) ct[n * M + m] = C[m * ldc + n];
+  std::vector<T> ct = transposed_start(M, N, C, ldc, accumulate);
   PackedStore<T> tail_store;
   PackedB<T> tail_b(tail_store);
   if (tail > 0) tail_b.init(K, tail, tail);
   const int64_t panels = full / NB + (tail > 0 ? 1 : 0);
   const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
-  const bool split_rows = N >= M;
   run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
     if (tail > 0) {
       pack_share(tail_b, A + full, a_ks, false, tid, team);
       team_barrier(team, barrier);
     }
-    using Range = std::pair<int64_t, int64_t>;
-    const Range rows = split_rows ? share(N, tid, team, gemm::kMR) : Range{0, N};
-    const Range cols = split_rows ? Range{0, panels} : share(panels, tid, team, 1);
-    const int64_t n0 = rows.first, nr = rows.second - rows.first;
-    if (nr <= 0) return;
-    const int64_t c0 = cols.first * NB, c1 = std::min(full, cols.second * NB);
-    T* y = ct.data() + n0 * M;
-    gemm::direct_mm(nr, c0, c1, K, B + n0, 1, ldb, A, a_ks, y, M, accumulate);
-    if (tail > 0 && cols.second * NB > full)
-      tail_b.mm(nr, 0, 1, B + n0, 1, ldb, y + full, M, accumulate);
+    const OutPart o = out_part(N, M, panels, tid, team);
+    if (o.nr <= 0) return;
+    T* y = ct.data() + o.n0 * M;
+    gemm::direct_mm(o.nr, o.p0 * NB, std::min(full, o.p1 * NB), K, B + o.n0, 1, ldb, A, a_ks, y,
+                    M, accumulate);
+    if (tail > 0 && o.p1 * NB > full)
+      tail_b.mm(o.nr, 0, 1, B + o.n0, 1, ldb, y + full, M, accumulate);
   });
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = ct[n * M + m];
+  transposed_finish(ct, M, N, C, ldc);
 }
 
 #if defined(FASTCELLS_BF16)
@@ -807,28 +830,19 @@ inline void transposed_pairs(int64_t M, int64_t N, int64_t K, const float* A, in
   const int64_t KP = (K + 1) / 2, ldg = padded<float>(M), ldx = (N + 15) / 16 * 16;
   std::unique_ptr<float[]> gp(new float[std::max<int64_t>(1, KP * ldg)]);
   std::unique_ptr<float[]> xp(new float[std::max<int64_t>(1, KP * ldx)]);
-  std::vector<float> ct(static_cast<size_t>(N * M));
-  if (accumulate)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) ct[n * M + m] = C[m * ldc + n];
+  std::vector<float> ct = transposed_start(M, N, C, ldc, accumulate);
   const int nt = team_size(M * N * std::max<int64_t>(K, 1), kParallelGemm);
-  const bool split_rows = N >= M;
-  const int64_t panels = ldg / NB;
   run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
     const auto kps = share(KP, tid, team, 1);
     gemm::pack_pair_rows(A, a_ks, K, M, gp.get(), ldg, kps.first, kps.second);
     gemm::pack_pair_rows(B, ldb, K, N, xp.get(), ldx, kps.first, kps.second);
     team_barrier(team, barrier);
-    using Range = std::pair<int64_t, int64_t>;
-    const Range rows = split_rows ? share(N, tid, team, gemm::kMR) : Range{0, N};
-    const Range cols = split_rows ? Range{0, panels} : share(panels, tid, team, 1);
-    const int64_t n0 = rows.first, nr = rows.second - rows.first;
-    if (nr <= 0) return;
-    gemm::direct_mm_pairs(nr, cols.first * NB, std::min(M, cols.second * NB), KP, xp.get() + n0,
-                          ldx, gp.get(), ldg, ct.data() + n0 * M, M, accumulate);
+    const OutPart o = out_part(N, M, ldg / NB, tid, team);
+    if (o.nr <= 0) return;
+    gemm::direct_mm_pairs(o.nr, o.p0 * NB, std::min(M, o.p1 * NB), KP, xp.get() + o.n0, ldx,
+                          gp.get(), ldg, ct.data() + o.n0 * M, M, accumulate);
   });
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = ct[n * M + m];
+  transposed_finish(ct, M, N, C, ldc);
 }
 #endif
 
