@@ -126,45 +126,9 @@ void check_tensor(const Tensor& t, const char* name, at::IntArrayRef expected,
   check_tensor(t, [name] { return name; }, expected, input);
 }
 
-Config check_inputs(const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
-                    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes,
-                    int64_t mode, int64_t num_layers, bool bidirectional, bool has_biases,
-                    int64_t proj_size, const std::optional<Tensor>& dropout_masks) {
-  Config c;
-  TORCH_CHECK(kernels::is_valid_mode(mode), "fastcells: `mode` must be ", kernels::valid_modes(),
-              ", got ", mode);
-  TORCH_CHECK(num_layers >= 1, "fastcells: `num_layers` must be >= 1, got ", num_layers);
-  // Each layer has at least two weights: this bounds every later product with L.
-  TORCH_CHECK(num_layers <= static_cast<int64_t>(weights.size()),
-              "fastcells: `num_layers` (", num_layers, ") is more than the ", weights.size(),
-              " tensors in `weights` can hold (at least 2 per layer and direction)");
-  TORCH_CHECK(proj_size >= 0, "fastcells: `proj_size` must be >= 0, got ", proj_size);
-  TORCH_CHECK(proj_size == 0 || kernels::allows_proj(static_cast<int>(mode)),
-              "fastcells: `proj_size` is only supported for LSTM, got mode ", kModeNames[mode]);
-  c.mode = mode;
-  c.L = num_layers;
-  c.D = bidirectional ? 2 : 1;
-  c.G = kernels::num_gates(static_cast<int>(mode));
-  c.bias = has_biases;
-  c.bf16 = input.scalar_type() == at::kBFloat16;
-  c.per_dir = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
-
-  TORCH_CHECK(input.defined(), "fastcells: `input` is required");
-  TORCH_CHECK(is_float_type(input.scalar_type()),
-              "fastcells: `input` must be a floating point tensor (float32, float64, "
-              "bfloat16 or float16), got ", input.scalar_type());
-  TORCH_CHECK(input.is_cpu() || input.is_cuda(), "fastcells: `input` must be on CPU or CUDA, got ",
-              input.device());
-  // The CUDA loops run the reset-after GRU's single product per step; the
-  // reset-before GRU's two dependent products have no CUDA kernel yet.
-  TORCH_CHECK(input.is_cpu() || mode != kernels::kGRU_RESET_BEFORE,
-              "fastcells: mode ", mode, " (GRU_RESET_BEFORE, the reset-before GRU) runs on the "
-              "CPU only; `input` is on ", input.device());
-#ifndef WITH_CUDA
-  TORCH_CHECK(input.is_cpu(),
-              "fastcells: `input` is on ", input.device(),
-              " but this build of fastcells has no CUDA backend (rebuild with FORCE_CUDA=1)");
-#endif
+// T, B, I, N and the per-step schedule of `input`: packed (batch_sizes) or
+// dense (seq_len, batch, input_size).
+void sequence_sizes(Config& c, const Tensor& input, at::OptionalIntArrayRef batch_sizes) {
   c.packed = batch_sizes.has_value();
   if (c.packed) {
     TORCH_CHECK(input.dim() == 2, "fastcells: packed `input` must be 2-D (N, input_size), got ",
@@ -217,9 +181,12 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
       c.offsets.push_back(t * c.B);
     }
   }
-  TORCH_CHECK(c.T <= kIntMax && c.B <= kIntMax && c.N < (int64_t(1) << 40),
-              "fastcells: sequence too long: T = ", c.T, ", B = ", c.B, ", N = ", c.N);
+}
 
+// H and P from weight_hh_l0, the size caps, then every weight's shape, dtype
+// and device against the configuration.
+void check_weights(Config& c, at::TensorList weights, const Tensor& input, int64_t mode,
+                   bool has_biases, int64_t proj_size) {
   const int64_t expected_weights = c.L * c.D * c.per_dir;  // L <= weights.size(): no overflow
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected_weights, "fastcells: expected ",
               expected_weights, " tensors in `weights` (num_layers=", c.L, ", directions=", c.D,
@@ -266,6 +233,12 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
       }
     }
   }
+}
+
+// hx, cx (None: zero initial states) and the dropout masks.
+void check_states(const Config& c, const Tensor& input, const std::optional<Tensor>& hx,
+                  const std::optional<Tensor>& cx, int64_t mode,
+                  const std::optional<Tensor>& dropout_masks) {
   // hx (and for LSTM cx) may be None: zero initial states.
   const bool has_hx = hx.has_value() && hx->defined();
   const bool has_cx = cx.has_value() && cx->defined();
@@ -290,6 +263,53 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
     shape.push_back(c.D * c.P);
     check_tensor(*dropout_masks, "dropout_masks", shape, input);
   }
+}
+
+Config check_inputs(const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
+                    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes,
+                    int64_t mode, int64_t num_layers, bool bidirectional, bool has_biases,
+                    int64_t proj_size, const std::optional<Tensor>& dropout_masks) {
+  Config c;
+  TORCH_CHECK(kernels::is_valid_mode(mode), "fastcells: `mode` must be ", kernels::valid_modes(),
+              ", got ", mode);
+  TORCH_CHECK(num_layers >= 1, "fastcells: `num_layers` must be >= 1, got ", num_layers);
+  // Each layer has at least two weights: this bounds every later product with L.
+  TORCH_CHECK(num_layers <= static_cast<int64_t>(weights.size()),
+              "fastcells: `num_layers` (", num_layers, ") is more than the ", weights.size(),
+              " tensors in `weights` can hold (at least 2 per layer and direction)");
+  TORCH_CHECK(proj_size >= 0, "fastcells: `proj_size` must be >= 0, got ", proj_size);
+  TORCH_CHECK(proj_size == 0 || kernels::allows_proj(static_cast<int>(mode)),
+              "fastcells: `proj_size` is only supported for LSTM, got mode ", kModeNames[mode]);
+  c.mode = mode;
+  c.L = num_layers;
+  c.D = bidirectional ? 2 : 1;
+  c.G = kernels::num_gates(static_cast<int>(mode));
+  c.bias = has_biases;
+  c.bf16 = input.scalar_type() == at::kBFloat16;
+  c.per_dir = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
+
+  TORCH_CHECK(input.defined(), "fastcells: `input` is required");
+  TORCH_CHECK(is_float_type(input.scalar_type()),
+              "fastcells: `input` must be a floating point tensor (float32, float64, "
+              "bfloat16 or float16), got ", input.scalar_type());
+  TORCH_CHECK(input.is_cpu() || input.is_cuda(), "fastcells: `input` must be on CPU or CUDA, got ",
+              input.device());
+  // The CUDA loops run the reset-after GRU's single product per step; the
+  // reset-before GRU's two dependent products have no CUDA kernel yet.
+  TORCH_CHECK(input.is_cpu() || mode != kernels::kGRU_RESET_BEFORE,
+              "fastcells: mode ", mode, " (GRU_RESET_BEFORE, the reset-before GRU) runs on the "
+              "CPU only; `input` is on ", input.device());
+#ifndef WITH_CUDA
+  TORCH_CHECK(input.is_cpu(),
+              "fastcells: `input` is on ", input.device(),
+              " but this build of fastcells has no CUDA backend (rebuild with FORCE_CUDA=1)");
+#endif
+  sequence_sizes(c, input, batch_sizes);
+  TORCH_CHECK(c.T <= kIntMax && c.B <= kIntMax && c.N < (int64_t(1) << 40),
+              "fastcells: sequence too long: T = ", c.T, ", B = ", c.B, ", N = ", c.N);
+
+  check_weights(c, weights, input, mode, has_biases, proj_size);
+  check_states(c, input, hx, cx, mode, dropout_masks);
   return c;
 }
 
