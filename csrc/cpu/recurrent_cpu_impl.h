@@ -239,6 +239,20 @@ inline void for_units_padded(int64_t n, const Runs<T, NI, NO>& r, const F& f) {
 struct LstmFwd {
   enum In { kAi, kAf, kAg, kAo, kCPrev, kIns };
   enum Out { kI, kF, kG, kO, kCSaved, kCNext, kR, kOuts };
+  // (always_inline: called per lane inside the vectorised loops.)
+  template <typename T>
+  static inline __attribute__((always_inline)) void element(const T* const* in, T* const* out,
+                                                            int64_t j) {
+    const auto st = kernels::lstm_forward<T>(in[kAi][j], in[kAf][j], in[kAg][j], in[kAo][j],
+                                             in[kCPrev][j]);
+    out[kI][j] = st.i;
+    out[kF][j] = st.f;
+    out[kG][j] = st.g;
+    out[kO][j] = st.o;
+    out[kCSaved][j] = st.c;
+    out[kCNext][j] = st.c;
+    out[kR][j] = st.r;
+  }
 };
 template <typename T>
 inline void lstm_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, T* c, T* e, T* r) {
@@ -247,17 +261,64 @@ inline void lstm_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, T* c, T* 
       {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, c + u0},
       {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, e + u0, c + u0, r + u0}};
   for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
-    const auto st = kernels::lstm_forward<T>(in[S::kAi][j], in[S::kAf][j], in[S::kAg][j],
-                                             in[S::kAo][j], in[S::kCPrev][j]);
-    out[S::kI][j] = st.i;
-    out[S::kF][j] = st.f;
-    out[S::kG][j] = st.g;
-    out[S::kO][j] = st.o;
-    out[S::kCSaved][j] = st.c;
-    out[S::kCNext][j] = st.c;
-    out[S::kR][j] = st.r;
+    S::element<T>(in, out, j);
   });
 }
+
+#if defined(FASTCELLS_AVX512_MASKS)
+// Rows of H <= 8 units share vectors: rows b .. b + k - 1 (k = 16 / H) fill
+// lanes [j H, (j + 1) H) of one 16-lane vector per stream, so that hidden 6
+// runs 12 of 16 lanes instead of 6 (one row per vector leaves the rest as
+// padding). Each lane computes the same operations as row by row, so results
+// do not change. Stream s of row b starts at in[s] + b * in_ld[s] (out alike).
+constexpr int64_t kPackedRowsMaxH = 8;
+template <int NI, int NO, typename F>
+inline void for_rows_packed(int64_t rows, int64_t H, const float* const (&in)[NI],
+                            const int64_t (&in_ld)[NI], float* const (&out)[NO],
+                            const int64_t (&out_ld)[NO], const F& f) {
+  constexpr int L = 16;
+  const int64_t k = L / H;
+  const uint32_t row_bits = (1u << H) - 1u;
+  alignas(64) float lin[NI][L];
+  alignas(64) float lout[NO][L];
+  const float* pin[NI];
+  float* pout[NO];
+  for (int s = 0; s < NI; ++s) pin[s] = lin[s];
+  for (int s = 0; s < NO; ++s) pout[s] = lout[s];
+  for (int64_t b = 0; b < rows; b += k) {
+    const int64_t kk = std::min(k, rows - b);
+    for (int s = 0; s < NI; ++s) {
+      __m512 v = _mm512_setzero_ps();
+      for (int64_t j = 0; j < kk; ++j)  // (row j's lanes start j * H before its address)
+        v = _mm512_mask_loadu_ps(v, static_cast<__mmask16>(row_bits << (j * H)),
+                                 in[s] + (b + j) * in_ld[s] - j * H);
+      _mm512_store_ps(lin[s], v);
+    }
+#pragma omp simd simdlen(L)
+    for (int64_t l = 0; l < L; ++l) f(pin, pout, l);
+    for (int s = 0; s < NO; ++s) {
+      const __m512 v = _mm512_load_ps(lout[s]);
+      for (int64_t j = 0; j < kk; ++j)
+        _mm512_mask_storeu_ps(out[s] + (b + j) * out_ld[s] - j * H,
+                              static_cast<__mmask16>(row_bits << (j * H)), v);
+    }
+  }
+}
+
+// lstm_forward_row over rows [0, rows) of all H units, H <= kPackedRowsMaxH:
+// gt, c, e, r point at row 0 and step by ld_g, H, H and ld_r.
+inline void lstm_forward_rows(int64_t rows, int64_t H, float* gt, int64_t ld_g, float* c,
+                              float* e, float* r, int64_t ld_r) {
+  using S = LstmFwd;
+  const float* const in[S::kIns] = {gt, gt + H, gt + 2 * H, gt + 3 * H, c};
+  const int64_t in_ld[S::kIns] = {ld_g, ld_g, ld_g, ld_g, H};
+  float* const out[S::kOuts] = {gt, gt + H, gt + 2 * H, gt + 3 * H, e, c, r};
+  const int64_t out_ld[S::kOuts] = {ld_g, ld_g, ld_g, ld_g, H, H, ld_r};
+  for_rows_packed(rows, H, in, in_ld, out, out_ld,
+                  [](const float* const* i, float* const* o, int64_t j)
+                      __attribute__((always_inline)) { S::element<float>(i, o, j); });
+}
+#endif
 
 // GRU forward. gt: x-side r, z, n in (b_hr, b_hz folded), activated r, z, n
 // out; rc: recurrent products; b_hn; hp: h_{t-1}; e: hh_n = h W_hn^T + b_hn
@@ -548,7 +609,21 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       } else {
         product(0, G, h_cur, P);
       }
-      for (int64_t b = b0; b < b1; ++b) {
+#if defined(FASTCELLS_AVX512_MASKS)
+      // Hidden sizes up to 8: several rows per vector (results unchanged).
+      const bool packed_rows = std::is_same<T, float>::value && lstm && !pt.sync &&
+                               H <= kPackedRowsMaxH;
+      if constexpr (std::is_same<T, float>::value) {
+        if (packed_rows) {
+          T* out_r = proj ? r.data() + b0 * H : h_next + b0 * P;
+          lstm_forward_rows(b1 - b0, H, p.gates + (row0 + b0) * GH, GH, c.data() + b0 * H,
+                            p.extra + (row0 + b0) * H, out_r, proj ? H : P);
+        }
+      }
+#else
+      constexpr bool packed_rows = false;
+#endif
+      for (int64_t b = packed_rows ? b1 : b0; b < b1; ++b) {
         T* gt = p.gates + (row0 + b) * GH;
         const T* hp = h_cur + b * P;
         T* hn = h_next + b * P;
