@@ -500,8 +500,17 @@ class PackedB {
           for (int64_t k = 0; k < K; ++k) dst[k * NB + c] = src[k];
         }
       } else {
-        for (int64_t k = 0; k < K; ++k)
-          std::copy(B + k * ldb + c0, B + k * ldb + c0 + nb, dst + k * NB);
+        // Row by row as two vectors (a partial panel's padding comes back as
+        // zeros): a copy call per row of a few values cost more than the data.
+        using V = typename Simd<T>::V;
+        constexpr int L = Simd<T>::kLanes;
+        for (int64_t k = 0; k < K; ++k) {
+          V v0, v1;
+          load_row<T>(B + k * ldb + c0, nb, v0, v1);
+          store(dst + k * NB, v0);
+          store(dst + k * NB + L, v1);
+        }
+        continue;
       }
       for (int64_t k = 0; nb < NB && k < K; ++k)  // padding of a partial panel
         std::fill(dst + k * NB + nb, dst + (k + 1) * NB, T(0));
