@@ -238,7 +238,21 @@ class LSTM(_FusedRNNBase):
         super().__init__("LSTM", *args, **kwargs)
 
 
-class GRU(_FusedRNNBase):
+def _check_reset_after(m, reset_after) -> None:
+    if not isinstance(reset_after, bool):
+        raise TypeError(f"{type(m).__name__}: reset_after must be a bool, got {reset_after!r}")
+
+
+class _ResetAfterRepr:
+    """The torch.nn repr, with ``reset_after=False`` when set (the default is
+    torch.nn's convention and not shown)."""
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
+
+
+class GRU(_ResetAfterRepr, _FusedRNNBase):
     """Fused drop-in for :class:`torch.nn.GRU`.
 
     ``reset_after=True`` (the default) is torch.nn's convention, the reset gate
@@ -252,14 +266,9 @@ class GRU(_FusedRNNBase):
     def __init__(self, *args, reset_after: bool = True, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if not isinstance(reset_after, bool):
-            raise TypeError(f"GRU: reset_after must be a bool, got {reset_after!r}")
+        _check_reset_after(self, reset_after)
         super().__init__("GRU", *args, **kwargs)
         self.reset_after = reset_after
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
 
 
 class RNN(_FusedRNNBase):
@@ -328,19 +337,14 @@ class LSTMCell(_NoTorchScript, nn.LSTMCell):
         return _cell_forward(self, MODES["LSTM"], input, h0, c0)
 
 
-class GRUCell(_NoTorchScript, nn.GRUCell):
+class GRUCell(_ResetAfterRepr, _NoTorchScript, nn.GRUCell):
     """Fused drop-in for :class:`torch.nn.GRUCell`; returns ``h_1``.
     ``reset_after`` as in :class:`GRU`."""
 
     def __init__(self, *args, reset_after: bool = True, **kwargs):
-        if not isinstance(reset_after, bool):
-            raise TypeError(f"GRUCell: reset_after must be a bool, got {reset_after!r}")
+        _check_reset_after(self, reset_after)
         super().__init__(*args, **kwargs)
         self.reset_after = reset_after
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         reset_after = getattr(self, "reset_after", True)  # absent on a converted torch.nn cell

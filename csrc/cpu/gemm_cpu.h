@@ -386,31 +386,44 @@ inline int64_t row_block(int64_t M) {
   return (M + blocks - 1) / blocks;
 }
 
+// The blocking of the in-place products below (direct_mm and its bfloat16
+// form), as PackedB::mm's (K blocks, then panel groups, row blocks, panels):
+// call(k0, kc, m, r, c, acc) for each K block [k0, k0 + kc) of K (in steps of
+// kstep), row block [m, m + r) of M and panel c of [c0, c1); acc: the block
+// continues y's sums (`accumulate` or a later K block).
+template <typename F>
+inline void direct_blocks(int64_t M, int64_t c0, int64_t c1, int64_t K, int64_t kstep,
+                          int64_t NB, bool accumulate, const F& call) {
+  if (M <= 0 || c0 >= c1) return;
+  const int64_t rb = row_block(M);
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kstep) {
+    const int64_t kc = std::min<int64_t>(kstep, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t q0 = c0; q0 < c1; q0 += kPC * NB) {
+      const int64_t q1 = std::min<int64_t>(c1, q0 + kPC * NB);
+      for (int64_t m = 0; m < M; m += rb) {
+        const int64_t r = std::min<int64_t>(rb, M - m);
+        for (int64_t c = q0; c < q1; c += NB) call(k0, kc, m, r, c, acc);
+      }
+    }
+  }
+}
+
 // y(M, [n0, n1)) = [y +] x(M, K) @ B(K, [n0, n1)) with B read in place,
 // B(k, n) = B[k * ldb + n], over whole panels (n1 - n0 a multiple of kNB):
 // a row-major right-hand side already holds each panel's k-th row as kNB
-// contiguous values, so packing would only copy it. Blocked as PackedB::mm
-// (K blocks, then panel groups, row blocks, panels); the same sums.
+// contiguous values, so packing would only copy it. The same sums as
+// PackedB::mm.
 template <typename T>
 void direct_mm(int64_t M, int64_t n0, int64_t n1, int64_t K, const T* x, int64_t ldx,
                int64_t ksx, const T* B, int64_t ldb, T* y, int64_t ldy, bool accumulate) {
   static constexpr auto kernels = micro_kernels<T>(std::make_index_sequence<kMR>());
   constexpr int64_t NB = kNB<T>;
-  if (M <= 0 || n0 >= n1) return;
-  const int64_t rb = row_block(M);
-  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {
-    const int64_t kc = std::min<int64_t>(kKC, K - k0);
-    const bool acc = accumulate || k0 > 0;
-    for (int64_t q0 = n0; q0 < n1; q0 += kPC * NB) {
-      const int64_t q1 = std::min<int64_t>(n1, q0 + kPC * NB);
-      for (int64_t m = 0; m < M; m += rb) {
-        const MicroKernel<T> kernel = kernels[std::min<int64_t>(rb, M - m) - 1];
-        for (int64_t c = q0; c < q1; c += NB)
-          kernel(kc, x + m * ldx + k0 * ksx, ldx, ksx, B + k0 * ldb + c, ldb, y + m * ldy + c,
-                 ldy, NB, acc, nullptr);
-      }
-    }
-  }
+  direct_blocks(M, n0, n1, K, kKC, NB, accumulate,
+                [&](int64_t k0, int64_t kc, int64_t m, int64_t r, int64_t c, bool acc) {
+                  kernels[r - 1](kc, x + m * ldx + k0 * ksx, ldx, ksx, B + k0 * ldb + c, ldb,
+                                 y + m * ldy + c, ldy, NB, acc, nullptr);
+                });
 }
 
 #if defined(FASTCELLS_BF16)
@@ -423,23 +436,14 @@ inline void direct_mm_pairs(int64_t M, int64_t c0, int64_t c1, int64_t KP, const
                             int64_t ldxs, const float* B, int64_t ldb, float* y, int64_t ldy,
                             bool accumulate) {
   static constexpr auto kernels = micro_kernels_pairs(std::make_index_sequence<kMR>());
-  constexpr int64_t NB = kNB<float>, kKP = kKC / 2;
-  if (M <= 0 || c0 >= c1) return;
+  constexpr int64_t NB = kNB<float>;
   const uint16_t* x = reinterpret_cast<const uint16_t*>(xs);
-  const int64_t rb = row_block(M);
-  for (int64_t kp0 = 0; kp0 == 0 || kp0 < KP; kp0 += kKP) {
-    const int64_t kpc = std::min<int64_t>(kKP, KP - kp0);
-    const bool acc = accumulate || kp0 > 0;
-    for (int64_t q0 = c0; q0 < c1; q0 += kPC * NB) {
-      const int64_t q1 = std::min<int64_t>(c1, q0 + kPC * NB);
-      for (int64_t m = 0; m < M; m += rb) {
-        const MicroKernelPairs kernel = kernels[std::min<int64_t>(rb, M - m) - 1];
-        for (int64_t c = q0; c < q1; c += NB)
-          kernel(kpc, x + 2 * (kp0 * ldxs + m), 2, 2 * ldxs, B + kp0 * ldb + c, ldb,
-                 y + m * ldy + c, ldy, std::min<int64_t>(NB, c1 - c), acc, nullptr);
-      }
-    }
-  }
+  direct_blocks(M, c0, c1, KP, kKC / 2, NB, accumulate,
+                [&](int64_t kp0, int64_t kpc, int64_t m, int64_t r, int64_t c, bool acc) {
+                  kernels[r - 1](kpc, x + 2 * (kp0 * ldxs + m), 2, 2 * ldxs, B + kp0 * ldb + c,
+                                 ldb, y + m * ldy + c, ldy, std::min<int64_t>(NB, c1 - c), acc,
+                                 nullptr);
+                });
 }
 #endif
 

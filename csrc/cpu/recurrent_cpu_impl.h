@@ -513,7 +513,8 @@ inline void rnn_backward_row(int mode, int64_t u0, int64_t u1, const T* g, const
 template <typename T>
 inline void copy_row(int64_t u0, int64_t u1, const T* src, T* dst) {
   const Runs<T, 1, 1> io{{src + u0}, {dst + u0}};
-  for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) { out[0][j] = in[0][j]; });
+  for_units(u1 - u0, io,
+            [](const T* const* in, T* const* out, int64_t j) { out[0][j] = in[0][j]; });
 }
 
 // acc[u0, u1) += d[u0, u1) (the per-row running sums of the bias gradients).
@@ -587,7 +588,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       const int64_t b1 = std::min<int64_t>(M, pt.b1);  // this thread's active rows: [b0, b1)
       // Inactive rows keep their state in the buffer written this step.
       for (int64_t b = std::max<int64_t>(M, b0); b < pt.b1; ++b)
-        for (int64_t j = pt.c0; j < pt.c1; ++j) h_next[b * P + j] = h_cur[b * P + j];
+        copy_row(pt.c0, pt.c1, h_cur + b * P, h_next + b * P);
       // Recurrent product of gates [g0, g1) for this thread's rows, or its
       // units of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}.
       T* const prod = gru ? rec.data() : p.gates + row0 * GH;
@@ -609,19 +610,16 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       } else {
         product(0, G, h_cur, P);
       }
-#if defined(FASTCELLS_AVX512_MASKS)
       // Hidden sizes up to 8: several rows per vector (results unchanged).
-      const bool packed_rows = std::is_same<T, float>::value && lstm && !pt.sync &&
-                               H <= kPackedRowsMaxH;
+      bool packed_rows = false;
+#if defined(FASTCELLS_AVX512_MASKS)
       if constexpr (std::is_same<T, float>::value) {
-        if (packed_rows) {
-          T* out_r = proj ? r.data() + b0 * H : h_next + b0 * P;
+        packed_rows = lstm && !pt.sync && H <= kPackedRowsMaxH;
+        if (packed_rows)
           lstm_forward_rows(b1 - b0, H, p.gates + (row0 + b0) * GH, GH, c.data() + b0 * H,
-                            p.extra + (row0 + b0) * H, out_r, proj ? H : P);
-        }
+                            p.extra + (row0 + b0) * H,
+                            proj ? r.data() + b0 * H : h_next + b0 * P, proj ? H : P);
       }
-#else
-      constexpr bool packed_rows = false;
 #endif
       for (int64_t b = packed_rows ? b1 : b0; b < b1; ++b) {
         T* gt = p.gates + (row0 + b) * GH;
