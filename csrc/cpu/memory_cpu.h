@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <new>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -51,6 +53,29 @@ inline void advise_huge_pages(void* p, size_t bytes) {
   (void)bytes;
 #endif
 }
+
+// Scratch buffers of the time loop start on a 64-byte cache line. When a
+// thread team splits the hidden units or columns (in multiples of 16
+// floats), each thread's part of a row then has lines of its own; with
+// malloc's 16-byte alignment the line at every boundary is written by both
+// threads each step and moves between the cores.
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kLine{64};
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kLine)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kLine); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAllocator<U>&) const { return false; }
+};
+
+template <typename T>
+using LineVector = std::vector<T, LineAllocator<T>>;
 
 }  // namespace cpu
 }  // namespace fastcells

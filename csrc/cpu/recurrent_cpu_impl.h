@@ -540,13 +540,13 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   const bool rb = p.mode == kGRU_RESET_BEFORE;
 
   // Double-buffered hidden state: step t reads h[cur], writes h[1 - cur].
-  std::vector<T> h_a(p.h0, p.h0 + B * P), h_b(h_a);
-  std::vector<T> c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr);
+  LineVector<T> h_a(p.h0, p.h0 + B * P), h_b(h_a);
+  LineVector<T> c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr);
   // LSTM, RNN and the reset-before GRU accumulate the recurrent products onto
   // the x side in p.gates; GRU needs its product apart (r multiplies the n
   // part). The reset-before GRU's second product reads r * h_{t-1} (rh).
-  std::vector<T> rec(gru ? static_cast<size_t>(B * GH) : 0);
-  std::vector<T> r(proj || rb ? static_cast<size_t>(B * H) : 0);
+  LineVector<T> rec(gru ? static_cast<size_t>(B * GH) : 0);
+  LineVector<T> r(proj || rb ? static_cast<size_t>(B * H) : 0);
   const std::vector<T> no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0));
   const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
   const int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
@@ -672,19 +672,19 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   const bool rb = p.mode == kGRU_RESET_BEFORE;
 
   // dh: gradient w.r.t. the state entering the step processed next (B, P).
-  std::vector<T> dh(static_cast<size_t>(B * P), T(0));
+  LineVector<T> dh(static_cast<size_t>(B * P), T(0));
   if (p.grad_hy) std::copy(p.grad_hy, p.grad_hy + B * P, dh.begin());
-  std::vector<T> dc(lstm ? static_cast<size_t>(B * H) : 0, T(0));
+  LineVector<T> dc(lstm ? static_cast<size_t>(B * H) : 0, T(0));
   if (lstm && p.grad_cy) std::copy(p.grad_cy, p.grad_cy + B * H, dc.begin());
-  std::vector<T> dtot(static_cast<size_t>(B * P));
+  LineVector<T> dtot(static_cast<size_t>(B * P));
   // dr: dL/dr_t of a projection, or the reset-before GRU's dL/d(r * h_{t-1}).
-  std::vector<T> dr(proj || rb ? static_cast<size_t>(B * H) : 0);
+  LineVector<T> dr(proj || rb ? static_cast<size_t>(B * H) : 0);
   // Per-row running sums of the gate gradients (bias gradients, see params.h).
   // GRU's recurrent side differs from the input side only in the n slot, so
   // acc_h holds that slot alone.
   const bool sum_x = p.db_x != nullptr, sum_h = sum_x && gru && p.db_h != nullptr;
-  std::vector<T> acc_x(sum_x ? static_cast<size_t>(B * GH) : 0, T(0));
-  std::vector<T> acc_h(sum_h ? static_cast<size_t>(B * H) : 0, T(0));
+  LineVector<T> acc_x(sum_x ? static_cast<size_t>(B * GH) : 0, T(0));
+  LineVector<T> acc_h(sum_h ? static_cast<size_t>(B * H) : 0, T(0));
   const T* dgh_base = gru ? p.dgates_h : p.dgates_x;
   const auto prev = [&](int t, int64_t b) {
     return kernels::prev_row(p.batch_sizes, p.row_offsets, p.T, p.B, t, b, p.reverse);
@@ -707,28 +707,32 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
     if (rb) pack_share(w_hn, p.w_hh + 2 * H * P, P, false, tid, team);
     team_barrier(team, barrier);
     const Part pt = part_of(by_rows, B, H, P, tid, team, q);
-    const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
     for (int s = 0; s < p.T; ++s) {
       const int t = p.reverse ? s : p.T - 1 - s;
       const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
-      const int64_t b1 = std::min<int64_t>(M, pt.b1);  // this thread's active rows: [b0, b1)
-      // 1. h_{t-1} of each row and the total gradient w.r.t. h_t (own columns).
+      // Steps 1-3 take whole rows: this thread's rows, or with the units
+      // split a share of the active rows, so that each thread streams whole
+      // rows of saved gates and writes whole rows of gate gradients; only
+      // the product (step 4) splits columns. Split units made these steps
+      // 4x slower on two threads than on one (LSTM (112, 8, 256); its
+      // backward on two threads 4.4 -> 3.7 ms with whole rows).
+      const auto er = pt.sync ? share(M, tid, team, 1)
+                              : std::make_pair(pt.b0, std::min<int64_t>(M, pt.b1));
+      const int64_t b0 = er.first, b1 = er.second;
+      // 1. h_{t-1} of each row and the total gradient w.r.t. h_t.
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t pr = prev(t, b);
         const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
-        copy_row(pt.c0, pt.c1, hp, p.h_prev + (row0 + b) * P);
+        copy_row(0, P, hp, p.h_prev + (row0 + b) * P);
         T* dt = dtot.data() + b * P;
         const T* go = p.grad_out ? p.grad_out + (row0 + b) * p.ld_gout : nullptr;
-        for (int64_t j = pt.c0; j < pt.c1; ++j)
+        for (int64_t j = 0; j < P; ++j)
           dt[j] = dh[b * P + j] + (go ? go[j] : T(0));
-        if (proj) copy_row(pt.c0, pt.c1, dt, p.dh_all + (row0 + b) * P);
+        if (proj) copy_row(0, P, dt, p.dh_all + (row0 + b) * P);
       }
-      // 2. Projection: dr = dh_t W_hr (needs every column of dtot).
-      if (proj) {
-        part_barrier(pt, barrier);
-        w_hr.mm_cols(b1 - b0, u0, u1, dtot.data() + b0 * P, P, dr.data() + b0 * H, H, false);
-      }
-      // 3. Gate gradients for this thread's units.
+      // 2. Projection: dr = dh_t W_hr.
+      if (proj) w_hr.mm_cols(b1 - b0, 0, H, dtot.data() + b0 * P, P, dr.data() + b0 * H, H, false);
+      // 3. Gate gradients.
       const T* drow_base = proj ? dr.data() : dtot.data();
       const int64_t ld_d = proj ? H : P;
       for (int64_t b = b0; b < b1; ++b) {
@@ -740,27 +744,25 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
           const int64_t pr = prev(t, b);
           const T* cp = pr >= 0 ? p.extra + pr * H : p.c0 + b * H;
           const T* cc = p.extra + row * H;
-          lstm_backward_row(H, u0, u1, g, cc, cp, d_in, dc.data() + b * H, dgx);
-          if (proj) lstm_r_row(u0, u1, g + 3 * H, cc, p.r_all + row * H);
+          lstm_backward_row(H, 0, H, g, cc, cp, d_in, dc.data() + b * H, dgx);
+          if (proj) lstm_r_row(0, H, g + 3 * H, cc, p.r_all + row * H);
         } else if (gru) {
-          // GRU: P == H, so this thread's columns are its units.
-          gru_backward_row(H, u0, u1, g, p.extra + row * H, p.h_prev + row * P, d_in, dgx,
+          gru_backward_row(H, 0, H, g, p.extra + row * H, p.h_prev + row * P, d_in, dgx,
                            p.dgates_h + row * GH, dh.data() + b * P);
         } else if (rb) {
-          gru_rb_backward_nz_row(H, u0, u1, g, p.h_prev + row * P, d_in, dgx);
+          gru_rb_backward_nz_row(H, 0, H, g, p.h_prev + row * P, d_in, dgx);
         } else {
-          rnn_backward_row(p.mode, u0, u1, g, d_in, dgx);
+          rnn_backward_row(p.mode, 0, H, g, d_in, dgx);
         }
       }
       if (rb) {
-        // d(r * h_{t-1}) = da_n W_hn needs every unit's da_n; then da_r and
-        // the direct part of dh_{t-1} (P == H: own columns are own units).
-        part_barrier(pt, barrier);
-        w_hn.mm_cols(b1 - b0, pt.c0, pt.c1, p.dgates_x + (row0 + b0) * GH + 2 * H, GH,
+        // d(r * h_{t-1}) = da_n W_hn; then da_r and the direct part of
+        // dh_{t-1} (P == H).
+        w_hn.mm_cols(b1 - b0, 0, P, p.dgates_x + (row0 + b0) * GH + 2 * H, GH,
                      dr.data() + b0 * H, H, false);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t row = row0 + b;
-          gru_rb_backward_r_row(H, u0, u1, p.gates + row * GH, p.h_prev + row * P,
+          gru_rb_backward_r_row(H, 0, H, p.gates + row * GH, p.h_prev + row * P,
                                 dtot.data() + b * P, dr.data() + b * H, p.dgates_x + row * GH,
                                 dh.data() + b * P, p.r_all + row * H);
         }
@@ -769,23 +771,24 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
         const int64_t row = row0 + b;
         const T* dgx = p.dgates_x + row * GH;
         for (int64_t k = 0; sum_x && k < G; ++k)
-          accumulate_row(u0, u1, acc_x.data() + b * GH + k * H, dgx + k * H);
-        if (sum_h) accumulate_row(u0, u1, acc_h.data() + b * H, p.dgates_h + row * GH + 2 * H);
+          accumulate_row(0, H, acc_x.data() + b * GH + k * H, dgx + k * H);
+        if (sum_h) accumulate_row(0, H, acc_h.data() + b * H, p.dgates_h + row * GH + 2 * H);
       }
       part_barrier(pt, barrier);  // every gate gradient of the step is written
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns
       //    (reset-before GRU: its direct part + [da_r, da_z] W_h[r,z]).
-      w_hh.mm_cols(b1 - b0, pt.c0, pt.c1, dgh_base + (row0 + b0) * GH, GH,
-                   dh.data() + b0 * P, P, gru || rb);
+      const int64_t m0 = pt.b0, m1 = std::min<int64_t>(M, pt.b1);
+      w_hh.mm_cols(m1 - m0, pt.c0, pt.c1, dgh_base + (row0 + m0) * GH, GH,
+                   dh.data() + m0 * P, P, gru || rb);
       part_barrier(pt, barrier);
     }
     if (!pt.sync || tid == 0) {  // gradients of this thread's rows (all rows: tid 0)
-      std::copy(dh.begin() + b0 * P, dh.begin() + pt.b1 * P, p.dh0 + b0 * P);
-      if (lstm) std::copy(dc.begin() + b0 * H, dc.begin() + pt.b1 * H, p.dc0 + b0 * H);
+      std::copy(dh.begin() + pt.b0 * P, dh.begin() + pt.b1 * P, p.dh0 + pt.b0 * P);
+      if (lstm) std::copy(dc.begin() + pt.b0 * H, dc.begin() + pt.b1 * H, p.dc0 + pt.b0 * H);
     }
   });
   // Bias gradients: the per-row sums (n values wide) added in row order.
-  const auto reduce_rows = [&](const std::vector<T>& acc, int64_t n, T* db) {
+  const auto reduce_rows = [&](const LineVector<T>& acc, int64_t n, T* db) {
     std::fill(db, db + n, T(0));
     for (int64_t b = 0; b < B; ++b) {
       const T* __restrict__ a = acc.data() + b * n;
