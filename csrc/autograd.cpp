@@ -49,7 +49,9 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     ctx->saved_data["bidirectional"] = bidirectional;
     ctx->saved_data["has_biases"] = has_biases;
     ctx->saved_data["proj_size"] = proj_size;
-    ctx->mark_non_differentiable({reserve});
+    // The reserve is differentiable only so that the LSTM cell states a
+    // module returns (views of its c_t rows, return_cell_states) pass their
+    // gradients back: rnn_backward reads those rows of its gradient.
     ctx->set_materialize_grads(false);
     return {output, hy, cy, reserve};
   }
@@ -71,11 +73,12 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     const std::optional<Tensor> grad_cy = kernels::has_cell_state(static_cast<int>(mode))
                                               ? defined_or_null(grads[2])
                                               : std::nullopt;
+    const std::optional<Tensor> grad_reserve = defined_or_null(grads[3]);
 
     // Gradients in the order of forward's arguments, a TensorList counting
     // one slot per tensor; non-tensor arguments get undefined gradients.
     variable_list result(1 + weights.size() + 9);
-    if (!grad_out && !grad_hy && !grad_cy) return result;
+    if (!grad_out && !grad_hy && !grad_cy && !grad_reserve) return result;
     // The input gradient is a whole GEMM of the first layer: skip it when
     // the input does not require grad (the usual case in training).
     const bool need_input = ctx->needs_input_grad(0);
@@ -88,6 +91,10 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
     const bool has_biases = ctx->saved_data["has_biases"].toBool();
     const int64_t proj_size = ctx->saved_data["proj_size"].toInt();
+    TORCH_CHECK(!create_graph || !grad_reserve,
+                "fastcells: second derivatives through the cell states (return_cell_states=True) "
+                "are not supported: differentiate a loss that uses the output and final states "
+                "only, or use create_graph=False");
     auto [grad_input, grad_hx, grad_cx, grad_weights] = [&] {
       if (create_graph)
         return backward_reference_op().call(input, weights, hx, cx, batch_sizes, mode,
@@ -96,7 +103,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       return backward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, masks, saved[4], grad_out,
-                                grad_hy, grad_cy, need_input);
+                                grad_hy, grad_cy, need_input, grad_reserve);
     }();
     size_t k = 0;
     result[k++] = need_input ? grad_input : Tensor();

@@ -730,6 +730,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
                     const std::optional<Tensor>& masks,
                     const Tensor& reserve, const std::optional<Tensor>& grad_output,
                     const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy,
+                    const std::optional<Tensor>& grad_reserve,
                     const Tensor& grad_input, const Tensor& dhx, const Tensor& dcx,
                     const std::vector<Tensor>& gw, const DeviceSchedule& sched, bool poison,
                     bool need_grad_input) {
@@ -757,6 +758,9 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       fill_schedule(p, c, c.T, c.batch_sizes.data(), c.offsets.data(), sched, d == 1);
       p.gates = reserve.data_ptr<T>() + c.gates_offset(idx);
       p.extra = c.EH() > 0 ? reserve.data_ptr<T>() + c.extra_offset(idx) : nullptr;
+      p.grad_extra = lstm && grad_reserve.has_value()
+                         ? grad_reserve->data_ptr<T>() + c.extra_offset(idx)
+                         : nullptr;
       p.out = out_l.data_ptr<T>() + d * c.P;
       p.ld_out = c.D * c.P;
       p.h0 = h0.data_ptr<T>() + idx * c.B * c.P;
@@ -819,7 +823,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     const std::optional<Tensor>& dropout_masks, const Tensor& reserve,
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
-    const std::optional<Tensor>& grad_cy, bool need_grad_input) {
+    const std::optional<Tensor>& grad_cy, bool need_grad_input,
+    const std::optional<Tensor>& grad_reserve) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
   const at::ScalarType cd = compute_type(input.scalar_type());
@@ -837,6 +842,22 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const bool lstm = c.mode == kernels::kLSTM;
   if (lstm && grad_cy.has_value() && grad_cy->defined())
     check_tensor(*grad_cy, "grad_cy", {c.L * c.D, c.B, c.H}, input);
+  // Gradient w.r.t. the reserve: only an LSTM's c_t rows are read (what
+  // return_cell_states exposes); the rest of the reserve is not an output.
+  const bool use_grad_reserve = lstm && grad_reserve.has_value() && grad_reserve->defined();
+  if (use_grad_reserve) {
+    TORCH_CHECK(grad_reserve->dim() == 1 && grad_reserve->size(0) == c.reserve_size() &&
+                    grad_reserve->scalar_type() == cd &&
+                    grad_reserve->device() == input.device(),
+                "fastcells: `grad_reserve` must be a 1-D ", cd, " tensor of ",
+                c.reserve_size(), " elements on ", input.device(), " (the reserve's shape), got ",
+                grad_reserve->scalar_type(), " of shape ", shape_str(grad_reserve->sizes()),
+                " on ", grad_reserve->device());
+    TORCH_CHECK(input.is_cpu(),
+                "fastcells: gradients through the cell states (return_cell_states=True) are "
+                "computed by the CPU backend only; got `grad_reserve` on ", input.device(),
+                ", expected cpu");
+  }
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
 #ifdef WITH_CUDA
   const c10::OptionalDeviceGuard guard(input.device());
@@ -860,6 +881,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   if (go.has_value()) go = go->view({c.N, c.D * c.P});
   const auto ghy = to_compute(grad_hy, cd);
   const auto gcy = lstm ? to_compute(grad_cy, cd) : std::nullopt;
+  const std::optional<Tensor> gres =
+      use_grad_reserve ? std::optional<Tensor>(grad_reserve->contiguous()) : std::nullopt;
 
   // Without need_grad_input, grad_input is an empty (0-element) tensor.
   Tensor grad_input = alloc({need_grad_input ? c.N : 0, c.I}, opts, poison);
@@ -879,7 +902,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     if (lstm) { if (gcy.has_value()) dcx.copy_(*gcy); else dcx.zero_(); }
   } else {
     AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_backward", [&] {
-      backward_stack<scalar_t>(c, x, w, h0, c0, masks, res, go, ghy, gcy, grad_input,
+      backward_stack<scalar_t>(c, x, w, h0, c0, masks, res, go, ghy, gcy, gres, grad_input,
                                dhx, dcx, gw, sched, poison, need_grad_input);
     });
   }
@@ -932,8 +955,8 @@ TORCH_LIBRARY(fastcells, m) {
       "rnn_backward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
       "Tensor? dropout_masks, Tensor reserve, Tensor? grad_output, "
-      "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True) -> (Tensor grad_input, "
-      "Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
+      "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True, Tensor? grad_reserve=None) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
   // Gradients of rnn_forward computed through the pure-PyTorch reference
   // (fastcells/_transforms.py registers its CompositeImplicitAutograd kernel):
   // the backward under create_graph=True, whose results must be differentiable.

@@ -98,7 +98,7 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
 @torch.library.register_fake("fastcells::rnn_backward")
 def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                    has_biases, proj_size, dropout_masks, reserve, grad_output, grad_hy, grad_cy,
-                   need_grad_input=True):
+                   need_grad_input=True, grad_reserve=None):
     _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks,
                    reserve=reserve, grad_output=grad_output, grad_hy=grad_hy,
                    grad_cy=grad_cy)
@@ -119,8 +119,8 @@ def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidire
 def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch.Tensor],
         cx: Optional[torch.Tensor], batch_sizes: Optional[List[int]], mode: int,
         num_layers: int, bidirectional: bool, has_biases: bool, proj_size: int,
-        dropout_masks: Optional[torch.Tensor] = None
-        ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        dropout_masks: Optional[torch.Tensor] = None, return_cell_states: bool = False
+        ) -> Tuple[Optional[torch.Tensor], ...]:
     """Fused multi-layer RNN over a whole sequence (one op call for the stack).
 
     Args:
@@ -134,21 +134,50 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
         mode: the cell's code, ``MODES[name]`` (the table in fastcells/_cells.py).
         dropout_masks: None or (L-1, T, B, D*P) / (L-1, N, D*P) multipliers applied to
             the inputs of layers 1..L-1.
+        return_cell_states: LSTM only: also return the last layer's cell state c_t
+            of every step, laid out like ``output`` with H (not P) features per
+            direction. Gradients flow through it (first derivatives).
 
     Returns:
-        output (T, B, D*P) or (N, D*P); h_n (L*D, B, P); c_n (L*D, B, H) or None.
+        output (T, B, D*P) or (N, D*P); h_n (L*D, B, P); c_n (L*D, B, H) or None;
+        with ``return_cell_states`` also the cell states (T, B, D*H) or (N, D*H).
     """
+    if return_cell_states and not cell(mode).has_cell_state:
+        raise ValueError(f"return_cell_states: only the LSTM has cell states, got mode {mode}")
     if _transforms.needs_reference(input, weights, hx, cx):
         return _transforms.reference_rnn(input, list(weights), hx, cx, batch_sizes, mode,
                                          num_layers, bidirectional, has_biases, proj_size,
-                                         dropout_masks)
+                                         dropout_masks, return_cell_states)
     # Without grad mode nothing will be differentiated: skip saving activations.
     # A torch.jit.trace graph keeps them (it may later run with grad mode on).
-    out, hy, cy, _ = _forward(input, list(weights), hx, cx, batch_sizes, mode, num_layers,
-                              bidirectional, has_biases, proj_size, dropout_masks,
-                              torch.is_grad_enabled() or torch.jit.is_tracing())
+    # The cell states are read from the saved activations, so they need them.
+    keep = return_cell_states or torch.is_grad_enabled() or torch.jit.is_tracing()
+    out, hy, cy, reserve = _forward(input, list(weights), hx, cx, batch_sizes, mode,
+                                    num_layers, bidirectional, has_biases, proj_size,
+                                    dropout_masks, keep)
     # The op has checked `mode`, so it indexes the table.
-    return out, hy, (cy if CELLS[mode].has_cell_state else None)
+    result = (out, hy, (cy if CELLS[mode].has_cell_state else None))
+    if not return_cell_states:
+        return result
+    return result + (_cell_states(reserve, input, weights, batch_sizes, mode, num_layers,
+                                  bidirectional, proj_size).to(out.dtype),)
+
+
+def _cell_states(reserve: torch.Tensor, input: torch.Tensor, weights, batch_sizes, mode: int,
+                 num_layers: int, bidirectional: bool, proj_size: int) -> torch.Tensor:
+    """The last layer's c_t rows in the reserve (layout of csrc/ops.cpp: per layer
+    and direction, gates (N, G*H) then extra (N, H), the LSTM's c_t), as one
+    (T, B, D*H) or (N, D*H) tensor. Views and a cat: differentiable, and their
+    gradient reaches rnn_backward as `grad_reserve`."""
+    N, T, B, H, P, D, _ = _layout(input, weights, batch_sizes, mode, num_layers,
+                                  bidirectional, proj_size)
+    GH, EH = CELLS[mode].gates * H, CELLS[mode].extra_size(H)
+    parts = []
+    for d in range(D):
+        start = ((num_layers - 1) * D + d) * N * (GH + EH) + N * GH
+        parts.append(reserve[start:start + N * H].view(N, H))
+    cs = parts[0] if D == 1 else torch.cat(parts, dim=1)
+    return cs if batch_sizes is not None else cs.view(T, B, D * H)
 
 
 def build_info() -> str:

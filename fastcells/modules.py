@@ -184,22 +184,27 @@ def _initial_state(m, hx, has_cell_state: bool, B: int, batched: bool, sorted_in
     return h0, c0
 
 
+def _wrap_sequence(m, input, seq: Tensor, batched: bool):
+    """A per-step result (output or cell states) in the caller's layout."""
+    if isinstance(input, PackedSequence):
+        return PackedSequence(seq, input.batch_sizes, input.sorted_indices,
+                              input.unsorted_indices)
+    if m.batch_first and batched:
+        seq = seq.transpose(0, 1)
+    return seq if batched else seq.squeeze(1)
+
+
 def _wrap_output(m, input, out: Tensor, hy: Tensor, cy: Optional[Tensor], batched: bool):
     """The op's results in the caller's layout (packed, batch_first, unbatched)."""
+    output = _wrap_sequence(m, input, out, batched)
     if isinstance(input, PackedSequence):
-        output = PackedSequence(out, input.batch_sizes, input.sorted_indices,
-                                input.unsorted_indices)
         if input.unsorted_indices is not None:
             hy = hy.index_select(1, input.unsorted_indices)
             cy = cy.index_select(1, input.unsorted_indices) if cy is not None else None
-        return output, hy, cy
-    if m.batch_first and batched:
-        out = out.transpose(0, 1)
-    if not batched:
-        out = out.squeeze(1)
+    elif not batched:
         hy = hy.squeeze(1)
         cy = cy.squeeze(1) if cy is not None else None
-    return out, hy, cy
+    return output, hy, cy
 
 
 class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
@@ -221,21 +226,45 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
         input_dtype = x.dtype
         x, weights, h0, c0, masks = _cpu_autocast(c.nn_class, x, _current_weights(self), h0, c0,
                                                   masks)
-        out, hy, cy = rnn(x, weights, h0, c0, batch_sizes, c.code, self.num_layers,
-                          self.bidirectional, self.bias, self.proj_size, masks)
+        cell_states = getattr(self, "return_cell_states", False)  # absent on torch.nn modules
+        if cell_states and torch.onnx.is_in_onnx_export():
+            from .onnx import FastcellsOnnxError, _CELL_STATES_MSG
+            raise FastcellsOnnxError(f"fastcells.onnx: {_CELL_STATES_MSG}")
+        out, hy, cy, *cs = rnn(x, weights, h0, c0, batch_sizes, c.code, self.num_layers,
+                               self.bidirectional, self.bias, self.proj_size, masks,
+                               return_cell_states=cell_states)
         if cy is not None and self.proj_size > 0 and x.dtype != input_dtype:
             # Cast by CPU autocast: torch.nn's projected LSTM is composite there
             # and keeps c_n in the input's dtype.
             cy = cy.to(input_dtype)
         output, hy, cy = _wrap_output(self, input, out, hy, cy, batched)
-        return output, ((hy, cy) if has_cell_state else hy)
+        state = (hy, cy) if has_cell_state else hy
+        if cell_states:
+            return output, state, _wrap_sequence(self, input, cs[0], batched)
+        return output, state
 
 
 class LSTM(_FusedRNNBase):
-    """Fused drop-in for :class:`torch.nn.LSTM` (same arguments, parameters and returns)."""
+    """Fused drop-in for :class:`torch.nn.LSTM` (same arguments, parameters and returns).
 
-    def __init__(self, *args, **kwargs):
+    ``return_cell_states=True`` (not in torch.nn) makes forward return a third
+    value: the last layer's cell state c_t at every step, laid out like
+    ``output`` (a PackedSequence for packed input, batch-first with
+    ``batch_first``) with ``D * hidden_size`` features (hidden_size, not
+    proj_size, per direction). Gradients flow through it (first derivatives,
+    on the CPU); ``output, (h_n, c_n), cell_states = lstm(x)``.
+    """
+
+    def __init__(self, *args, return_cell_states: bool = False, **kwargs):
+        if not isinstance(return_cell_states, bool):
+            raise TypeError(f"LSTM: return_cell_states must be a bool, got "
+                            f"{return_cell_states!r}")
         super().__init__("LSTM", *args, **kwargs)
+        self.return_cell_states = return_cell_states
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + ", return_cell_states=True" if self.return_cell_states else s
 
 
 def _check_reset_after(m, reset_after) -> None:
@@ -440,15 +469,21 @@ __all__ += ["revert"]
 _REVERTS = {fast: torch_cls for torch_cls, fast in _SWAPS.items()}
 
 
-def _has_torch_nn_twin(module: nn.Module) -> bool:
-    """False for a reset-before GRU (reset_after=False), which torch.nn lacks."""
-    return getattr(module, "reset_after", True)
+def _no_twin_reason(module: nn.Module) -> Optional[str]:
+    """Why torch.nn has no module that computes what ``module`` does, or None."""
+    if not getattr(module, "reset_after", True):
+        return "it has reset_after=False (the reset-before GRU), which torch.nn does not have"
+    if getattr(module, "return_cell_states", False):
+        return ("it has return_cell_states=True, which torch.nn's LSTM does not have (its "
+                "forward would return two values instead of three)")
+    return None
 
 
 def _swap_back(module: nn.Module) -> nn.Module:
     """The torch.nn module that shares ``module``'s Parameter objects (no copy)."""
     new = _rebuild_as(module, _REVERTS[type(module)])
     new.__dict__.pop("reset_after", None)
+    new.__dict__.pop("return_cell_states", None)
     return new
 
 
@@ -467,10 +502,10 @@ def revert(model: nn.Module) -> nn.Module:
     from . import _subclass
 
     if type(model) in _REVERTS:
-        if not _has_torch_nn_twin(model):
-            raise ValueError(f"fastcells.revert: this {type(model).__name__} has "
-                             "reset_after=False (the reset-before GRU), which torch.nn does not "
-                             "have")
+        reason = _no_twin_reason(model)
+        if reason is not None:
+            raise ValueError(f"fastcells.revert: cannot revert this {type(model).__name__}: "
+                             f"{reason}")
         return _swap_back(model)
     if _subclass.is_generated(type(model)):
         model.__class__ = _subclass.original_class(type(model))
@@ -478,11 +513,10 @@ def revert(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             base = parametrize.type_before_parametrizations(child)
-            if type(child) in _REVERTS and not _has_torch_nn_twin(child):
+            if type(child) in _REVERTS and _no_twin_reason(child) is not None:
                 warnings.warn(
                     f"fastcells.revert: left `{child_name}` ({type(child).__name__}) as "
-                    "fastcells: it has reset_after=False (the reset-before GRU), which torch.nn "
-                    "does not have.", stacklevel=2)
+                    f"fastcells: {_no_twin_reason(child)}.", stacklevel=2)
             elif type(child) in _REVERTS:
                 setattr(parent, child_name, _swap_back(child))
             elif _subclass.is_generated(type(child)):  # a user subclass convert() fused

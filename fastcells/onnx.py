@@ -52,6 +52,11 @@ class FastcellsOnnxError(ValueError):
     """A fastcells configuration that ONNX's RNN operators cannot express."""
 
 
+_CELL_STATES_MSG = ("LSTM with return_cell_states=True cannot be exported to ONNX: ONNX's LSTM "
+                    "operator returns the last cell state only (Y_c), not every step's. Export "
+                    "a model with return_cell_states=False.")
+
+
 def _unsupported(proj_size: int, packed: bool, dropout: bool) -> Optional[str]:
     if proj_size > 0:
         return (f"LSTM with proj_size={proj_size} cannot be exported to ONNX: ONNX's LSTM "
@@ -270,6 +275,8 @@ def check_exportable(model: nn.Module) -> None:
             continue
         dropout = m.training and m.dropout > 0 and m.num_layers > 1
         msg = _unsupported(m.proj_size, False, dropout)
+        if msg is None and getattr(m, "return_cell_states", False):
+            msg = _CELL_STATES_MSG
         if msg is not None:
             raise FastcellsOnnxError(f"fastcells.onnx: `{name or type(m).__name__}`: {msg}")
 

@@ -108,7 +108,7 @@ def rnn_relu_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
 def _layer_direction(
     x: Tensor, batch_sizes: Sequence[int], reverse: bool, mode: int,
     w: list[Tensor], has_biases: bool, proj_size: int, h0: Tensor, c0: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Run one layer in one direction over packed rows.
 
     x (N, I) packed (step t owns rows offsets[t] : offsets[t] + batch_sizes[t]);
@@ -116,7 +116,8 @@ def _layer_direction(
     batch_sizes[t] rows of the state; inactive rows keep their state, so the
     forward direction ends each sequence at its own last step, and the reverse
     direction (t = T-1 .. 0) starts each sequence from h0 at its own last step.
-    Returns out (N, P), h_n (B, P), c_n (B, H) or None.
+    Returns out (N, P), h_n (B, P), c_n (B, H) or None, and for LSTM the cell
+    state c_t of every row (N, H), else None.
     """
     w_ih, w_hh = w[0], w[1]
     b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
@@ -127,12 +128,14 @@ def _layer_direction(
     steps = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
     h, c = h0, c0
     outs: list[Tensor | None] = [None] * len(batch_sizes)
+    cells: list[Tensor | None] = [None] * len(batch_sizes)
     for t in steps:
         bs, off = batch_sizes[t], offsets[t]
         xt, ht = x[off:off + bs], h[:bs]
         if mode == LSTM:
             h_new, c_new = lstm_cell(xt, ht, c[:bs], w_ih, w_hh, b_ih, b_hh, w_hr)
             c = torch.cat([c_new, c[bs:]])
+            cells[t] = c_new
         elif mode == GRU:
             h_new = gru_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
         elif mode == GRU_RESET_BEFORE:
@@ -144,15 +147,18 @@ def _layer_direction(
         h = torch.cat([h_new, h[bs:]])
         outs[t] = h_new
     out = torch.cat(outs) if outs else x.new_zeros(0, h0.shape[1])
-    return out, h, c
+    if mode != LSTM:
+        return out, h, c, None
+    cell_rows = torch.cat(cells) if cells else x.new_zeros(0, c0.shape[1])
+    return out, h, c, cell_rows
 
 
 def rnn_reference(
     input: Tensor, weights: Sequence[Tensor], hx: Tensor, cx: Tensor | None,
     batch_sizes: Sequence[int] | Tensor | None, mode: int, num_layers: int,
     bidirectional: bool, has_biases: bool, proj_size: int,
-    dropout_masks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    dropout_masks: Tensor | None = None, return_cell_states: bool = False,
+) -> tuple[Tensor, ...]:
     """Multi-layer, optionally bidirectional recurrent net, step by step.
 
     Args:
@@ -165,12 +171,19 @@ def rnn_reference(
         mode: the cell's code, ``fastcells.MODES[name]`` (fastcells/_cells.py).
         dropout_masks: None, or (L-1, T, B, D*P) dense / (L-1, N, D*P) packed,
             multiplied into the input of layers 1..L-1.
+        return_cell_states: LSTM only; also return the last layer's cell state
+            c_t of every step.
 
     Returns:
         output (T, B, D*P) or (N, D*P); hy (L*D, B, P); cy (L*D, B, H) for LSTM,
-        None otherwise. Layer l direction d is state index l*D + d.
+        None otherwise. Layer l direction d is state index l*D + d. With
+        ``return_cell_states`` a fourth value: c_t of the last layer, (T, B, D*H)
+        or (N, D*H), laid out like ``output``.
     """
     has_c = cell(mode).has_cell_state  # ValueError naming `mode` for an unknown code
+    if return_cell_states and not has_c:
+        raise ValueError(f"return_cell_states: only cells with a cell state (LSTM) have it; "
+                         f"mode {mode} has none")
     dense = batch_sizes is None
     if dense:
         sizes = [input.shape[1]] * input.shape[0]
@@ -187,17 +200,22 @@ def rnn_reference(
     for layer in range(num_layers):
         if layer > 0 and dropout_masks is not None:
             x = x * dropout_masks[layer - 1].reshape(x.shape)
-        outs = []
+        outs, cell_parts = [], []
         for d in range(D):
             k = layer * D + d
             w = list(weights[k * per:(k + 1) * per])
             c0 = cx[k] if has_c else None
-            out, h_n, c_n = _layer_direction(x, sizes, d == 1, mode, w, has_biases,
-                                             proj_size, hx[k], c0)
+            out, h_n, c_n, cells = _layer_direction(x, sizes, d == 1, mode, w, has_biases,
+                                                    proj_size, hx[k], c0)
             outs.append(out)
+            cell_parts.append(cells)
             hy.append(h_n)
             if c_n is not None:
                 cy.append(c_n)
         x = torch.cat(outs, dim=1)
     output = x.reshape(input.shape[0], input.shape[1], x.shape[1]) if dense else x
-    return output, torch.stack(hy), (torch.stack(cy) if has_c else None)
+    result = (output, torch.stack(hy), (torch.stack(cy) if has_c else None))
+    if not return_cell_states:
+        return result
+    cs = torch.cat(cell_parts, dim=1)
+    return result + (cs.reshape(input.shape[0], input.shape[1], cs.shape[1]) if dense else cs,)

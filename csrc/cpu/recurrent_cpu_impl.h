@@ -744,6 +744,8 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
           const int64_t pr = prev(t, b);
           const T* cp = pr >= 0 ? p.extra + pr * H : p.c0 + b * H;
           const T* cc = p.extra + row * H;
+          // c_t's own incoming gradient joins the one from step t+1.
+          if (p.grad_extra) accumulate_row(0, H, dc.data() + b * H, p.grad_extra + row * H);
           lstm_backward_row(H, 0, H, g, cc, cp, d_in, dc.data() + b * H, dgx);
           if (proj) lstm_r_row(0, H, g + 3 * H, cc, p.r_all + row * H);
         } else if (gru) {

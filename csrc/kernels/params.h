@@ -79,6 +79,8 @@ struct LayerBackwardParams : LayerSchedule {
   int64_t ld_gout;
   const scalar_t* grad_hy;      // (B, P)
   const scalar_t* grad_cy;      // (B, H) LSTM only
+  const scalar_t* grad_extra;   // (N, H) LSTM: gradient w.r.t. each row's c_t (the cell
+                                //   states a module returns with return_cell_states)
 
   // Outputs, every element written by the backend.
   scalar_t* dgates_x;           // (N, G*H) d pre-activations, input side
