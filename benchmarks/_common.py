@@ -5,6 +5,8 @@ Not part of the installed package; the scripts import it from their own folder.
 """
 from __future__ import annotations
 
+import copy
+
 import datetime as _dt
 import json
 import math
@@ -216,6 +218,17 @@ def module_stmts(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
         return y
 
     return fwd, fwd_bwd
+
+
+def make_pair(fastcells, cell: str, I: int, H: int, device, dtype, seed: int = 0, **kw):
+    """torch.nn's module `cell` ("lstm", "gru", "rnn") and fastcells' with the same
+    weights (a copy of torch.nn's state_dict), `kw` the constructor options."""
+    name = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[cell]
+    torch.manual_seed(seed)
+    ref = getattr(torch.nn, name)(I, H, **kw).to(device=device, dtype=dtype)
+    new = getattr(fastcells, name)(I, H, **kw).to(device=device, dtype=dtype)
+    new.load_state_dict(copy.deepcopy(ref.state_dict()))
+    return ref, new
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -42,13 +42,8 @@ AIRLINE_TARGETS = {("lstm", "fwd+bwd"): 10.0, ("lstm", "epoch"): 2.5, ("gru", "f
 GRID_TARGET = 1.0  # never slower
 
 
-def make_pair(fastcells, cell: str, I: int, H: int, layers: int, dtype, device, seed: int = 0):
-    name = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[cell]
-    torch.manual_seed(seed)
-    ref = getattr(nn, name)(I, H, num_layers=layers).to(device=device, dtype=dtype)
-    new = getattr(fastcells, name)(I, H, num_layers=layers).to(device=device, dtype=dtype)
-    new.load_state_dict(copy.deepcopy(ref.state_dict()))
-    return ref, new
+def make_pair(fastcells, cell: str, I: int, H: int, layers: int, dtype, device):
+    return C.make_pair(fastcells, cell, I, H, device, dtype, num_layers=layers)
 
 
 class FreeRNN(nn.Module):

@@ -30,14 +30,12 @@ Writes benchmarks/results/sweep_<device>.json, .md and _heatmap.png (or into --o
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -80,14 +78,8 @@ def grid(name: str) -> list[dict]:
 
 
 def make_pair(fastcells, cell, p, device):
-    name = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[cell]
-    dtype = C.dtype_of(p["dtype"])
-    torch.manual_seed(0)
-    kw = dict(num_layers=p["layers"], bidirectional=p["bidirectional"])
-    ref = getattr(nn, name)(p["I"], p["H"], **kw).to(device=device, dtype=dtype)
-    new = getattr(fastcells, name)(p["I"], p["H"], **kw).to(device=device, dtype=dtype)
-    new.load_state_dict(copy.deepcopy(ref.state_dict()))
-    return ref, new
+    return C.make_pair(fastcells, cell, p["I"], p["H"], device, C.dtype_of(p["dtype"]),
+                       num_layers=p["layers"], bidirectional=p["bidirectional"])
 
 
 def stmts_for(m, x, g):

@@ -366,3 +366,18 @@ def test_opcheck_rnn_backward(case):
     args = _backward_args(case, grads_require_grad=True)
     result = torch.library.opcheck(op, args, test_utils=("test_autograd_registration",))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_opcheck_rnn_backward_with_grad_reserve():
+    """rnn_backward given a gradient of the reserve (the LSTM cell states,
+    return_cell_states): schema, fake kernel and a clean compile."""
+    case = (MODES["LSTM"], 2, True, True, 0, True, False)
+    args = _backward_args(case, grads_require_grad=False)
+    reserve = args[11]
+    grad_reserve = torch.randn(reserve.shape, dtype=reserve.dtype,
+                               generator=torch.Generator().manual_seed(7))
+    result = torch.library.opcheck(torch.ops.fastcells.rnn_backward.default,
+                                   args + (True, grad_reserve), test_utils=(
+                                       "test_schema", "test_faketensor",
+                                       "test_aot_dispatch_dynamic"))
+    assert set(result.values()) == {"SUCCESS"}, result
