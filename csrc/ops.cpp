@@ -649,6 +649,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         fill_schedule(p, c, t1 - t0, c.batch_sizes.data() + t0, rel_offsets.data(), sched, d == 1);
         p.gates = gates.data_ptr<T>();
         p.extra = extra;
+        p.save = keep;
         p.w_hh = w_hh.data_ptr<T>();
         p.b_hn = (c.mode == kernels::kGRU && c.bias) ? b_hh->data_ptr<T>() + 2 * c.H : nullptr;
         p.w_hr = w_hr ? w_hr->data_ptr<T>() : nullptr;

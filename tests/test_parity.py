@@ -423,6 +423,24 @@ def test_no_grad_and_inference_mode(mode):
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
+@pytest.mark.parametrize("hidden,proj", [(5, 0), (40, 0), (40, 3), (64, 0)])
+def test_inference_forward_has_the_training_forward_bits(mode, hidden, proj):
+    """The inference loop (no saved activations; the LSTM writes only c and h)
+    computes the same bits as the training forward."""
+    if proj and mode != "LSTM":
+        pytest.skip("proj_size is an LSTM option")
+    torch.manual_seed(0)
+    mod = make_fastcells_like(make_nn(mode, 7, hidden, num_layers=2, bidirectional=True,
+                                      **({"proj_size": proj} if proj else {})).float())
+    x = torch.randn(30, 9, 7)
+    train = flatten_result(mod(x))
+    with torch.inference_mode():
+        infer = flatten_result(mod(x))
+    for a, b in zip(train, infer):
+        assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_backward_twice_with_retain_graph(mode):
     ref = make_nn(mode, I, H, num_layers=2)
     mod = make_fastcells_like(ref)

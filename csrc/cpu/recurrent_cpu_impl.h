@@ -254,6 +254,30 @@ struct LstmFwd {
     out[kR][j] = st.r;
   }
 };
+// Inference: c_t and r_t only (the activated gates and the saved c_t are
+// not needed), the same arithmetic.
+struct LstmInfer {
+  enum In { kAi, kAf, kAg, kAo, kCPrev, kIns };
+  enum Out { kCNext, kR, kOuts };
+  template <typename T>
+  static inline __attribute__((always_inline)) void element(const T* const* in, T* const* out,
+                                                            int64_t j) {
+    const auto st = kernels::lstm_forward<T>(in[kAi][j], in[kAf][j], in[kAg][j], in[kAo][j],
+                                             in[kCPrev][j]);
+    out[kCNext][j] = st.c;
+    out[kR][j] = st.r;
+  }
+};
+template <typename T>
+inline void lstm_infer_row(int64_t H, int64_t u0, int64_t u1, const T* gt, T* c, T* r) {
+  using S = LstmInfer;
+  const Runs<T, S::kIns, S::kOuts> io{
+      {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, c + u0}, {c + u0, r + u0}};
+  for_units_padded(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    S::element<T>(in, out, j);
+  });
+}
+
 template <typename T>
 inline void lstm_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, T* c, T* e, T* r) {
   using S = LstmFwd;
@@ -627,7 +651,10 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
         T* hn = h_next + b * P;
         if (lstm) {
           T* out_r = proj ? r.data() + b * H : hn;
-          lstm_forward_row(H, u0, u1, gt, c.data() + b * H, p.extra + (row0 + b) * H, out_r);
+          if (p.save)
+            lstm_forward_row(H, u0, u1, gt, c.data() + b * H, p.extra + (row0 + b) * H, out_r);
+          else
+            lstm_infer_row(H, u0, u1, gt, c.data() + b * H, out_r);
         } else if (gru) {
           gru_forward_row(H, u0, u1, gt, rec.data() + b * GH, b_hn, hp, p.extra + (row0 + b) * H,
                           hn);

@@ -47,6 +47,10 @@ struct LayerForwardParams : LayerSchedule {
   // (N, H). Out: LSTM c_t; GRU hh_n = h_prev W_hn^T + b_hn; unused (null) RNN
   // and reset-before GRU.
   scalar_t* extra;
+  // Whether backward will read gates and extra. Without it (inference) they
+  // are scratch, and a backend may leave the activated gates and the LSTM's
+  // saved c_t unwritten.
+  bool save;
 
   const scalar_t* w_hh;         // (G*H, P)
   const scalar_t* b_hn;         // (H) GRU only; null without bias
