@@ -690,32 +690,129 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
 // bfloat16 operands from kPairsBackwardWork multiply-adds per step, as in
 // recurrent_forward: the weights packed as pairs, the gate gradients rounded
 // to bfloat16 as each product reads them.
+// The backward's state carried from step to step (dh, dc), its per-step
+// scratch and the per-row bias sums, with the elementwise steps over rows
+// [b0, b1) of step t (row0: the step's first row).
+template <typename T>
+struct BackwardRows {
+  const kernels::LayerBackwardParams<T>& p;
+  const int64_t H, P, B, G, GH;
+  const bool lstm, gru, rb, proj;
+  // Bias sums (params.h). GRU's recurrent side differs from the input side
+  // only in the n slot, so acc_h holds that slot alone.
+  const bool sum_x, sum_h;
+  // dh: gradient w.r.t. the state entering the step processed next (B, P);
+  // dc: the LSTM's (B, H); dtot: dh plus the output's gradient; dr: dL/dr_t
+  // of a projection, or the reset-before GRU's dL/d(r * h_{t-1}).
+  LineVector<T> dh, dc, dtot, dr, acc_x, acc_h;
+
+  explicit BackwardRows(const kernels::LayerBackwardParams<T>& params)
+      : p(params), H(p.H), P(p.P), B(p.B), G(kernels::num_gates(p.mode)), GH(G * H),
+        lstm(p.mode == kLSTM), gru(p.mode == kGRU), rb(p.mode == kGRU_RESET_BEFORE),
+        proj(p.w_hr != nullptr), sum_x(p.db_x != nullptr),
+        sum_h(sum_x && gru && p.db_h != nullptr),
+        dh(static_cast<size_t>(B * P), T(0)),
+        dc(lstm ? static_cast<size_t>(B * H) : 0, T(0)),
+        dtot(static_cast<size_t>(B * P)),
+        dr(proj || rb ? static_cast<size_t>(B * H) : 0),
+        acc_x(sum_x ? static_cast<size_t>(B * GH) : 0, T(0)),
+        acc_h(sum_h ? static_cast<size_t>(B * H) : 0, T(0)) {
+    if (p.grad_hy) std::copy(p.grad_hy, p.grad_hy + B * P, dh.begin());
+    if (lstm && p.grad_cy) std::copy(p.grad_cy, p.grad_cy + B * H, dc.begin());
+  }
+
+  int64_t prev(int t, int64_t b) const {
+    return kernels::prev_row(p.batch_sizes, p.row_offsets, p.T, p.B, t, b, p.reverse);
+  }
+
+  // 1. h_{t-1} of each row (for dW_hh) and the total gradient w.r.t. h_t.
+  void totals(int t, int64_t row0, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t pr = prev(t, b);
+      const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
+      copy_row(0, P, hp, p.h_prev + (row0 + b) * P);
+      T* dt = dtot.data() + b * P;
+      const T* go = p.grad_out ? p.grad_out + (row0 + b) * p.ld_gout : nullptr;
+      for (int64_t j = 0; j < P; ++j) dt[j] = dh[b * P + j] + (go ? go[j] : T(0));
+      if (proj) copy_row(0, P, dt, p.dh_all + (row0 + b) * P);
+    }
+  }
+
+  // 3. Gate gradients from dr (projection) or dtot; the reset-before GRU then
+  // takes d(r * h_{t-1}) = da_n W_hn, da_r and the direct part of dh_{t-1}.
+  void gate_grads(int t, int64_t row0, int64_t b0, int64_t b1, const PackedB<T>& w_hn) {
+    const T* drow_base = proj ? dr.data() : dtot.data();
+    const int64_t ld_d = proj ? H : P;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = row0 + b;
+      const T* g = p.gates + row * GH;
+      const T* d_in = drow_base + b * ld_d;
+      T* dgx = p.dgates_x + row * GH;
+      if (lstm) {
+        const int64_t pr = prev(t, b);
+        const T* cp = pr >= 0 ? p.extra + pr * H : p.c0 + b * H;
+        const T* cc = p.extra + row * H;
+        // c_t's own incoming gradient joins the one from step t+1.
+        if (p.grad_extra) accumulate_row(0, H, dc.data() + b * H, p.grad_extra + row * H);
+        lstm_backward_row(H, 0, H, g, cc, cp, d_in, dc.data() + b * H, dgx);
+        if (proj) lstm_r_row(0, H, g + 3 * H, cc, p.r_all + row * H);
+      } else if (gru) {
+        gru_backward_row(H, 0, H, g, p.extra + row * H, p.h_prev + row * P, d_in, dgx,
+                         p.dgates_h + row * GH, dh.data() + b * P);
+      } else if (rb) {
+        gru_rb_backward_nz_row(H, 0, H, g, p.h_prev + row * P, d_in, dgx);
+      } else {
+        rnn_backward_row(p.mode, 0, H, g, d_in, dgx);
+      }
+    }
+    if (!rb) return;
+    w_hn.mm_cols(b1 - b0, 0, P, p.dgates_x + (row0 + b0) * GH + 2 * H, GH, dr.data() + b0 * H,
+                 H, false);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = row0 + b;
+      gru_rb_backward_r_row(H, 0, H, p.gates + row * GH, p.h_prev + row * P,
+                            dtot.data() + b * P, dr.data() + b * H, p.dgates_x + row * GH,
+                            dh.data() + b * P, p.r_all + row * H);
+    }
+  }
+
+  // Each row's running sums of its gate gradients.
+  void sum_bias_rows(int64_t row0, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; sum_x && b < b1; ++b) {
+      const int64_t row = row0 + b;
+      const T* dgx = p.dgates_x + row * GH;
+      for (int64_t k = 0; k < G; ++k)
+        accumulate_row(0, H, acc_x.data() + b * GH + k * H, dgx + k * H);
+      if (sum_h) accumulate_row(0, H, acc_h.data() + b * H, p.dgates_h + row * GH + 2 * H);
+    }
+  }
+
+  // Bias gradients: the per-row sums (n values wide) added in row order.
+  void reduce_biases() const {
+    const auto reduce = [&](const LineVector<T>& acc, int64_t n, T* db) {
+      std::fill(db, db + n, T(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const T* __restrict__ a = acc.data() + b * n;
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) db[k] += a[k];
+      }
+    };
+    if (sum_x) reduce(acc_x, GH, p.db_x);
+    if (sum_h) {  // r, z slots: the same gradients as the input side
+      std::copy(p.db_x, p.db_x + 2 * H, p.db_h);
+      reduce(acc_h, H, p.db_h + 2 * H);
+    }
+  }
+};
+
 template <typename T, bool Pairs = false>
 void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   const int64_t H = p.H, P = p.P, B = p.B;
-  const int64_t G = kernels::num_gates(p.mode), GH = G * H;
+  const int64_t GH = kernels::num_gates(p.mode) * H;
   const bool pairs = Pairs && int64_t(B) * GH * P >= kPairsBackwardWork;
-  const bool lstm = p.mode == kLSTM, gru = p.mode == kGRU, proj = p.w_hr != nullptr;
-  const bool rb = p.mode == kGRU_RESET_BEFORE;
-
-  // dh: gradient w.r.t. the state entering the step processed next (B, P).
-  LineVector<T> dh(static_cast<size_t>(B * P), T(0));
-  if (p.grad_hy) std::copy(p.grad_hy, p.grad_hy + B * P, dh.begin());
-  LineVector<T> dc(lstm ? static_cast<size_t>(B * H) : 0, T(0));
-  if (lstm && p.grad_cy) std::copy(p.grad_cy, p.grad_cy + B * H, dc.begin());
-  LineVector<T> dtot(static_cast<size_t>(B * P));
-  // dr: dL/dr_t of a projection, or the reset-before GRU's dL/d(r * h_{t-1}).
-  LineVector<T> dr(proj || rb ? static_cast<size_t>(B * H) : 0);
-  // Per-row running sums of the gate gradients (bias gradients, see params.h).
-  // GRU's recurrent side differs from the input side only in the n slot, so
-  // acc_h holds that slot alone.
-  const bool sum_x = p.db_x != nullptr, sum_h = sum_x && gru && p.db_h != nullptr;
-  LineVector<T> acc_x(sum_x ? static_cast<size_t>(B * GH) : 0, T(0));
-  LineVector<T> acc_h(sum_h ? static_cast<size_t>(B * H) : 0, T(0));
+  BackwardRows<T> st(p);
+  const bool gru = st.gru, rb = st.rb, proj = st.proj;
   const T* dgh_base = gru ? p.dgates_h : p.dgates_x;
-  const auto prev = [&](int t, int64_t b) {
-    return kernels::prev_row(p.batch_sizes, p.row_offsets, p.T, p.B, t, b, p.reverse);
-  };
   const int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
   const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
   // W_hh (G*H, P) for dh_{t-1} = dgates_h W_hh; the reset-before GRU takes
@@ -746,90 +843,28 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       const auto er = pt.sync ? share(M, tid, team, 1)
                               : std::make_pair(pt.b0, std::min<int64_t>(M, pt.b1));
       const int64_t b0 = er.first, b1 = er.second;
-      // 1. h_{t-1} of each row and the total gradient w.r.t. h_t.
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t pr = prev(t, b);
-        const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
-        copy_row(0, P, hp, p.h_prev + (row0 + b) * P);
-        T* dt = dtot.data() + b * P;
-        const T* go = p.grad_out ? p.grad_out + (row0 + b) * p.ld_gout : nullptr;
-        for (int64_t j = 0; j < P; ++j)
-          dt[j] = dh[b * P + j] + (go ? go[j] : T(0));
-        if (proj) copy_row(0, P, dt, p.dh_all + (row0 + b) * P);
-      }
+      st.totals(t, row0, b0, b1);
       // 2. Projection: dr = dh_t W_hr.
-      if (proj) w_hr.mm_cols(b1 - b0, 0, H, dtot.data() + b0 * P, P, dr.data() + b0 * H, H, false);
-      // 3. Gate gradients.
-      const T* drow_base = proj ? dr.data() : dtot.data();
-      const int64_t ld_d = proj ? H : P;
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t row = row0 + b;
-        const T* g = p.gates + row * GH;
-        const T* d_in = drow_base + b * ld_d;
-        T* dgx = p.dgates_x + row * GH;
-        if (lstm) {
-          const int64_t pr = prev(t, b);
-          const T* cp = pr >= 0 ? p.extra + pr * H : p.c0 + b * H;
-          const T* cc = p.extra + row * H;
-          // c_t's own incoming gradient joins the one from step t+1.
-          if (p.grad_extra) accumulate_row(0, H, dc.data() + b * H, p.grad_extra + row * H);
-          lstm_backward_row(H, 0, H, g, cc, cp, d_in, dc.data() + b * H, dgx);
-          if (proj) lstm_r_row(0, H, g + 3 * H, cc, p.r_all + row * H);
-        } else if (gru) {
-          gru_backward_row(H, 0, H, g, p.extra + row * H, p.h_prev + row * P, d_in, dgx,
-                           p.dgates_h + row * GH, dh.data() + b * P);
-        } else if (rb) {
-          gru_rb_backward_nz_row(H, 0, H, g, p.h_prev + row * P, d_in, dgx);
-        } else {
-          rnn_backward_row(p.mode, 0, H, g, d_in, dgx);
-        }
-      }
-      if (rb) {
-        // d(r * h_{t-1}) = da_n W_hn; then da_r and the direct part of
-        // dh_{t-1} (P == H).
-        w_hn.mm_cols(b1 - b0, 0, P, p.dgates_x + (row0 + b0) * GH + 2 * H, GH,
-                     dr.data() + b0 * H, H, false);
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t row = row0 + b;
-          gru_rb_backward_r_row(H, 0, H, p.gates + row * GH, p.h_prev + row * P,
-                                dtot.data() + b * P, dr.data() + b * H, p.dgates_x + row * GH,
-                                dh.data() + b * P, p.r_all + row * H);
-        }
-      }
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t row = row0 + b;
-        const T* dgx = p.dgates_x + row * GH;
-        for (int64_t k = 0; sum_x && k < G; ++k)
-          accumulate_row(0, H, acc_x.data() + b * GH + k * H, dgx + k * H);
-        if (sum_h) accumulate_row(0, H, acc_h.data() + b * H, p.dgates_h + row * GH + 2 * H);
-      }
+      if (proj)
+        w_hr.mm_cols(b1 - b0, 0, H, st.dtot.data() + b0 * P, P, st.dr.data() + b0 * H, H,
+                     false);
+      st.gate_grads(t, row0, b0, b1, w_hn);
+      st.sum_bias_rows(row0, b0, b1);
       part_barrier(pt, barrier);  // every gate gradient of the step is written
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns
       //    (reset-before GRU: its direct part + [da_r, da_z] W_h[r,z]).
       const int64_t m0 = pt.b0, m1 = std::min<int64_t>(M, pt.b1);
       w_hh.mm_cols(m1 - m0, pt.c0, pt.c1, dgh_base + (row0 + m0) * GH, GH,
-                   dh.data() + m0 * P, P, gru || rb);
+                   st.dh.data() + m0 * P, P, gru || rb);
       part_barrier(pt, barrier);
     }
     if (!pt.sync || tid == 0) {  // gradients of this thread's rows (all rows: tid 0)
-      std::copy(dh.begin() + pt.b0 * P, dh.begin() + pt.b1 * P, p.dh0 + pt.b0 * P);
-      if (lstm) std::copy(dc.begin() + pt.b0 * H, dc.begin() + pt.b1 * H, p.dc0 + pt.b0 * H);
+      std::copy(st.dh.begin() + pt.b0 * P, st.dh.begin() + pt.b1 * P, p.dh0 + pt.b0 * P);
+      if (st.lstm)
+        std::copy(st.dc.begin() + pt.b0 * H, st.dc.begin() + pt.b1 * H, p.dc0 + pt.b0 * H);
     }
   });
-  // Bias gradients: the per-row sums (n values wide) added in row order.
-  const auto reduce_rows = [&](const LineVector<T>& acc, int64_t n, T* db) {
-    std::fill(db, db + n, T(0));
-    for (int64_t b = 0; b < B; ++b) {
-      const T* __restrict__ a = acc.data() + b * n;
-#pragma omp simd
-      for (int64_t k = 0; k < n; ++k) db[k] += a[k];
-    }
-  };
-  if (sum_x) reduce_rows(acc_x, GH, p.db_x);
-  if (sum_h) {  // r, z slots: the same gradients as the input side
-    std::copy(p.db_x, p.db_x + 2 * H, p.db_h);
-    reduce_rows(acc_h, H, p.db_h + 2 * H);
-  }
+  st.reduce_biases();
 }
 
 namespace {
