@@ -556,23 +556,77 @@ inline void accumulate_row(int64_t u0, int64_t u1, T* acc, const T* d) {
 // products run on bfloat16 operands: W_hh and W_hr (bfloat16 values held in
 // float) packed as pairs, h_{t-1} and r_t rounded to bfloat16 as each product
 // reads them. Gates, states and everything saved stay float32.
+// The forward's state carried from step to step (the LSTM's c), its per-step
+// scratch, and the gate step over rows [b0, b1) and units [u0, u1).
+template <typename T>
+struct ForwardRows {
+  const kernels::LayerForwardParams<T>& p;
+  const int64_t H, P, B, G, GH;
+  const bool lstm, gru, rb, proj;
+  LineVector<T> c;
+  // LSTM, RNN and the reset-before GRU accumulate the recurrent products onto
+  // the x side in p.gates; GRU needs its product apart (r multiplies the n
+  // part). r: a projection's r_t, or the reset-before GRU's r * h_{t-1}.
+  LineVector<T> rec, r;
+  const std::vector<T> no_bias;
+  const T* b_hn;
+
+  explicit ForwardRows(const kernels::LayerForwardParams<T>& params)
+      : p(params), H(p.H), P(p.P), B(p.B), G(kernels::num_gates(p.mode)), GH(G * H),
+        lstm(p.mode == kLSTM), gru(p.mode == kGRU), rb(p.mode == kGRU_RESET_BEFORE),
+        proj(p.w_hr != nullptr),
+        c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr),
+        rec(gru ? static_cast<size_t>(B * GH) : 0),
+        r(proj || rb ? static_cast<size_t>(B * H) : 0),
+        no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0)),
+        b_hn(p.b_hn ? p.b_hn : no_bias.data()) {}
+
+  // The gates of step row0's rows [b0, b1), units [u0, u1), after the
+  // recurrent product: h_t into hn (or r_t of a projection), c_t, and what
+  // backward reads (p.save).
+  void gates(int64_t row0, int64_t b0, int64_t b1, int64_t u0, int64_t u1, bool sync,
+             const T* h_cur, T* h_next) {
+    // Hidden sizes up to 8: several rows per vector (results unchanged).
+    bool packed_rows = false;
+#if defined(FASTCELLS_AVX512_MASKS)
+    if constexpr (std::is_same<T, float>::value) {
+      packed_rows = lstm && !sync && H <= kPackedRowsMaxH;
+      if (packed_rows)
+        lstm_forward_rows(b1 - b0, H, p.gates + (row0 + b0) * GH, GH, c.data() + b0 * H,
+                          p.extra + (row0 + b0) * H,
+                          proj ? r.data() + b0 * H : h_next + b0 * P, proj ? H : P);
+    }
+#endif
+    for (int64_t b = packed_rows ? b1 : b0; b < b1; ++b) {
+      T* gt = p.gates + (row0 + b) * GH;
+      const T* hp = h_cur + b * P;
+      T* hn = h_next + b * P;
+      if (lstm) {
+        T* out_r = proj ? r.data() + b * H : hn;
+        if (p.save)
+          lstm_forward_row(H, u0, u1, gt, c.data() + b * H, p.extra + (row0 + b) * H, out_r);
+        else
+          lstm_infer_row(H, u0, u1, gt, c.data() + b * H, out_r);
+      } else if (gru) {
+        gru_forward_row(H, u0, u1, gt, rec.data() + b * GH, b_hn, hp, p.extra + (row0 + b) * H,
+                        hn);
+      } else if (rb) {
+        gru_rb_n_row(H, u0, u1, gt, hp, hn);
+      } else {
+        rnn_forward_row(p.mode, u0, u1, gt, hn);
+      }
+    }
+  }
+};
+
 template <typename T, bool Pairs = false>
 void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* keep) {
   const int64_t H = p.H, P = p.P, B = p.B;
   const int64_t G = kernels::num_gates(p.mode), GH = G * H;
-  const bool lstm = p.mode == kLSTM, gru = p.mode == kGRU, proj = p.w_hr != nullptr;
-  const bool rb = p.mode == kGRU_RESET_BEFORE;
-
+  ForwardRows<T> st(p);
+  const bool lstm = st.lstm, gru = st.gru, proj = st.proj, rb = st.rb;
   // Double-buffered hidden state: step t reads h[cur], writes h[1 - cur].
   LineVector<T> h_a(p.h0, p.h0 + B * P), h_b(h_a);
-  LineVector<T> c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr);
-  // LSTM, RNN and the reset-before GRU accumulate the recurrent products onto
-  // the x side in p.gates; GRU needs its product apart (r multiplies the n
-  // part). The reset-before GRU's second product reads r * h_{t-1} (rh).
-  LineVector<T> rec(gru ? static_cast<size_t>(B * GH) : 0);
-  LineVector<T> r(proj || rb ? static_cast<size_t>(B * H) : 0);
-  const std::vector<T> no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0));
-  const T* b_hn = p.b_hn ? p.b_hn : no_bias.data();
   const int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
   // Pairs pack two bfloat16 values in each float slot: half the bytes.
   const bool by_rows = split_by_rows(nt, B, GH * P, Pairs ? sizeof(T) / 2 : sizeof(T));
@@ -615,7 +669,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
         copy_row(pt.c0, pt.c1, h_cur + b * P, h_next + b * P);
       // Recurrent product of gates [g0, g1) for this thread's rows, or its
       // units of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}.
-      T* const prod = gru ? rec.data() : p.gates + row0 * GH;
+      T* const prod = gru ? st.rec.data() : p.gates + row0 * GH;
       const bool sync = pt.sync;  // (a lambda must not capture Part, an internal type)
       const auto product = [&](int64_t g0, int64_t g1, const T* x, int64_t ldx) {
         if (!sync) {
@@ -628,45 +682,18 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       if (rb) {
         product(0, 2, h_cur, P);
         for (int64_t b = b0; b < b1; ++b)
-          gru_rb_rz_row(H, u0, u1, p.gates + (row0 + b) * GH, h_cur + b * P, r.data() + b * H);
+          gru_rb_rz_row(H, u0, u1, p.gates + (row0 + b) * GH, h_cur + b * P,
+                        st.r.data() + b * H);
         part_barrier(pt, barrier);  // every unit of r * h_{t-1} is written
-        product(2, 3, r.data(), H);
+        product(2, 3, st.r.data(), H);
       } else {
         product(0, G, h_cur, P);
       }
-      // Hidden sizes up to 8: several rows per vector (results unchanged).
-      bool packed_rows = false;
-#if defined(FASTCELLS_AVX512_MASKS)
-      if constexpr (std::is_same<T, float>::value) {
-        packed_rows = lstm && !pt.sync && H <= kPackedRowsMaxH;
-        if (packed_rows)
-          lstm_forward_rows(b1 - b0, H, p.gates + (row0 + b0) * GH, GH, c.data() + b0 * H,
-                            p.extra + (row0 + b0) * H,
-                            proj ? r.data() + b0 * H : h_next + b0 * P, proj ? H : P);
-      }
-#endif
-      for (int64_t b = packed_rows ? b1 : b0; b < b1; ++b) {
-        T* gt = p.gates + (row0 + b) * GH;
-        const T* hp = h_cur + b * P;
-        T* hn = h_next + b * P;
-        if (lstm) {
-          T* out_r = proj ? r.data() + b * H : hn;
-          if (p.save)
-            lstm_forward_row(H, u0, u1, gt, c.data() + b * H, p.extra + (row0 + b) * H, out_r);
-          else
-            lstm_infer_row(H, u0, u1, gt, c.data() + b * H, out_r);
-        } else if (gru) {
-          gru_forward_row(H, u0, u1, gt, rec.data() + b * GH, b_hn, hp, p.extra + (row0 + b) * H,
-                          hn);
-        } else if (rb) {
-          gru_rb_n_row(H, u0, u1, gt, hp, hn);
-        } else {
-          rnn_forward_row(p.mode, u0, u1, gt, hn);
-        }
-      }
+      st.gates(row0, b0, b1, u0, u1, pt.sync, h_cur, h_next);
       if (proj) {
         part_barrier(pt, barrier);  // every unit of r is written
-        w_hr_t.mm_cols(b1 - b0, pt.c0, pt.c1, r.data() + b0 * H, H, h_next + b0 * P, P, false);
+        w_hr_t.mm_cols(b1 - b0, pt.c0, pt.c1, st.r.data() + b0 * H, H, h_next + b0 * P, P,
+                       false);
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t j0 = proj ? pt.c0 : u0, j1 = proj ? pt.c1 : u1;
@@ -677,7 +704,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
     }
     if (!pt.sync || tid == 0) {  // final states of this thread's rows (all rows: tid 0)
       std::copy(h_cur + b0 * P, h_cur + pt.b1 * P, p.hy + b0 * P);
-      if (lstm) std::copy(c.begin() + b0 * H, c.begin() + pt.b1 * H, p.cy + b0 * H);
+      if (lstm) std::copy(st.c.begin() + b0 * H, st.c.begin() + pt.b1 * H, p.cy + b0 * H);
     }
   });
   if (fill) {  // (a pack it did not fill may be shared: no write at all)
