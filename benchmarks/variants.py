@@ -1,8 +1,10 @@
 """Cell variants that torch.nn lacks, against their pure-PyTorch reference loop.
 
-torch.nn has no reset-before GRU, so the baseline is what a user would write
-without fastcells: the reference's per-step loop (fastcells.reference, plain
-differentiable PyTorch ops, the same equations). Timed in one run, interleaved,
+torch.nn has no reset-before GRU and no LSTM that returns every step's cell
+state, so the baseline is what a user would write without fastcells: the
+reference's per-step loop (fastcells.reference, plain differentiable PyTorch
+ops, the same equations). The cell-state variant backpropagates through the
+output and the cell states together (their sum). Timed in one run, interleaved,
 at the forecasting shape (T, B, I, H) = (168, 64, 16, 64), one layer: no_grad
 forward and forward+backward, float32. The target of the cell-variants work
 is 5x on forward+backward.
@@ -38,9 +40,28 @@ class ReferenceLoop(nn.Module):
 
         m = self.m
         h0 = x.new_zeros(m.num_layers, x.shape[1], m.hidden_size)
-        out, hy, _ = rnn_reference(x, m._flat_weights, h0, None, None, self.mode,
-                                   m.num_layers, False, m.bias, 0)
-        return out, hy
+        cells = getattr(m, "return_cell_states", False)
+        c0 = h0 if cells else None
+        res = rnn_reference(x, m._flat_weights, h0, c0, None, self.mode, m.num_layers, False,
+                            m.bias, 0, return_cell_states=cells)
+        return (res[0] + res[3], res[1]) if cells else (res[0], res[1])
+
+
+class CellStatesSum(nn.Module):
+    """An LSTM with return_cell_states=True whose first output is output + cell states."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m, self.return_cell_states = m, True
+        self.num_layers, self.hidden_size, self.bias = m.num_layers, m.hidden_size, m.bias
+
+    @property
+    def _flat_weights(self):
+        return self.m._flat_weights
+
+    def forward(self, x):
+        out, (h, _), cs = self.m(x)
+        return out + cs, h
 
 
 def variants(fastcells):
@@ -48,7 +69,10 @@ def variants(fastcells):
     I, H = SHAPE[2], SHAPE[3]
     torch.manual_seed(0)
     return [("GRU reset_after=False", fastcells.GRU(I, H, reset_after=False),
-             fastcells.MODES["GRU_RESET_BEFORE"])]
+             fastcells.MODES["GRU_RESET_BEFORE"]),
+            ("LSTM return_cell_states=True",
+             CellStatesSum(fastcells.LSTM(I, H, return_cell_states=True)),
+             fastcells.MODES["LSTM"])]
 
 
 def main(argv=None) -> None:
