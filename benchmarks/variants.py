@@ -4,7 +4,9 @@ torch.nn has no reset-before GRU and no LSTM that returns every step's cell
 state, so the baseline is what a user would write without fastcells: the
 reference's per-step loop (fastcells.reference, plain differentiable PyTorch
 ops, the same equations). The cell-state variant backpropagates through the
-output and the cell states together (their sum). Timed in one run, interleaved,
+output and the cell states together (their sum). The zoneout variant runs in
+eval mode (every unit mixes its previous and new state by the rate), so that
+both sides compute the same values without drawing masks. Timed in one run, interleaved,
 at the forecasting shape (T, B, I, H) = (168, 64, 16, 64), one layer: no_grad
 forward and forward+backward, float32. The target of the cell-variants work
 is 5x on forward+backward.
@@ -36,14 +38,21 @@ class ReferenceLoop(nn.Module):
         self.m, self.mode = m, mode
 
     def forward(self, x):
+        from fastcells import MODES
         from fastcells.reference import rnn_reference
 
         m = self.m
         h0 = x.new_zeros(m.num_layers, x.shape[1], m.hidden_size)
         cells = getattr(m, "return_cell_states", False)
-        c0 = h0 if cells else None
+        lstm = self.mode == MODES["LSTM"]
+        c0 = h0 if lstm else None
+        p = getattr(m, "zoneout", 0.0)
+        zone = None
+        if p:
+            width = m.hidden_size * (2 if lstm else 1)
+            zone = x.new_full((m.num_layers, x.shape[0], x.shape[1], width), p)
         res = rnn_reference(x, m._flat_weights, h0, c0, None, self.mode, m.num_layers, False,
-                            m.bias, 0, return_cell_states=cells)
+                            m.bias, 0, return_cell_states=cells, zoneout=zone)
         return (res[0] + res[3], res[1]) if cells else (res[0], res[1])
 
 
@@ -72,7 +81,11 @@ def variants(fastcells):
              fastcells.MODES["GRU_RESET_BEFORE"]),
             ("LSTM return_cell_states=True",
              CellStatesSum(fastcells.LSTM(I, H, return_cell_states=True)),
-             fastcells.MODES["LSTM"])]
+             fastcells.MODES["LSTM"]),
+            ("LSTM zoneout=0.1 (eval)", fastcells.LSTM(I, H, zoneout=0.1).eval(),
+             fastcells.MODES["LSTM"]),
+            ("GRU zoneout=0.1 (eval)", fastcells.GRU(I, H, zoneout=0.1).eval(),
+             fastcells.MODES["GRU"])]
 
 
 def main(argv=None) -> None:

@@ -19,6 +19,10 @@
 // The last layer's y is a copy of the op's `output`: backward reads it from
 // here, so the caller may modify `output` in place (torch.relu_, +=, an
 // inplace Dropout) as torch.nn's GRU and RNN allow.
+// `zoneout` (optional): each row's keep-previous weights z in [0, 1], per
+// layer and direction, (L*D, T, B, Z) dense or (L*D, N, Z) packed with
+// Z = P (+ H for the LSTM's c): h_t = z h_{t-1} + (1 - z) h~_t (and c alike),
+// z in {0, 1} in training and p in eval (fastcells/modules.py draws them).
 // With need_reserve=False (inference; the autograd kernel passes it when no
 // gradient is wanted) `reserve` is empty and the activations live in scratch
 // reused across layers and time chunks.
@@ -263,6 +267,34 @@ void check_states(const Config& c, const Tensor& input, const std::optional<Tens
     shape.push_back(c.D * c.P);
     check_tensor(*dropout_masks, "dropout_masks", shape, input);
   }
+}
+
+// Keep-previous weights per row of the states (Z = P, + H for the LSTM's c).
+int64_t zone_width(const Config& c) {
+  return c.P + (kernels::has_cell_state(static_cast<int>(c.mode)) ? c.H : 0);
+}
+
+// `zoneout` in the compute type, contiguous, (L*D, N, Z); nullopt when absent.
+std::optional<Tensor> compute_zoneout(const Config& c, const std::optional<Tensor>& zoneout,
+                                      at::ScalarType cd) {
+  if (!zoneout.has_value() || !zoneout->defined()) return std::nullopt;
+  return zoneout->to(cd).contiguous().view({c.L * c.D, c.N, zone_width(c)});
+}
+
+// `zoneout`, when given: its shape (layout at the top of this file), the CPU.
+void check_zoneout(const Config& c, const Tensor& input, const std::optional<Tensor>& zoneout) {
+  if (!zoneout.has_value() || !zoneout->defined()) return;
+  std::vector<int64_t> shape{c.L * c.D};
+  if (c.packed) {
+    shape.push_back(c.N);
+  } else {
+    shape.push_back(c.T);
+    shape.push_back(c.B);
+  }
+  shape.push_back(zone_width(c));
+  check_tensor(*zoneout, "zoneout", shape, input);
+  TORCH_CHECK(input.is_cpu(), "fastcells: zoneout is computed by the CPU backend only; got "
+              "`zoneout` on ", input.device(), ", expected cpu");
 }
 
 Config check_inputs(const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
@@ -588,7 +620,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
                    at::TensorList src_w, const Tensor& h0, const std::optional<Tensor>& c0,
                    const std::optional<Tensor>& masks, const Tensor& output, const Tensor& hy,
                    const Tensor& cy, const Tensor& reserve, const DeviceSchedule& sched,
-                   bool keep, bool poison) {
+                   bool keep, bool poison, const std::optional<Tensor>& zone) {
   const bool lstm = c.mode == kernels::kLSTM;
   const bool cpu = x.is_cpu();
   const auto opts = x.options();
@@ -650,6 +682,8 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         p.gates = gates.data_ptr<T>();
         p.extra = extra;
         p.save = keep;
+        p.ld_zone = zone_width(c);
+        p.zone = zone ? zone->data_ptr<T>() + (idx * c.N + row0) * p.ld_zone : nullptr;
         p.w_hh = w_hh.data_ptr<T>();
         p.b_hn = (c.mode == kernels::kGRU && c.bias) ? b_hh->data_ptr<T>() + 2 * c.H : nullptr;
         p.w_hr = w_hr ? w_hr->data_ptr<T>() : nullptr;
@@ -675,9 +709,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
     const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks, bool need_reserve) {
+    const std::optional<Tensor>& dropout_masks, bool need_reserve,
+    const std::optional<Tensor>& zoneout) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
+  check_zoneout(c, input, zoneout);
   // The ATen calls below are internal arithmetic of a kernel that autograd
   // sees as one op: keep them off the autograd and tracing layers.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -696,6 +732,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   const std::optional<Tensor>& c0 = states.second;
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
+  const auto zone = compute_zoneout(c, zoneout, cd);
 
   Tensor reserve = alloc({need_reserve ? c.reserve_size() : 0}, opts, poison);
   Tensor output = alloc({c.N, c.D * c.P}, opts, poison);
@@ -707,7 +744,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
 
   AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_forward", [&] {
     forward_stack<scalar_t>(c, x, w, weights, h0, c0, masks, output, hy, cy, reserve, sched,
-                            need_reserve, poison);
+                            need_reserve, poison, zone);
   });
   if (need_reserve && output.numel() > 0) {
     // The last layer ran into the reserve; the caller gets its own copy.
@@ -734,7 +771,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
                     const std::optional<Tensor>& grad_reserve,
                     const Tensor& grad_input, const Tensor& dhx, const Tensor& dcx,
                     const std::vector<Tensor>& gw, const DeviceSchedule& sched, bool poison,
-                    bool need_grad_input) {
+                    bool need_grad_input, const std::optional<Tensor>& zone) {
   const bool lstm = c.mode == kernels::kLSTM, gru = c.mode == kernels::kGRU;
   const bool rb = c.mode == kernels::kGRU_RESET_BEFORE;
   const bool proj = c.P != c.H;
@@ -762,6 +799,8 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       p.grad_extra = lstm && grad_reserve.has_value()
                          ? grad_reserve->data_ptr<T>() + c.extra_offset(idx)
                          : nullptr;
+      p.ld_zone = zone_width(c);
+      p.zone = zone ? zone->data_ptr<T>() + idx * c.N * p.ld_zone : nullptr;
       p.out = out_l.data_ptr<T>() + d * c.P;
       p.ld_out = c.D * c.P;
       p.h0 = h0.data_ptr<T>() + idx * c.B * c.P;
@@ -825,9 +864,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     const std::optional<Tensor>& dropout_masks, const Tensor& reserve,
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
     const std::optional<Tensor>& grad_cy, bool need_grad_input,
-    const std::optional<Tensor>& grad_reserve) {
+    const std::optional<Tensor>& grad_reserve, const std::optional<Tensor>& zoneout) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
+  check_zoneout(c, input, zoneout);
   const at::ScalarType cd = compute_type(input.scalar_type());
   std::vector<int64_t> out_shape = c.packed ? std::vector<int64_t>{c.N, c.D * c.P}
                                             : std::vector<int64_t>{c.T, c.B, c.D * c.P};
@@ -884,6 +924,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const auto gcy = lstm ? to_compute(grad_cy, cd) : std::nullopt;
   const std::optional<Tensor> gres =
       use_grad_reserve ? std::optional<Tensor>(grad_reserve->contiguous()) : std::nullopt;
+  const auto zone = compute_zoneout(c, zoneout, cd);
 
   // Without need_grad_input, grad_input is an empty (0-element) tensor.
   Tensor grad_input = alloc({need_grad_input ? c.N : 0, c.I}, opts, poison);
@@ -904,7 +945,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   } else {
     AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_backward", [&] {
       backward_stack<scalar_t>(c, x, w, h0, c0, masks, res, go, ghy, gcy, gres, grad_input,
-                               dhx, dcx, gw, sched, poison, need_grad_input);
+                               dhx, dcx, gw, sched, poison, need_grad_input, zone);
     });
   }
   const auto out_t = input.scalar_type();
@@ -950,14 +991,15 @@ TORCH_LIBRARY(fastcells, m) {
   m.def(
       "rnn_forward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
-      "Tensor? dropout_masks, bool need_reserve=True) -> (Tensor output, Tensor hy, Tensor cy, "
-      "Tensor reserve)");
+      "Tensor? dropout_masks, bool need_reserve=True, Tensor? zoneout=None) -> (Tensor output, "
+      "Tensor hy, Tensor cy, Tensor reserve)");
   m.def(
       "rnn_backward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
       "Tensor? dropout_masks, Tensor reserve, Tensor? grad_output, "
-      "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True, Tensor? grad_reserve=None) "
-      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
+      "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True, Tensor? grad_reserve=None, "
+      "Tensor? zoneout=None) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor[] grad_weights)");
   // Gradients of rnn_forward computed through the pure-PyTorch reference
   // (fastcells/_transforms.py registers its CompositeImplicitAutograd kernel):
   // the backward under create_graph=True, whose results must be differentiable.

@@ -195,6 +195,12 @@ def to_keras(module: nn.Module) -> Any:
     if getattr(module, "proj_size", 0):
         raise ValueError(f"fastcells.to_keras: proj_size={module.proj_size}: Keras' LSTM has "
                          "no output projection")
+    if getattr(module, "zoneout", 0.0):
+        raise ValueError(f"fastcells.to_keras: zoneout={module.zoneout}: Keras' recurrent layers "
+                         "have no zoneout")
+    if getattr(module, "return_cell_states", False):
+        raise ValueError("fastcells.to_keras: return_cell_states=True: Keras' LSTM returns the "
+                         "last cell state only")
     if module.num_layers > 1 and module.dropout:
         raise ValueError(f"fastcells.to_keras: dropout={module.dropout} between layers: the "
                          "Keras layers would need Dropout layers between them")

@@ -80,7 +80,7 @@ def _dropout_masks_fake(shape, p, seed, dtype):
 
 @torch.library.register_fake("fastcells::rnn_forward")
 def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                  has_biases, proj_size, dropout_masks, need_reserve=True):
+                  has_biases, proj_size, dropout_masks, need_reserve=True, zoneout=None):
     _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks)
     N, T, B, H, P, D, reserve = _layout(input, weights, batch_sizes, mode, num_layers,
                                         bidirectional, proj_size)
@@ -98,7 +98,7 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
 @torch.library.register_fake("fastcells::rnn_backward")
 def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                    has_biases, proj_size, dropout_masks, reserve, grad_output, grad_hy, grad_cy,
-                   need_grad_input=True, grad_reserve=None):
+                   need_grad_input=True, grad_reserve=None, zoneout=None):
     _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks,
                    reserve=reserve, grad_output=grad_output, grad_hy=grad_hy,
                    grad_cy=grad_cy)
@@ -119,8 +119,8 @@ def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidire
 def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch.Tensor],
         cx: Optional[torch.Tensor], batch_sizes: Optional[List[int]], mode: int,
         num_layers: int, bidirectional: bool, has_biases: bool, proj_size: int,
-        dropout_masks: Optional[torch.Tensor] = None, return_cell_states: bool = False
-        ) -> Tuple[Optional[torch.Tensor], ...]:
+        dropout_masks: Optional[torch.Tensor] = None, return_cell_states: bool = False,
+        zoneout: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], ...]:
     """Fused multi-layer RNN over a whole sequence (one op call for the stack).
 
     Args:
@@ -137,6 +137,9 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
         return_cell_states: LSTM only: also return the last layer's cell state c_t
             of every step, laid out like ``output`` with H (not P) features per
             direction. Gradients flow through it (first derivatives).
+        zoneout: None, or keep-previous weights (L*D, T, B, Z) / (L*D, N, Z) with
+            Z = P (+ H for the LSTM): h_t = z h_{t-1} + (1 - z) h~_t, c_t alike
+            (the modules draw them: 0/1 in training, the rate in eval). CPU.
 
     Returns:
         output (T, B, D*P) or (N, D*P); h_n (L*D, B, P); c_n (L*D, B, H) or None;
@@ -147,14 +150,14 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
     if _transforms.needs_reference(input, weights, hx, cx):
         return _transforms.reference_rnn(input, list(weights), hx, cx, batch_sizes, mode,
                                          num_layers, bidirectional, has_biases, proj_size,
-                                         dropout_masks, return_cell_states)
+                                         dropout_masks, return_cell_states, zoneout)
     # Without grad mode nothing will be differentiated: skip saving activations.
     # A torch.jit.trace graph keeps them (it may later run with grad mode on).
     # The cell states are read from the saved activations, so they need them.
     keep = return_cell_states or torch.is_grad_enabled() or torch.jit.is_tracing()
     out, hy, cy, reserve = _forward(input, list(weights), hx, cx, batch_sizes, mode,
                                     num_layers, bidirectional, has_biases, proj_size,
-                                    dropout_masks, keep)
+                                    dropout_masks, keep, zoneout)
     # The op has checked `mode`, so it indexes the table.
     result = (out, hy, (cy if CELLS[mode].has_cell_state else None))
     if not return_cell_states:

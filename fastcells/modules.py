@@ -53,6 +53,34 @@ def _dropout_masks(module: nn.RNNBase, rows: Tuple[int, ...], like: Tensor) -> O
     return keep.div_(1.0 - p)
 
 
+def _zoneout_weights(module: nn.RNNBase, rows: Tuple[int, ...], like: Tensor,
+                     has_cell_state: bool) -> Optional[Tensor]:
+    """Zoneout's keep-previous weights (L*D, *rows, Z), Z = P (+ H for the LSTM's c):
+    in training 1 with probability p (each unit keeps its previous h and c), else 0,
+    drawn in one call from torch's generator; in eval p (the expectation)."""
+    p = float(_option(module, "zoneout", 0.0))
+    if p == 0.0:
+        return None
+    D, H, P = _sizes(module)
+    shape = (module.num_layers * D, *rows, P + (H if has_cell_state else 0))
+    if not module.training or p == 1.0:
+        return like.new_full(shape, p)
+    if like.device.type == "cpu":
+        # dropout_masks keeps a unit with probability 1 - p_drop = p (value 1/p).
+        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)
+        kept = torch.ops.fastcells.dropout_masks(shape, 1.0 - p, seed, like.dtype)
+        return (kept != 0).to(like.dtype)
+    return like.new_empty(shape).bernoulli_(p)
+
+
+def _check_zoneout(m, zoneout) -> float:
+    if isinstance(zoneout, bool) or not isinstance(zoneout, (int, float)) or \
+            not 0.0 <= zoneout <= 1.0:
+        raise ValueError(f"{type(m).__name__}: zoneout must be a number in [0, 1], got "
+                         f"{zoneout!r}")
+    return float(zoneout)
+
+
 class _NoTorchScript:
     """TorchScript cannot compile the fused modules; say what to use instead."""
 
@@ -216,6 +244,21 @@ def _wrap_output(m, input, out: Tensor, hy: Tensor, cy: Optional[Tensor], batche
     return output, hy, cy
 
 
+class _OptionsRepr:
+    """The torch.nn repr, with the options torch.nn lacks when not at their
+    defaults (reset_after=False, return_cell_states=True, zoneout=p)."""
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if not _option(self, "reset_after", True):
+            s += ", reset_after=False"
+        if _option(self, "return_cell_states", False):
+            s += ", return_cell_states=True"
+        if _option(self, "zoneout", 0.0):
+            s += f", zoneout={self.zoneout}"
+        return s
+
+
 class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
     """Shared forward of LSTM, GRU and RNN (torch.nn semantics).
 
@@ -232,16 +275,17 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
         h0, c0 = _initial_state(self, hx, has_cell_state, B, batched, sorted_indices)
         rows = (x.shape[0],) if batch_sizes is not None else (x.shape[0], B)
         masks = _dropout_masks(self, rows, x)
+        zone = _zoneout_weights(self, rows, x, has_cell_state)
         input_dtype = x.dtype
         x, weights, h0, c0, masks = _cpu_autocast(c.nn_class, x, _current_weights(self), h0, c0,
                                                   masks)
         cell_states = _option(self, "return_cell_states", False)
-        if cell_states and torch.onnx.is_in_onnx_export():
-            from .onnx import FastcellsOnnxError, _CELL_STATES_MSG
-            raise FastcellsOnnxError(f"fastcells.onnx: {_CELL_STATES_MSG}")
+        if (cell_states or zone is not None) and torch.onnx.is_in_onnx_export():
+            from .onnx import FastcellsOnnxError, _option_error
+            raise FastcellsOnnxError(f"fastcells.onnx: {_option_error(self)}")
         out, hy, cy, *cs = rnn(x, weights, h0, c0, batch_sizes, c.code, self.num_layers,
                                self.bidirectional, self.bias, self.proj_size, masks,
-                               return_cell_states=cell_states)
+                               return_cell_states=cell_states, zoneout=zone)
         if cy is not None and self.proj_size > 0 and x.dtype != input_dtype:
             # Cast by CPU autocast: torch.nn's projected LSTM is composite there
             # and keeps c_n in the input's dtype.
@@ -253,7 +297,7 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
         return output, state
 
 
-class LSTM(_FusedRNNBase):
+class LSTM(_OptionsRepr, _FusedRNNBase):
     """Fused drop-in for :class:`torch.nn.LSTM` (same arguments, parameters and returns).
 
     ``return_cell_states=True`` (not in torch.nn) makes forward return a third
@@ -264,16 +308,15 @@ class LSTM(_FusedRNNBase):
     on the CPU); ``output, (h_n, c_n), cell_states = lstm(x)``.
     """
 
-    def __init__(self, *args, return_cell_states: bool = False, **kwargs):
+    def __init__(self, *args, return_cell_states: bool = False, zoneout: float = 0.0,
+                 **kwargs):
         if not isinstance(return_cell_states, bool):
             raise TypeError(f"LSTM: return_cell_states must be a bool, got "
                             f"{return_cell_states!r}")
+        zoneout = _check_zoneout(self, zoneout)
         super().__init__("LSTM", *args, **kwargs)
         self.return_cell_states = return_cell_states
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s + ", return_cell_states=True" if self.return_cell_states else s
+        self.zoneout = zoneout
 
 
 def _check_reset_after(m, reset_after) -> None:
@@ -281,16 +324,7 @@ def _check_reset_after(m, reset_after) -> None:
         raise TypeError(f"{type(m).__name__}: reset_after must be a bool, got {reset_after!r}")
 
 
-class _ResetAfterRepr:
-    """The torch.nn repr, with ``reset_after=False`` when set (the default is
-    torch.nn's convention and not shown)."""
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s if getattr(self, "reset_after", True) else s + ", reset_after=False"
-
-
-class GRU(_ResetAfterRepr, _FusedRNNBase):
+class GRU(_OptionsRepr, _FusedRNNBase):
     """Fused drop-in for :class:`torch.nn.GRU`.
 
     ``reset_after=True`` (the default) is torch.nn's convention, the reset gate
@@ -301,20 +335,23 @@ class GRU(_ResetAfterRepr, _FusedRNNBase):
     torch.nn's GRU parameters, names and shapes.
     """
 
-    def __init__(self, *args, reset_after: bool = True, **kwargs):
+    def __init__(self, *args, reset_after: bool = True, zoneout: float = 0.0, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         _check_reset_after(self, reset_after)
+        zoneout = _check_zoneout(self, zoneout)
         super().__init__("GRU", *args, **kwargs)
         self.reset_after = reset_after
+        self.zoneout = zoneout
 
 
-class RNN(_FusedRNNBase):
+class RNN(_OptionsRepr, _FusedRNNBase):
     """Fused drop-in for :class:`torch.nn.RNN` (``nonlinearity`` 'tanh' or 'relu')."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, zoneout: float = 0.0, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        zoneout = _check_zoneout(self, zoneout)
         if len(args) > 3:
             self.nonlinearity = args[3]
             args = args[:3] + args[4:]
@@ -328,6 +365,7 @@ class RNN(_FusedRNNBase):
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. "
                              "Select from 'tanh' or 'relu'.")
         super().__init__(mode, *args, **kwargs)
+        self.zoneout = zoneout
 
 
 def _cell_forward(cell: nn.RNNCellBase, mode: int, input: Tensor, h0: Optional[Tensor],
@@ -375,7 +413,7 @@ class LSTMCell(_NoTorchScript, nn.LSTMCell):
         return _cell_forward(self, MODES["LSTM"], input, h0, c0)
 
 
-class GRUCell(_ResetAfterRepr, _NoTorchScript, nn.GRUCell):
+class GRUCell(_OptionsRepr, _NoTorchScript, nn.GRUCell):
     """Fused drop-in for :class:`torch.nn.GRUCell`; returns ``h_1``.
     ``reset_after`` as in :class:`GRU`."""
 
@@ -485,6 +523,8 @@ def _no_twin_reason(module: nn.Module) -> Optional[str]:
     if _option(module, "return_cell_states", False):
         return ("it has return_cell_states=True, which torch.nn's LSTM does not have (its "
                 "forward would return two values instead of three)")
+    if _option(module, "zoneout", 0.0):
+        return f"it has zoneout={module.zoneout}, which torch.nn does not have"
     return None
 
 
@@ -493,6 +533,7 @@ def _swap_back(module: nn.Module) -> nn.Module:
     new = _rebuild_as(module, _REVERTS[type(module)])
     new.__dict__.pop("reset_after", None)
     new.__dict__.pop("return_cell_states", None)
+    new.__dict__.pop("zoneout", None)
     return new
 
 

@@ -57,6 +57,17 @@ _CELL_STATES_MSG = ("LSTM with return_cell_states=True cannot be exported to ONN
                     "a model with return_cell_states=False.")
 
 
+def _option_error(m) -> Optional[str]:
+    """Why ONNX cannot express module `m`'s options torch.nn lacks, or None."""
+    if getattr(m, "return_cell_states", False):
+        return _CELL_STATES_MSG
+    if getattr(m, "zoneout", 0.0):
+        return (f"zoneout={m.zoneout} cannot be exported to ONNX: ONNX's RNN operators have no "
+                "zoneout (nor its eval-mode mixing of the previous state). Export a model "
+                "with zoneout=0.")
+    return None
+
+
 def _unsupported(proj_size: int, packed: bool, dropout: bool) -> Optional[str]:
     if proj_size > 0:
         return (f"LSTM with proj_size={proj_size} cannot be exported to ONNX: ONNX's LSTM "
@@ -181,9 +192,12 @@ class _TorchScriptBuilder:
 
 
 def _symbolic(g, input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-              has_biases, proj_size, dropout_masks, need_reserve=None):
+              has_biases, proj_size, dropout_masks, need_reserve=None, zoneout=None):
     """TorchScript exporter symbolic of ``fastcells::rnn_forward``."""
     from torch.onnx import symbolic_helper as sh
+    if zoneout is not None and not sh._is_none(zoneout):
+        raise FastcellsOnnxError("fastcells.onnx: zoneout cannot be exported to ONNX: ONNX's RNN "
+                                 "operators have no zoneout. Export a model with zoneout=0.")
     b = _TorchScriptBuilder(g)
     return _emit(b, input, sh._unpack_list(weights), None if sh._is_none(hx) else hx,
                  None if sh._is_none(cx) else cx, None if sh._is_none(batch_sizes) else batch_sizes,
@@ -234,7 +248,11 @@ def _make_translation():
 
     def fastcells_rnn_forward(input, weights, hx, cx, batch_sizes=None, mode=0, num_layers=1,
                               bidirectional=False, has_biases=True, proj_size=0,
-                              dropout_masks=None, need_reserve=True):
+                              dropout_masks=None, need_reserve=True, zoneout=None):
+        if zoneout is not None:
+            raise FastcellsOnnxError("fastcells.onnx: zoneout cannot be exported to ONNX: ONNX's "
+                                     "RNN operators have no zoneout. Export a model with "
+                                     "zoneout=0.")
         return _emit(_ScriptBuilder(), input, list(weights), hx, cx, batch_sizes, mode,
                      num_layers, bidirectional, has_biases, proj_size, dropout_masks)
 
@@ -244,7 +262,7 @@ def _make_translation():
         "input": TFloat, "weights": Sequence[TFloat], "hx": Optional[TFloat],
         "cx": Optional[TFloat], "batch_sizes": Optional[Sequence[int]], "mode": int,
         "num_layers": int, "bidirectional": bool, "has_biases": bool, "proj_size": int,
-        "dropout_masks": Optional[TFloat], "need_reserve": bool}
+        "dropout_masks": Optional[TFloat], "need_reserve": bool, "zoneout": Optional[TFloat]}
     return fastcells_rnn_forward
 
 
@@ -275,8 +293,8 @@ def check_exportable(model: nn.Module) -> None:
             continue
         dropout = m.training and m.dropout > 0 and m.num_layers > 1
         msg = _unsupported(m.proj_size, False, dropout)
-        if msg is None and getattr(m, "return_cell_states", False):
-            msg = _CELL_STATES_MSG
+        if msg is None:
+            msg = _option_error(m)
         if msg is not None:
             raise FastcellsOnnxError(f"fastcells.onnx: `{name or type(m).__name__}`: {msg}")
 

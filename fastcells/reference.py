@@ -108,6 +108,7 @@ def rnn_relu_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
 def _layer_direction(
     x: Tensor, batch_sizes: Sequence[int], reverse: bool, mode: int,
     w: list[Tensor], has_biases: bool, proj_size: int, h0: Tensor, c0: Tensor | None,
+    zone: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Run one layer in one direction over packed rows.
 
@@ -116,6 +117,9 @@ def _layer_direction(
     batch_sizes[t] rows of the state; inactive rows keep their state, so the
     forward direction ends each sequence at its own last step, and the reverse
     direction (t = T-1 .. 0) starts each sequence from h0 at its own last step.
+    zone: None, or zoneout's keep-previous weights per row (N, P [+ H]): h_t =
+    z h_{t-1} + (1 - z) h~_t, and the LSTM's c_t alike (its h~_t uses the
+    candidate c~_t).
     Returns out (N, P), h_n (B, P), c_n (B, H) or None, and for LSTM the cell
     state c_t of every row (N, H), else None.
     """
@@ -132,8 +136,12 @@ def _layer_direction(
     for t in steps:
         bs, off = batch_sizes[t], offsets[t]
         xt, ht = x[off:off + bs], h[:bs]
+        zt = zone[off:off + bs] if zone is not None else None
         if mode == LSTM:
             h_new, c_new = lstm_cell(xt, ht, c[:bs], w_ih, w_hh, b_ih, b_hh, w_hr)
+            if zt is not None:
+                zc = zt[:, h0.shape[1]:]
+                c_new = zc * c[:bs] + (1 - zc) * c_new
             c = torch.cat([c_new, c[bs:]])
             cells[t] = c_new
         elif mode == GRU:
@@ -144,6 +152,9 @@ def _layer_direction(
             h_new = rnn_tanh_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
         else:
             h_new = rnn_relu_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
+        if zt is not None:
+            zh = zt[:, :h0.shape[1]]
+            h_new = zh * ht + (1 - zh) * h_new
         h = torch.cat([h_new, h[bs:]])
         outs[t] = h_new
     out = torch.cat(outs) if outs else x.new_zeros(0, h0.shape[1])
@@ -158,6 +169,7 @@ def rnn_reference(
     batch_sizes: Sequence[int] | Tensor | None, mode: int, num_layers: int,
     bidirectional: bool, has_biases: bool, proj_size: int,
     dropout_masks: Tensor | None = None, return_cell_states: bool = False,
+    zoneout: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Multi-layer, optionally bidirectional recurrent net, step by step.
 
@@ -173,6 +185,9 @@ def rnn_reference(
             multiplied into the input of layers 1..L-1.
         return_cell_states: LSTM only; also return the last layer's cell state
             c_t of every step.
+        zoneout: None, or keep-previous weights (L*D, T, B, Z) dense / (L*D, N, Z)
+            packed, Z = P (+ H for the LSTM): h_t = z h_{t-1} + (1 - z) h~_t and
+            c_t = z c_{t-1} + (1 - z) c~_t, where h~_t uses the candidate c~_t.
 
     Returns:
         output (T, B, D*P) or (N, D*P); hy (L*D, B, P); cy (L*D, B, H) for LSTM,
@@ -205,8 +220,9 @@ def rnn_reference(
             k = layer * D + d
             w = list(weights[k * per:(k + 1) * per])
             c0 = cx[k] if has_c else None
+            zone = zoneout[k].reshape(x.shape[0], -1) if zoneout is not None else None
             out, h_n, c_n, cells = _layer_direction(x, sizes, d == 1, mode, w, has_biases,
-                                                    proj_size, hx[k], c0)
+                                                    proj_size, hx[k], c0, zone)
             outs.append(out)
             cell_parts.append(cells)
             hy.append(h_n)

@@ -272,7 +272,8 @@ def test_variants_runs(tmp_path):
     out = json.loads((tmp_path / f"variants_{TAG}_quick.json").read_text())
     assert out["machine"]["cpu_isa"] == fastcells.cpu_isa()
     assert [(r["variant"], r["mode"]) for r in out["rows"]] == [
-        (v, m) for v in ("GRU reset_after=False", "LSTM return_cell_states=True")
+        (v, m) for v in ("GRU reset_after=False", "LSTM return_cell_states=True",
+                         "LSTM zoneout=0.1 (eval)", "GRU zoneout=0.1 (eval)")
         for m in ("fwd", "fwd+bwd")]
     for r in out["rows"]:
         assert r["speedup"]["median"] > 0

@@ -154,7 +154,9 @@ def test_bfloat16_cell_states_in_the_input_dtype():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-def test_torch_func_runs_the_reference():
+def test_torch_func_runs_the_reference(monkeypatch):
+    from fastcells import _transforms
+    monkeypatch.setattr(_transforms, "_warned", False)  # it warns once per process
     torch.manual_seed(0)
     m = fastcells.LSTM(3, 4, return_cell_states=True).double()
     x = torch.randn(5, 2, 3, dtype=torch.double)

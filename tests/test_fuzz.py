@@ -12,7 +12,7 @@ the input, the initial state and every parameter:
   ``fastcells.reference.rnn_reference``, with random explicit dropout masks
   between layers (the masks make training-mode dropout deterministic); this
   one also draws the cells torch.nn lacks (the reset-before GRU) and, for
-  the LSTM, return_cell_states.
+  the LSTM, return_cell_states, and zoneout weights.
 
 Examples are derandomized (CI reproducibility) and there is no per-example
 deadline. ``FASTCELLS_FUZZ_EXAMPLES`` sets the number of examples per test
@@ -247,10 +247,18 @@ def test_functional_matches_reference(cfg):
 
     args = (batch_sizes, MODE[cfg["kind"]], L, cfg["bidirectional"], cfg["bias"],
             cfg["proj"], masks)
-    # Every other LSTM example also returns (and differentiates) the cell states.
+    # Every other LSTM example also returns (and differentiates) the cell states;
+    # every third example has zoneout weights (0/1 as in training, or a rate).
     cell_states = cell_named(cfg["kind"]).has_cell_state and cfg["seed"] % 2 == 0
-    expected = rnn_reference(x, weights, hx, cx, *args, return_cell_states=cell_states)
-    actual = rnn(x, weights, hx, cx, *args, return_cell_states=cell_states)
+    zone = None
+    if cfg["seed"] % 3 == 0:
+        rows = (x.shape[0],) if batch_sizes is not None else (T, B)
+        width = P + (cfg["hidden"] if cell_named(cfg["kind"]).has_cell_state else 0)
+        zone = torch.rand((L * D, *rows, width), generator=g, dtype=dtype)
+        zone = (zone < 0.3).to(dtype) if cfg["seed"] % 2 else zone
+    expected = rnn_reference(x, weights, hx, cx, *args, return_cell_states=cell_states,
+                             zoneout=zone)
+    actual = rnn(x, weights, hx, cx, *args, return_cell_states=cell_states, zoneout=zone)
 
     def present(ts):
         return [t for t in ts if t is not None and t.numel() > 0]

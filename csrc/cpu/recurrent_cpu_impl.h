@@ -278,6 +278,36 @@ inline void lstm_infer_row(int64_t H, int64_t u0, int64_t u1, const T* gt, T* c,
   });
 }
 
+// With zoneout: c_t = zone(z, c_{t-1}, c~_t) saved and carried, r_t from the
+// candidate c~_t (Krueger et al.), the activated gates as lstm_forward_row.
+template <typename T>
+inline void lstm_zone_row(int64_t H, int64_t u0, int64_t u1, T* gt, T* c, T* e, T* r,
+                          const T* zc) {
+  const Runs<T, 6, 7> io{
+      {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, c + u0, zc + u0},
+      {gt + u0, gt + H + u0, gt + 2 * H + u0, gt + 3 * H + u0, e + u0, c + u0, r + u0}};
+  for_units(u1 - u0, io, [](const T* const* in, T* const* out, int64_t j) {
+    const auto st = kernels::lstm_forward<T>(in[0][j], in[1][j], in[2][j], in[3][j], in[4][j]);
+    const T cz = kernels::zone<T>(in[5][j], in[4][j], st.c);
+    out[0][j] = st.i;
+    out[1][j] = st.f;
+    out[2][j] = st.g;
+    out[3][j] = st.o;
+    out[4][j] = cz;
+    out[5][j] = cz;
+    out[6][j] = st.r;
+  });
+}
+
+// h_t = zone(z, h_{t-1}, h~_t) over units [j0, j1) of one row, in place.
+template <typename T>
+inline void zone_row(int64_t j0, int64_t j1, const T* z, const T* hp, T* hn) {
+  const Runs<T, 3, 1> io{{z + j0, hp + j0, hn + j0}, {hn + j0}};
+  for_units(j1 - j0, io, [](const T* const* in, T* const* out, int64_t j) {
+    out[0][j] = kernels::zone<T>(in[0][j], in[1][j], in[2][j]);
+  });
+}
+
 template <typename T>
 inline void lstm_forward_row(int64_t H, int64_t u0, int64_t u1, T* gt, T* c, T* e, T* r) {
   using S = LstmFwd;
@@ -445,6 +475,31 @@ inline void lstm_backward_row(int64_t H, int64_t u0, int64_t u1, const T* g, con
   });
 }
 
+// LSTM backward with zoneout: D = dL/dc_t (zoned) splits into z D for c_{t-1}
+// and (1 - z) D for the candidate c~_t, recomputed from the saved gates;
+// r_all (projection): r_t = o tanh(c~_t).
+template <typename T>
+inline void lstm_zone_backward_row(int64_t H, const T* g, const T* cp, const T* dr, T* dc,
+                                   T* dgx, const T* zc, T* r_all) {
+  const Runs<T, 8, 5> io{{g, g + H, g + 2 * H, g + 3 * H, cp, dr, dc, zc},
+                         {dgx, dgx + H, dgx + 2 * H, dgx + 3 * H, dc}};
+  for_units(H, io, [](const T* const* in, T* const* out, int64_t j) {
+    const T i = in[0][j], f = in[1][j], gg = in[2][j], o = in[3][j], c_prev = in[4][j];
+    const T z = in[7][j], D = in[6][j];
+    const T cand = kernels::lstm_candidate<T>(i, f, gg, c_prev);
+    const auto d = kernels::lstm_backward<T>(i, f, gg, o, cand, c_prev, in[5][j], (T(1) - z) * D);
+    out[0][j] = d.di;
+    out[1][j] = d.df;
+    out[2][j] = d.dg;
+    out[3][j] = d.do_;
+    out[4][j] = d.dc_prev + z * D;
+  });
+  if (r_all == nullptr) return;
+  for (int64_t j = 0; j < H; ++j)
+    r_all[j] = g[3 * H + j] *
+               kernels::fc_tanh(kernels::lstm_candidate<T>(g[j], g[H + j], g[2 * H + j], cp[j]));
+}
+
 // r_t = o * tanh(c_t) of a projected LSTM, for the gradient of W_hr.
 template <typename T>
 inline void lstm_r_row(int64_t u0, int64_t u1, const T* o, const T* cc, T* r) {
@@ -590,7 +645,7 @@ struct ForwardRows {
     bool packed_rows = false;
 #if defined(FASTCELLS_AVX512_MASKS)
     if constexpr (std::is_same<T, float>::value) {
-      packed_rows = lstm && !sync && H <= kPackedRowsMaxH;
+      packed_rows = lstm && !sync && H <= kPackedRowsMaxH && p.zone == nullptr;
       if (packed_rows)
         lstm_forward_rows(b1 - b0, H, p.gates + (row0 + b0) * GH, GH, c.data() + b0 * H,
                           p.extra + (row0 + b0) * H,
@@ -603,7 +658,10 @@ struct ForwardRows {
       T* hn = h_next + b * P;
       if (lstm) {
         T* out_r = proj ? r.data() + b * H : hn;
-        if (p.save)
+        if (p.zone)
+          lstm_zone_row(H, u0, u1, gt, c.data() + b * H, p.extra + (row0 + b) * H, out_r,
+                        p.zone + (row0 + b) * p.ld_zone + P);
+        else if (p.save)
           lstm_forward_row(H, u0, u1, gt, c.data() + b * H, p.extra + (row0 + b) * H, out_r);
         else
           lstm_infer_row(H, u0, u1, gt, c.data() + b * H, out_r);
@@ -697,6 +755,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t j0 = proj ? pt.c0 : u0, j1 = proj ? pt.c1 : u1;
+        if (p.zone) zone_row(j0, j1, p.zone + (row0 + b) * p.ld_zone, h_cur + b * P, h_next + b * P);
         copy_row(j0, j1, h_next + b * P, p.out + (row0 + b) * p.ld_out);
       }
       std::swap(h_cur, h_next);
@@ -730,8 +789,9 @@ struct BackwardRows {
   const bool sum_x, sum_h;
   // dh: gradient w.r.t. the state entering the step processed next (B, P);
   // dc: the LSTM's (B, H); dtot: dh plus the output's gradient; dr: dL/dr_t
-  // of a projection, or the reset-before GRU's dL/d(r * h_{t-1}).
-  LineVector<T> dh, dc, dtot, dr, acc_x, acc_h;
+  // of a projection, or the reset-before GRU's dL/d(r * h_{t-1}); dz: with
+  // zoneout, the part of dL/dh_t that goes straight to h_{t-1} (z dtot).
+  LineVector<T> dh, dc, dtot, dr, acc_x, acc_h, dz;
 
   explicit BackwardRows(const kernels::LayerBackwardParams<T>& params)
       : p(params), H(p.H), P(p.P), B(p.B), G(kernels::num_gates(p.mode)), GH(G * H),
@@ -743,7 +803,8 @@ struct BackwardRows {
         dtot(static_cast<size_t>(B * P)),
         dr(proj || rb ? static_cast<size_t>(B * H) : 0),
         acc_x(sum_x ? static_cast<size_t>(B * GH) : 0, T(0)),
-        acc_h(sum_h ? static_cast<size_t>(B * H) : 0, T(0)) {
+        acc_h(sum_h ? static_cast<size_t>(B * H) : 0, T(0)),
+        dz(p.zone ? static_cast<size_t>(B * P) : 0) {
     if (p.grad_hy) std::copy(p.grad_hy, p.grad_hy + B * P, dh.begin());
     if (lstm && p.grad_cy) std::copy(p.grad_cy, p.grad_cy + B * H, dc.begin());
   }
@@ -761,6 +822,14 @@ struct BackwardRows {
       T* dt = dtot.data() + b * P;
       const T* go = p.grad_out ? p.grad_out + (row0 + b) * p.ld_gout : nullptr;
       for (int64_t j = 0; j < P; ++j) dt[j] = dh[b * P + j] + (go ? go[j] : T(0));
+      if (p.zone) {  // h_t = z h_{t-1} + (1 - z) h~_t
+        const T* z = p.zone + (row0 + b) * p.ld_zone;
+        T* dzb = dz.data() + b * P;
+        for (int64_t j = 0; j < P; ++j) {
+          dzb[j] = z[j] * dt[j];
+          dt[j] = (T(1) - z[j]) * dt[j];
+        }
+      }
       if (proj) copy_row(0, P, dt, p.dh_all + (row0 + b) * P);
     }
   }
@@ -781,6 +850,11 @@ struct BackwardRows {
         const T* cc = p.extra + row * H;
         // c_t's own incoming gradient joins the one from step t+1.
         if (p.grad_extra) accumulate_row(0, H, dc.data() + b * H, p.grad_extra + row * H);
+        if (p.zone) {
+          lstm_zone_backward_row(H, g, cp, d_in, dc.data() + b * H, dgx,
+                                 p.zone + row * p.ld_zone + P, proj ? p.r_all + row * H : nullptr);
+          continue;
+        }
         lstm_backward_row(H, 0, H, g, cc, cp, d_in, dc.data() + b * H, dgx);
         if (proj) lstm_r_row(0, H, g + 3 * H, cc, p.r_all + row * H);
       } else if (gru) {
@@ -792,7 +866,20 @@ struct BackwardRows {
         rnn_backward_row(p.mode, 0, H, g, d_in, dgx);
       }
     }
-    if (!rb) return;
+    if (rb) rb_second_product(row0, b0, b1, w_hn);
+    // Zoneout: z dtot joins dh_{t-1} (GRU: beside the direct part the gate
+    // step wrote; LSTM, RNN: the W_hh product accumulates onto it).
+    for (int64_t b = b0; p.zone && b < b1; ++b) {
+      if (gru || rb)
+        accumulate_row(0, P, dh.data() + b * P, dz.data() + b * P);
+      else
+        copy_row(0, P, dz.data() + b * P, dh.data() + b * P);
+    }
+  }
+
+  // The reset-before GRU: d(r * h_{t-1}) = da_n W_hn, then da_r and the
+  // direct part of dh_{t-1}.
+  void rb_second_product(int64_t row0, int64_t b0, int64_t b1, const PackedB<T>& w_hn) {
     w_hn.mm_cols(b1 - b0, 0, P, p.dgates_x + (row0 + b0) * GH + 2 * H, GH, dr.data() + b0 * H,
                  H, false);
     for (int64_t b = b0; b < b1; ++b) {
@@ -882,7 +969,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       //    (reset-before GRU: its direct part + [da_r, da_z] W_h[r,z]).
       const int64_t m0 = pt.b0, m1 = std::min<int64_t>(M, pt.b1);
       w_hh.mm_cols(m1 - m0, pt.c0, pt.c1, dgh_base + (row0 + m0) * GH, GH,
-                   st.dh.data() + m0 * P, P, gru || rb);
+                   st.dh.data() + m0 * P, P, gru || rb || p.zone != nullptr);
       part_barrier(pt, barrier);
     }
     if (!pt.sync || tid == 0) {  // gradients of this thread's rows (all rows: tid 0)

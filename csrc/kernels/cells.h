@@ -97,6 +97,19 @@ struct LstmGates {
   acc i, f, g, o, c, r;
 };
 
+// The LSTM's new cell value from its activated gates.
+template <typename acc>
+FC_HD acc lstm_candidate(acc i, acc f, acc g, acc c_prev) {
+  return f * c_prev + i * g;
+}
+
+// Zoneout (Krueger et al. 2016): a unit keeps its previous value with weight
+// z (0 or 1 in training, the rate p in eval) and takes the new one otherwise.
+template <typename acc>
+FC_HD acc zone(acc z, acc prev, acc fresh) {
+  return z * prev + (acc(1) - z) * fresh;
+}
+
 template <typename acc>
 FC_HD LstmGates<acc> lstm_forward(acc a_i, acc a_f, acc a_g, acc a_o, acc c_prev) {
   LstmGates<acc> s;
@@ -104,7 +117,7 @@ FC_HD LstmGates<acc> lstm_forward(acc a_i, acc a_f, acc a_g, acc a_o, acc c_prev
   s.f = sigmoid(a_f);
   s.g = fc_tanh(a_g);
   s.o = sigmoid(a_o);
-  s.c = s.f * c_prev + s.i * s.g;
+  s.c = lstm_candidate(s.i, s.f, s.g, c_prev);
   s.r = s.o * fc_tanh(s.c);
   return s;
 }

@@ -47,6 +47,10 @@ struct LayerForwardParams : LayerSchedule {
   // (N, H). Out: LSTM c_t; GRU hh_n = h_prev W_hn^T + b_hn; unused (null) RNN
   // and reset-before GRU.
   scalar_t* extra;
+  // Zoneout (null: none): row r's keep-previous weights at zone + r * ld_zone,
+  // P for h then (LSTM) H for c: h_t = z h_{t-1} + (1 - z) h~_t.
+  const scalar_t* zone;
+  int64_t ld_zone;
   // Whether backward will read gates and extra. Without it (inference) they
   // are scratch, and a backend may leave the activated gates and the LSTM's
   // saved c_t unwritten.
@@ -85,6 +89,8 @@ struct LayerBackwardParams : LayerSchedule {
   const scalar_t* grad_cy;      // (B, H) LSTM only
   const scalar_t* grad_extra;   // (N, H) LSTM: gradient w.r.t. each row's c_t (the cell
                                 //   states a module returns with return_cell_states)
+  const scalar_t* zone;         // zoneout weights as in LayerForwardParams, or null
+  int64_t ld_zone;
 
   // Outputs, every element written by the backend.
   scalar_t* dgates_x;           // (N, G*H) d pre-activations, input side
