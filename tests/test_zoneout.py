@@ -230,3 +230,15 @@ def test_revert_onnx_and_keras_refuse_it():
     pytest.importorskip("keras")
     with pytest.raises(ValueError, match="zoneout"):
         fastcells.to_keras(m)
+
+
+def test_long_inference_in_time_chunks_matches_the_training_forward():
+    """Inference runs long sequences in time chunks (both directions): each chunk
+    reads its own rows of the weights."""
+    torch.manual_seed(0)
+    m = fastcells.LSTM(4, 64, 2, zoneout=0.3, bidirectional=True).eval()
+    x = torch.randn(150, 64, 4)
+    train = m(x)[0]
+    with torch.inference_mode():
+        infer = m(x)[0]
+    assert torch.equal(train.detach(), infer)
