@@ -6,7 +6,9 @@ reference's per-step loop (fastcells.reference, plain differentiable PyTorch
 ops, the same equations). The cell-state variant backpropagates through the
 output and the cell states together (their sum). The zoneout variant runs in
 eval mode (every unit mixes its previous and new state by the rate), so that
-both sides compute the same values without drawing masks. Timed in one run, interleaved,
+both sides compute the same values without drawing masks; the recurrent
+dropout variant uses one fixed set of masks (as one training forward draws)
+on both sides. Timed in one run, interleaved,
 at the forecasting shape (T, B, I, H) = (168, 64, 16, 64), one layer: no_grad
 forward and forward+backward, float32. The target of the cell-variants work
 is 5x on forward+backward.
@@ -52,7 +54,8 @@ class ReferenceLoop(nn.Module):
             width = m.hidden_size * (2 if lstm else 1)
             zone = x.new_full((m.num_layers, x.shape[0], x.shape[1], width), p)
         res = rnn_reference(x, m._flat_weights, h0, c0, None, self.mode, m.num_layers, False,
-                            m.bias, 0, return_cell_states=cells, zoneout=zone)
+                            m.bias, 0, return_cell_states=cells, zoneout=zone,
+                            recurrent_masks=getattr(m, "recurrent_masks", None))
         return (res[0] + res[3], res[1]) if cells else (res[0], res[1])
 
 
@@ -73,6 +76,32 @@ class CellStatesSum(nn.Module):
         return out + cs, h
 
 
+class FixedRecurrentMasks(nn.Module):
+    """A fused LSTM whose recurrent dropout masks are fixed (drawn once, as one
+    training forward would), so that the reference can use the same ones."""
+
+    def __init__(self, m: nn.Module, B: int, p: float):
+        super().__init__()
+        self.m = m
+        self.num_layers, self.hidden_size, self.bias = m.num_layers, m.hidden_size, m.bias
+        g = torch.Generator().manual_seed(2)
+        keep = torch.rand((m.num_layers, B, m.hidden_size), generator=g) >= p
+        self.recurrent_masks = keep.float() / (1 - p)
+
+    @property
+    def _flat_weights(self):
+        return self.m._flat_weights
+
+    def forward(self, x):
+        from fastcells import MODES
+        from fastcells.functional import rnn
+
+        m = self.m
+        out, hy, _ = rnn(x, m._flat_weights, None, None, None, MODES["LSTM"], m.num_layers,
+                         False, m.bias, 0, recurrent_masks=self.recurrent_masks)
+        return out, hy
+
+
 def variants(fastcells):
     """(name, fused module, its mode code)."""
     I, H = SHAPE[2], SHAPE[3]
@@ -85,7 +114,9 @@ def variants(fastcells):
             ("LSTM zoneout=0.1 (eval)", fastcells.LSTM(I, H, zoneout=0.1).eval(),
              fastcells.MODES["LSTM"]),
             ("GRU zoneout=0.1 (eval)", fastcells.GRU(I, H, zoneout=0.1).eval(),
-             fastcells.MODES["GRU"])]
+             fastcells.MODES["GRU"]),
+            ("LSTM recurrent_dropout=0.25 (fixed masks)",
+             FixedRecurrentMasks(fastcells.LSTM(I, H), SHAPE[1], 0.25), fastcells.MODES["LSTM"])]
 
 
 def main(argv=None) -> None:

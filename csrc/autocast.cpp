@@ -30,7 +30,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autocast(
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     const std::optional<Tensor>& dropout_masks, bool need_reserve,
-    const std::optional<Tensor>& zoneout) {
+    const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_masks) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   const at::ScalarType dt = at::autocast::get_autocast_dtype(device);
   const auto cast = [dt](const Tensor& t) { return at::autocast::cached_cast(dt, t, device); };
@@ -42,7 +42,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autocast(
   for (const auto& t : weights) w.push_back(cast(t));
   return forward_op().call(cast(input), w, cast_opt(hx), cast_opt(cx), batch_sizes, mode,
                            num_layers, bidirectional, has_biases, proj_size,
-                           cast_opt(dropout_masks), need_reserve, cast_opt(zoneout));
+                           cast_opt(dropout_masks), need_reserve, cast_opt(zoneout),
+                           cast_opt(recurrent_masks));
 }
 
 }  // namespace

@@ -33,13 +33,15 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
                                at::OptionalIntArrayRef batch_sizes, int64_t mode,
                                int64_t num_layers, bool bidirectional, bool has_biases,
                                int64_t proj_size, const std::optional<Tensor>& dropout_masks,
-                               const std::optional<Tensor>& zoneout) {
+                               const std::optional<Tensor>& zoneout,
+                               const std::optional<Tensor>& recurrent_masks) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, hy, cy, reserve] =
         forward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                          has_biases, proj_size, dropout_masks, true, zoneout);
+                          has_biases, proj_size, dropout_masks, true, zoneout, recurrent_masks);
     variable_list to_save{input, hx.value_or(Tensor()), cx.value_or(Tensor()),
-                          dropout_masks.value_or(Tensor()), reserve, zoneout.value_or(Tensor())};
+                          dropout_masks.value_or(Tensor()), reserve, zoneout.value_or(Tensor()),
+                          recurrent_masks.value_or(Tensor())};
     to_save.insert(to_save.end(), weights.begin(), weights.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["packed"] = batch_sizes.has_value();
@@ -64,7 +66,8 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     const std::optional<Tensor> cx = defined_or_null(saved[2]);
     const std::optional<Tensor> masks = defined_or_null(saved[3]);
     const std::optional<Tensor> zoneout = defined_or_null(saved[5]);
-    const std::vector<Tensor> weights(saved.begin() + 6, saved.end());
+    const std::optional<Tensor> rmasks = defined_or_null(saved[6]);
+    const std::vector<Tensor> weights(saved.begin() + 7, saved.end());
     const int64_t mode = ctx->saved_data["mode"].toInt();
     const std::vector<int64_t> bs = ctx->saved_data["batch_sizes"].toIntVector();
     const at::OptionalIntArrayRef batch_sizes =
@@ -79,7 +82,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
 
     // Gradients in the order of forward's arguments, a TensorList counting
     // one slot per tensor; non-tensor arguments get undefined gradients.
-    variable_list result(1 + weights.size() + 10);
+    variable_list result(1 + weights.size() + 11);
     if (!grad_out && !grad_hy && !grad_cy && !grad_reserve) return result;
     // The input gradient is a whole GEMM of the first layer: skip it when
     // the input does not require grad (the usual case in training).
@@ -93,9 +96,10 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
     const bool has_biases = ctx->saved_data["has_biases"].toBool();
     const int64_t proj_size = ctx->saved_data["proj_size"].toInt();
-    TORCH_CHECK(!create_graph || !zoneout,
-                "fastcells: second derivatives with zoneout are not supported (its reference "
-                "path is not written); use create_graph=False or zoneout=0");
+    TORCH_CHECK(!create_graph || (!zoneout && !rmasks),
+                "fastcells: second derivatives with zoneout or recurrent dropout are not "
+                "supported (their reference path is not written); use create_graph=False, or "
+                "zoneout=0 and recurrent_dropout=0");
     TORCH_CHECK(!create_graph || !grad_reserve,
                 "fastcells: second derivatives through the cell states (return_cell_states=True) "
                 "are not supported: differentiate a loss that uses the output and final states "
@@ -108,7 +112,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       return backward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, masks, saved[4], grad_out,
-                                grad_hy, grad_cy, need_input, grad_reserve, zoneout);
+                                grad_hy, grad_cy, need_input, grad_reserve, zoneout, rmasks);
     }();
     size_t k = 0;
     result[k++] = need_input ? grad_input : Tensor();
@@ -124,7 +128,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autograd(
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     const std::optional<Tensor>& dropout_masks, bool need_reserve,
-    const std::optional<Tensor>& zoneout) {
+    const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_masks) {
   const auto requires_grad = [](const std::optional<Tensor>& t) {
     return t.has_value() && t->defined() && t->requires_grad();
   };
@@ -138,10 +142,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autograd(
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return forward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers,
                              bidirectional, has_biases, proj_size, dropout_masks, need_reserve,
-                             zoneout);
+                             zoneout, recurrent_masks);
   }
   auto out = RnnFunction::apply(input, weights, hx, cx, batch_sizes, mode, num_layers,
-                                bidirectional, has_biases, proj_size, dropout_masks, zoneout);
+                                bidirectional, has_biases, proj_size, dropout_masks, zoneout,
+                                recurrent_masks);
   return {out[0], out[1], out[2], out[3]};
 }
 

@@ -14,14 +14,15 @@ namespace fastcells {
 using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, at::OptionalIntArrayRef, int64_t, int64_t, bool, bool,
-    int64_t, const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&);
+    int64_t, const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
 using BackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
     const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, at::OptionalIntArrayRef, int64_t, int64_t, bool, bool,
     int64_t, const std::optional<at::Tensor>&, const at::Tensor&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 
 // rnn_backward_reference: rnn_backward's arguments without the reserve.
 using BackwardReferenceFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(

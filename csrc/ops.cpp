@@ -23,6 +23,8 @@
 // layer and direction, (L*D, T, B, Z) dense or (L*D, N, Z) packed with
 // Z = P (+ H for the LSTM's c): h_t = z h_{t-1} + (1 - z) h~_t (and c alike),
 // z in {0, 1} in training and p in eval (fastcells/modules.py draws them).
+// `recurrent_masks` (optional): variational recurrent dropout, (L*D, B, P)
+// multipliers of h_{t-1} in the recurrent product, the same at every step.
 // With need_reserve=False (inference; the autograd kernel passes it when no
 // gradient is wanted) `reserve` is empty and the activations live in scratch
 // reused across layers and time chunks.
@@ -279,6 +281,23 @@ std::optional<Tensor> compute_zoneout(const Config& c, const std::optional<Tenso
                                       at::ScalarType cd) {
   if (!zoneout.has_value() || !zoneout->defined()) return std::nullopt;
   return zoneout->to(cd).contiguous().view({c.L * c.D, c.N, zone_width(c)});
+}
+
+// `recurrent_masks` in the compute type, contiguous; nullopt when absent.
+std::optional<Tensor> compute_rmasks(const std::optional<Tensor>& m, at::ScalarType cd) {
+  if (!m.has_value() || !m->defined()) return std::nullopt;
+  return m->to(cd).contiguous();
+}
+
+// `recurrent_masks`, when given: (L*D, B, P), the CPU, a cell that has it.
+void check_rmasks(const Config& c, const Tensor& input, const std::optional<Tensor>& m) {
+  if (!m.has_value() || !m->defined()) return;
+  check_tensor(*m, "recurrent_masks", {c.L * c.D, c.B, c.P}, input);
+  TORCH_CHECK(input.is_cpu(), "fastcells: recurrent dropout is computed by the CPU backend "
+              "only; got `recurrent_masks` on ", input.device(), ", expected cpu");
+  TORCH_CHECK(c.mode != kernels::kGRU_RESET_BEFORE, "fastcells: `recurrent_masks` is not "
+              "supported for ", kModeNames[c.mode], " (recurrent dropout of the reset-before "
+              "GRU is not implemented)");
 }
 
 // `zoneout`, when given: its shape (layout at the top of this file), the CPU.
@@ -620,7 +639,8 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
                    at::TensorList src_w, const Tensor& h0, const std::optional<Tensor>& c0,
                    const std::optional<Tensor>& masks, const Tensor& output, const Tensor& hy,
                    const Tensor& cy, const Tensor& reserve, const DeviceSchedule& sched,
-                   bool keep, bool poison, const std::optional<Tensor>& zone) {
+                   bool keep, bool poison, const std::optional<Tensor>& zone,
+                   const std::optional<Tensor>& rmasks) {
   const bool lstm = c.mode == kernels::kLSTM;
   const bool cpu = x.is_cpu();
   const auto opts = x.options();
@@ -684,6 +704,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         p.save = keep;
         p.ld_zone = zone_width(c);
         p.zone = zone ? zone->data_ptr<T>() + (idx * c.N + row0) * p.ld_zone : nullptr;
+        p.rmask = rmasks ? rmasks->data_ptr<T>() + idx * c.B * c.P : nullptr;
         p.w_hh = w_hh.data_ptr<T>();
         p.b_hn = (c.mode == kernels::kGRU && c.bias) ? b_hh->data_ptr<T>() + 2 * c.H : nullptr;
         p.w_hr = w_hr ? w_hr->data_ptr<T>() : nullptr;
@@ -710,10 +731,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
     const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
     int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
     const std::optional<Tensor>& dropout_masks, bool need_reserve,
-    const std::optional<Tensor>& zoneout) {
+    const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_masks) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
   check_zoneout(c, input, zoneout);
+  check_rmasks(c, input, recurrent_masks);
   // The ATen calls below are internal arithmetic of a kernel that autograd
   // sees as one op: keep them off the autograd and tracing layers.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -733,6 +755,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
   const auto zone = compute_zoneout(c, zoneout, cd);
+  const auto rmasks = compute_rmasks(recurrent_masks, cd);
 
   Tensor reserve = alloc({need_reserve ? c.reserve_size() : 0}, opts, poison);
   Tensor output = alloc({c.N, c.D * c.P}, opts, poison);
@@ -744,7 +767,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
 
   AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_forward", [&] {
     forward_stack<scalar_t>(c, x, w, weights, h0, c0, masks, output, hy, cy, reserve, sched,
-                            need_reserve, poison, zone);
+                            need_reserve, poison, zone, rmasks);
   });
   if (need_reserve && output.numel() > 0) {
     // The last layer ran into the reserve; the caller gets its own copy.
@@ -771,7 +794,8 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
                     const std::optional<Tensor>& grad_reserve,
                     const Tensor& grad_input, const Tensor& dhx, const Tensor& dcx,
                     const std::vector<Tensor>& gw, const DeviceSchedule& sched, bool poison,
-                    bool need_grad_input, const std::optional<Tensor>& zone) {
+                    bool need_grad_input, const std::optional<Tensor>& zone,
+                    const std::optional<Tensor>& rmasks) {
   const bool lstm = c.mode == kernels::kLSTM, gru = c.mode == kernels::kGRU;
   const bool rb = c.mode == kernels::kGRU_RESET_BEFORE;
   const bool proj = c.P != c.H;
@@ -781,6 +805,8 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
   const Tensor dgx = alloc({c.N, c.GH()}, opts, poison);
   const Tensor dgh = gru ? alloc({c.N, c.GH()}, opts, poison) : dgx;
   const Tensor hprev = alloc({c.N, c.P}, opts, poison);
+  // With recurrent dropout, W_hh's gradient operand is h_{t-1} * m.
+  const Tensor hprev_m = rmasks ? alloc({c.N, c.P}, opts, poison) : hprev;
   const Tensor r_all = proj || rb ? alloc({c.N, c.H}, opts, poison) : Tensor();
   const Tensor dh_all = proj ? alloc({c.N, c.P}, opts, poison) : Tensor();
 
@@ -801,6 +827,8 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
                          : nullptr;
       p.ld_zone = zone_width(c);
       p.zone = zone ? zone->data_ptr<T>() + idx * c.N * p.ld_zone : nullptr;
+      p.rmask = rmasks ? rmasks->data_ptr<T>() + idx * c.B * c.P : nullptr;
+      p.h_prev_m = rmasks ? hprev_m.data_ptr<T>() : nullptr;
       p.out = out_l.data_ptr<T>() + d * c.P;
       p.ld_out = c.D * c.P;
       p.h0 = h0.data_ptr<T>() + idx * c.B * c.P;
@@ -834,7 +862,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
         matmul<T>(gw[base + 1].narrow(0, 2 * H, H), dgh.narrow(1, 2 * H, H), true, r_all, false,
                   false, nullptr, nullptr, c.bf16);
       } else {
-        matmul<T>(gw[base + 1], dgh, true, hprev, false, false, nullptr, nullptr, c.bf16);
+        matmul<T>(gw[base + 1], dgh, true, hprev_m, false, false, nullptr, nullptr, c.bf16);
       }
       if (c.bias) {
         if (!loop_bias) {
@@ -864,10 +892,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     const std::optional<Tensor>& dropout_masks, const Tensor& reserve,
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
     const std::optional<Tensor>& grad_cy, bool need_grad_input,
-    const std::optional<Tensor>& grad_reserve, const std::optional<Tensor>& zoneout) {
+    const std::optional<Tensor>& grad_reserve, const std::optional<Tensor>& zoneout,
+    const std::optional<Tensor>& recurrent_masks) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
   check_zoneout(c, input, zoneout);
+  check_rmasks(c, input, recurrent_masks);
   const at::ScalarType cd = compute_type(input.scalar_type());
   std::vector<int64_t> out_shape = c.packed ? std::vector<int64_t>{c.N, c.D * c.P}
                                             : std::vector<int64_t>{c.T, c.B, c.D * c.P};
@@ -925,6 +955,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const std::optional<Tensor> gres =
       use_grad_reserve ? std::optional<Tensor>(grad_reserve->contiguous()) : std::nullopt;
   const auto zone = compute_zoneout(c, zoneout, cd);
+  const auto rmasks = compute_rmasks(recurrent_masks, cd);
 
   // Without need_grad_input, grad_input is an empty (0-element) tensor.
   Tensor grad_input = alloc({need_grad_input ? c.N : 0, c.I}, opts, poison);
@@ -945,7 +976,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   } else {
     AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_backward", [&] {
       backward_stack<scalar_t>(c, x, w, h0, c0, masks, res, go, ghy, gcy, gres, grad_input,
-                               dhx, dcx, gw, sched, poison, need_grad_input, zone);
+                               dhx, dcx, gw, sched, poison, need_grad_input, zone, rmasks);
     });
   }
   const auto out_t = input.scalar_type();
@@ -991,15 +1022,15 @@ TORCH_LIBRARY(fastcells, m) {
   m.def(
       "rnn_forward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
-      "Tensor? dropout_masks, bool need_reserve=True, Tensor? zoneout=None) -> (Tensor output, "
-      "Tensor hy, Tensor cy, Tensor reserve)");
+      "Tensor? dropout_masks, bool need_reserve=True, Tensor? zoneout=None, "
+      "Tensor? recurrent_masks=None) -> (Tensor output, Tensor hy, Tensor cy, Tensor reserve)");
   m.def(
       "rnn_backward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
       "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
       "Tensor? dropout_masks, Tensor reserve, Tensor? grad_output, "
       "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True, Tensor? grad_reserve=None, "
-      "Tensor? zoneout=None) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
-      "Tensor[] grad_weights)");
+      "Tensor? zoneout=None, Tensor? recurrent_masks=None) -> (Tensor grad_input, "
+      "Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
   // Gradients of rnn_forward computed through the pure-PyTorch reference
   // (fastcells/_transforms.py registers its CompositeImplicitAutograd kernel):
   // the backward under create_graph=True, whose results must be differentiable.

@@ -80,7 +80,8 @@ def _dropout_masks_fake(shape, p, seed, dtype):
 
 @torch.library.register_fake("fastcells::rnn_forward")
 def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                  has_biases, proj_size, dropout_masks, need_reserve=True, zoneout=None):
+                  has_biases, proj_size, dropout_masks, need_reserve=True, zoneout=None,
+                  recurrent_masks=None):
     _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks)
     N, T, B, H, P, D, reserve = _layout(input, weights, batch_sizes, mode, num_layers,
                                         bidirectional, proj_size)
@@ -98,7 +99,8 @@ def _forward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirec
 @torch.library.register_fake("fastcells::rnn_backward")
 def _backward_fake(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
                    has_biases, proj_size, dropout_masks, reserve, grad_output, grad_hy, grad_cy,
-                   need_grad_input=True, grad_reserve=None, zoneout=None):
+                   need_grad_input=True, grad_reserve=None, zoneout=None,
+                   recurrent_masks=None):
     _check_devices(input, weights=weights, hx=hx, cx=cx, dropout_masks=dropout_masks,
                    reserve=reserve, grad_output=grad_output, grad_hy=grad_hy,
                    grad_cy=grad_cy)
@@ -120,7 +122,8 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
         cx: Optional[torch.Tensor], batch_sizes: Optional[List[int]], mode: int,
         num_layers: int, bidirectional: bool, has_biases: bool, proj_size: int,
         dropout_masks: Optional[torch.Tensor] = None, return_cell_states: bool = False,
-        zoneout: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], ...]:
+        zoneout: Optional[torch.Tensor] = None,
+        recurrent_masks: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], ...]:
     """Fused multi-layer RNN over a whole sequence (one op call for the stack).
 
     Args:
@@ -140,6 +143,10 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
         zoneout: None, or keep-previous weights (L*D, T, B, Z) / (L*D, N, Z) with
             Z = P (+ H for the LSTM): h_t = z h_{t-1} + (1 - z) h~_t, c_t alike
             (the modules draw them: 0/1 in training, the rate in eval). CPU.
+        recurrent_masks: None, or (L*D, B, P) multipliers of h_{t-1} in the
+            recurrent product, the same at every step (variational recurrent
+            dropout; the modules draw them in training). CPU; not the
+            reset-before GRU.
 
     Returns:
         output (T, B, D*P) or (N, D*P); h_n (L*D, B, P); c_n (L*D, B, H) or None;
@@ -150,14 +157,15 @@ def rnn(input: torch.Tensor, weights: Sequence[torch.Tensor], hx: Optional[torch
     if _transforms.needs_reference(input, weights, hx, cx):
         return _transforms.reference_rnn(input, list(weights), hx, cx, batch_sizes, mode,
                                          num_layers, bidirectional, has_biases, proj_size,
-                                         dropout_masks, return_cell_states, zoneout)
+                                         dropout_masks, return_cell_states, zoneout,
+                                         recurrent_masks)
     # Without grad mode nothing will be differentiated: skip saving activations.
     # A torch.jit.trace graph keeps them (it may later run with grad mode on).
     # The cell states are read from the saved activations, so they need them.
     keep = return_cell_states or torch.is_grad_enabled() or torch.jit.is_tracing()
     out, hy, cy, reserve = _forward(input, list(weights), hx, cx, batch_sizes, mode,
                                     num_layers, bidirectional, has_biases, proj_size,
-                                    dropout_masks, keep, zoneout)
+                                    dropout_masks, keep, zoneout, recurrent_masks)
     # The op has checked `mode`, so it indexes the table.
     result = (out, hy, (cy if CELLS[mode].has_cell_state else None))
     if not return_cell_states:

@@ -114,11 +114,13 @@ def needs_reference(input: torch.Tensor, weights: Sequence[torch.Tensor],
 
 
 def reference_rnn(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                  has_biases, proj_size, dropout_masks, return_cell_states=False, zoneout=None):
+                  has_biases, proj_size, dropout_masks, return_cell_states=False, zoneout=None,
+                  recurrent_masks=None):
     """fastcells._ops.rnn through the reference, with zero initial states where
     none are given. Warns once per process."""
     _announce()
     hx, cx = _initial_states(input, weights, hx, cx, batch_sizes, mode, num_layers,
                              bidirectional, proj_size)
     return rnn_reference(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                         has_biases, proj_size, dropout_masks, return_cell_states, zoneout)
+                         has_biases, proj_size, dropout_masks, return_cell_states, zoneout,
+                         recurrent_masks)

@@ -73,12 +73,29 @@ def _zoneout_weights(module: nn.RNNBase, rows: Tuple[int, ...], like: Tensor,
     return like.new_empty(shape).bernoulli_(p)
 
 
-def _check_zoneout(m, zoneout) -> float:
-    if isinstance(zoneout, bool) or not isinstance(zoneout, (int, float)) or \
-            not 0.0 <= zoneout <= 1.0:
-        raise ValueError(f"{type(m).__name__}: zoneout must be a number in [0, 1], got "
-                         f"{zoneout!r}")
-    return float(zoneout)
+def _recurrent_masks(module: nn.RNNBase, B: int, like: Tensor) -> Optional[Tensor]:
+    """Variational recurrent dropout (training only): inverted-dropout multipliers
+    (L*D, B, P) of h_{t-1} in the recurrent product, one mask per sequence for all
+    its steps, drawn in one call from torch's generator."""
+    p = float(_option(module, "recurrent_dropout", 0.0))
+    if p == 0.0 or not module.training:
+        return None
+    D, _, P = _sizes(module)
+    shape = (module.num_layers * D, B, P)
+    if p == 1.0:
+        return like.new_zeros(shape)
+    if like.device.type == "cpu":
+        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)
+        return torch.ops.fastcells.dropout_masks(shape, p, seed, like.dtype)
+    return like.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def _check_rate(m, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0.0 <= value <= 1.0:
+        raise ValueError(f"{type(m).__name__}: {name} must be a number in [0, 1], got "
+                         f"{value!r}")
+    return float(value)
 
 
 class _NoTorchScript:
@@ -256,6 +273,8 @@ class _OptionsRepr:
             s += ", return_cell_states=True"
         if _option(self, "zoneout", 0.0):
             s += f", zoneout={self.zoneout}"
+        if _option(self, "recurrent_dropout", 0.0):
+            s += f", recurrent_dropout={self.recurrent_dropout}"
         return s
 
 
@@ -276,16 +295,19 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
         rows = (x.shape[0],) if batch_sizes is not None else (x.shape[0], B)
         masks = _dropout_masks(self, rows, x)
         zone = _zoneout_weights(self, rows, x, has_cell_state)
+        rmasks = _recurrent_masks(self, B, x)
         input_dtype = x.dtype
         x, weights, h0, c0, masks = _cpu_autocast(c.nn_class, x, _current_weights(self), h0, c0,
                                                   masks)
         cell_states = _option(self, "return_cell_states", False)
-        if (cell_states or zone is not None) and torch.onnx.is_in_onnx_export():
+        if (cell_states or zone is not None or rmasks is not None) and \
+                torch.onnx.is_in_onnx_export():
             from .onnx import FastcellsOnnxError, _option_error
             raise FastcellsOnnxError(f"fastcells.onnx: {_option_error(self)}")
         out, hy, cy, *cs = rnn(x, weights, h0, c0, batch_sizes, c.code, self.num_layers,
                                self.bidirectional, self.bias, self.proj_size, masks,
-                               return_cell_states=cell_states, zoneout=zone)
+                               return_cell_states=cell_states, zoneout=zone,
+                               recurrent_masks=rmasks)
         if cy is not None and self.proj_size > 0 and x.dtype != input_dtype:
             # Cast by CPU autocast: torch.nn's projected LSTM is composite there
             # and keeps c_n in the input's dtype.
@@ -309,14 +331,16 @@ class LSTM(_OptionsRepr, _FusedRNNBase):
     """
 
     def __init__(self, *args, return_cell_states: bool = False, zoneout: float = 0.0,
-                 **kwargs):
+                 recurrent_dropout: float = 0.0, **kwargs):
         if not isinstance(return_cell_states, bool):
             raise TypeError(f"LSTM: return_cell_states must be a bool, got "
                             f"{return_cell_states!r}")
-        zoneout = _check_zoneout(self, zoneout)
+        zoneout = _check_rate(self, "zoneout", zoneout)
+        recurrent_dropout = _check_rate(self, "recurrent_dropout", recurrent_dropout)
         super().__init__("LSTM", *args, **kwargs)
         self.return_cell_states = return_cell_states
         self.zoneout = zoneout
+        self.recurrent_dropout = recurrent_dropout
 
 
 def _check_reset_after(m, reset_after) -> None:
@@ -335,23 +359,30 @@ class GRU(_OptionsRepr, _FusedRNNBase):
     torch.nn's GRU parameters, names and shapes.
     """
 
-    def __init__(self, *args, reset_after: bool = True, zoneout: float = 0.0, **kwargs):
+    def __init__(self, *args, reset_after: bool = True, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         _check_reset_after(self, reset_after)
-        zoneout = _check_zoneout(self, zoneout)
+        zoneout = _check_rate(self, "zoneout", zoneout)
+        recurrent_dropout = _check_rate(self, "recurrent_dropout", recurrent_dropout)
+        if recurrent_dropout and not reset_after:
+            raise ValueError("GRU: recurrent_dropout is not implemented for reset_after=False "
+                             "(the reset-before GRU); use recurrent_dropout=0")
         super().__init__("GRU", *args, **kwargs)
         self.reset_after = reset_after
         self.zoneout = zoneout
+        self.recurrent_dropout = recurrent_dropout
 
 
 class RNN(_OptionsRepr, _FusedRNNBase):
     """Fused drop-in for :class:`torch.nn.RNN` (``nonlinearity`` 'tanh' or 'relu')."""
 
-    def __init__(self, *args, zoneout: float = 0.0, **kwargs):
+    def __init__(self, *args, zoneout: float = 0.0, recurrent_dropout: float = 0.0, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        zoneout = _check_zoneout(self, zoneout)
+        zoneout = _check_rate(self, "zoneout", zoneout)
+        recurrent_dropout = _check_rate(self, "recurrent_dropout", recurrent_dropout)
         if len(args) > 3:
             self.nonlinearity = args[3]
             args = args[:3] + args[4:]
@@ -366,6 +397,7 @@ class RNN(_OptionsRepr, _FusedRNNBase):
                              "Select from 'tanh' or 'relu'.")
         super().__init__(mode, *args, **kwargs)
         self.zoneout = zoneout
+        self.recurrent_dropout = recurrent_dropout
 
 
 def _cell_forward(cell: nn.RNNCellBase, mode: int, input: Tensor, h0: Optional[Tensor],
@@ -525,6 +557,9 @@ def _no_twin_reason(module: nn.Module) -> Optional[str]:
                 "forward would return two values instead of three)")
     if _option(module, "zoneout", 0.0):
         return f"it has zoneout={module.zoneout}, which torch.nn does not have"
+    if _option(module, "recurrent_dropout", 0.0):
+        return (f"it has recurrent_dropout={module.recurrent_dropout}, which torch.nn does not "
+                "have")
     return None
 
 
@@ -534,6 +569,7 @@ def _swap_back(module: nn.Module) -> nn.Module:
     new.__dict__.pop("reset_after", None)
     new.__dict__.pop("return_cell_states", None)
     new.__dict__.pop("zoneout", None)
+    new.__dict__.pop("recurrent_dropout", None)
     return new
 
 

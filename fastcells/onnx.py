@@ -57,10 +57,16 @@ _CELL_STATES_MSG = ("LSTM with return_cell_states=True cannot be exported to ONN
                     "a model with return_cell_states=False.")
 
 
+_RECURRENT_DROPOUT_MSG = ("recurrent dropout in training mode cannot be exported to ONNX: ONNX's "
+                          "RNN operators have no dropout. Call model.eval() before exporting.")
+
+
 def _option_error(m) -> Optional[str]:
     """Why ONNX cannot express module `m`'s options torch.nn lacks, or None."""
     if getattr(m, "return_cell_states", False):
         return _CELL_STATES_MSG
+    if getattr(m, "recurrent_dropout", 0.0) and m.training:
+        return _RECURRENT_DROPOUT_MSG
     if getattr(m, "zoneout", 0.0):
         return (f"zoneout={m.zoneout} cannot be exported to ONNX: ONNX's RNN operators have no "
                 "zoneout (nor its eval-mode mixing of the previous state). Export a model "
@@ -192,9 +198,12 @@ class _TorchScriptBuilder:
 
 
 def _symbolic(g, input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-              has_biases, proj_size, dropout_masks, need_reserve=None, zoneout=None):
+              has_biases, proj_size, dropout_masks, need_reserve=None, zoneout=None,
+              recurrent_masks=None):
     """TorchScript exporter symbolic of ``fastcells::rnn_forward``."""
     from torch.onnx import symbolic_helper as sh
+    if recurrent_masks is not None and not sh._is_none(recurrent_masks):
+        raise FastcellsOnnxError(f"fastcells.onnx: {_RECURRENT_DROPOUT_MSG}")
     if zoneout is not None and not sh._is_none(zoneout):
         raise FastcellsOnnxError("fastcells.onnx: zoneout cannot be exported to ONNX: ONNX's RNN "
                                  "operators have no zoneout. Export a model with zoneout=0.")
@@ -248,7 +257,10 @@ def _make_translation():
 
     def fastcells_rnn_forward(input, weights, hx, cx, batch_sizes=None, mode=0, num_layers=1,
                               bidirectional=False, has_biases=True, proj_size=0,
-                              dropout_masks=None, need_reserve=True, zoneout=None):
+                              dropout_masks=None, need_reserve=True, zoneout=None,
+                              recurrent_masks=None):
+        if recurrent_masks is not None:
+            raise FastcellsOnnxError(f"fastcells.onnx: {_RECURRENT_DROPOUT_MSG}")
         if zoneout is not None:
             raise FastcellsOnnxError("fastcells.onnx: zoneout cannot be exported to ONNX: ONNX's "
                                      "RNN operators have no zoneout. Export a model with "
@@ -262,7 +274,8 @@ def _make_translation():
         "input": TFloat, "weights": Sequence[TFloat], "hx": Optional[TFloat],
         "cx": Optional[TFloat], "batch_sizes": Optional[Sequence[int]], "mode": int,
         "num_layers": int, "bidirectional": bool, "has_biases": bool, "proj_size": int,
-        "dropout_masks": Optional[TFloat], "need_reserve": bool, "zoneout": Optional[TFloat]}
+        "dropout_masks": Optional[TFloat], "need_reserve": bool, "zoneout": Optional[TFloat],
+        "recurrent_masks": Optional[TFloat]}
     return fastcells_rnn_forward
 
 

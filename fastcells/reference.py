@@ -65,12 +65,13 @@ def lstm_cell(
 
 def gru_cell(
     x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
-    b_ih: Tensor | None, b_hh: Tensor | None,
+    b_ih: Tensor | None, b_hh: Tensor | None, h_rec: Tensor | None = None,
 ) -> Tensor:
     """One GRU step. x (n, I), h (n, H), w_ih (3H, I), w_hh (3H, H), b_* (3H).
-    Returns h' (n, H)."""
+    h_rec: the recurrent product's operand when it is not h (recurrent
+    dropout: h * m). Returns h' (n, H)."""
     xr, xz, xn = _linear(x, w_ih, b_ih).chunk(3, dim=1)
-    hr, hz, hn = _linear(h, w_hh, b_hh).chunk(3, dim=1)
+    hr, hz, hn = _linear(h if h_rec is None else h_rec, w_hh, b_hh).chunk(3, dim=1)
     r = torch.sigmoid(xr + hr)
     z = torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
@@ -108,7 +109,7 @@ def rnn_relu_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
 def _layer_direction(
     x: Tensor, batch_sizes: Sequence[int], reverse: bool, mode: int,
     w: list[Tensor], has_biases: bool, proj_size: int, h0: Tensor, c0: Tensor | None,
-    zone: Tensor | None = None,
+    zone: Tensor | None = None, rmask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Run one layer in one direction over packed rows.
 
@@ -117,6 +118,8 @@ def _layer_direction(
     batch_sizes[t] rows of the state; inactive rows keep their state, so the
     forward direction ends each sequence at its own last step, and the reverse
     direction (t = T-1 .. 0) starts each sequence from h0 at its own last step.
+    rmask: None, or recurrent dropout's multipliers (B, P) of h_{t-1} in the
+    recurrent product (the same at every step).
     zone: None, or zoneout's keep-previous weights per row (N, P [+ H]): h_t =
     z h_{t-1} + (1 - z) h~_t, and the LSTM's c_t alike (its h~_t uses the
     candidate c~_t).
@@ -137,21 +140,24 @@ def _layer_direction(
         bs, off = batch_sizes[t], offsets[t]
         xt, ht = x[off:off + bs], h[:bs]
         zt = zone[off:off + bs] if zone is not None else None
+        hr = ht if rmask is None else ht * rmask[:bs]  # the recurrent product's operand
         if mode == LSTM:
-            h_new, c_new = lstm_cell(xt, ht, c[:bs], w_ih, w_hh, b_ih, b_hh, w_hr)
+            h_new, c_new = lstm_cell(xt, hr, c[:bs], w_ih, w_hh, b_ih, b_hh, w_hr)
             if zt is not None:
                 zc = zt[:, h0.shape[1]:]
                 c_new = zc * c[:bs] + (1 - zc) * c_new
             c = torch.cat([c_new, c[bs:]])
             cells[t] = c_new
         elif mode == GRU:
-            h_new = gru_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
+            h_new = gru_cell(xt, ht, w_ih, w_hh, b_ih, b_hh, hr)
         elif mode == GRU_RESET_BEFORE:
+            if rmask is not None:
+                raise ValueError("recurrent dropout of the reset-before GRU is not implemented")
             h_new = gru_reset_before_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
         elif mode == RNN_TANH:
-            h_new = rnn_tanh_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
+            h_new = rnn_tanh_cell(xt, hr, w_ih, w_hh, b_ih, b_hh)
         else:
-            h_new = rnn_relu_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
+            h_new = rnn_relu_cell(xt, hr, w_ih, w_hh, b_ih, b_hh)
         if zt is not None:
             zh = zt[:, :h0.shape[1]]
             h_new = zh * ht + (1 - zh) * h_new
@@ -169,7 +175,7 @@ def rnn_reference(
     batch_sizes: Sequence[int] | Tensor | None, mode: int, num_layers: int,
     bidirectional: bool, has_biases: bool, proj_size: int,
     dropout_masks: Tensor | None = None, return_cell_states: bool = False,
-    zoneout: Tensor | None = None,
+    zoneout: Tensor | None = None, recurrent_masks: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Multi-layer, optionally bidirectional recurrent net, step by step.
 
@@ -188,6 +194,9 @@ def rnn_reference(
         zoneout: None, or keep-previous weights (L*D, T, B, Z) dense / (L*D, N, Z)
             packed, Z = P (+ H for the LSTM): h_t = z h_{t-1} + (1 - z) h~_t and
             c_t = z c_{t-1} + (1 - z) c~_t, where h~_t uses the candidate c~_t.
+        recurrent_masks: None, or (L*D, B, P) multipliers of h_{t-1} in the
+            recurrent product (variational recurrent dropout: the same mask at
+            every step); a GRU's update z * h_{t-1} uses h_{t-1} itself.
 
     Returns:
         output (T, B, D*P) or (N, D*P); hy (L*D, B, P); cy (L*D, B, H) for LSTM,
@@ -222,7 +231,9 @@ def rnn_reference(
             c0 = cx[k] if has_c else None
             zone = zoneout[k].reshape(x.shape[0], -1) if zoneout is not None else None
             out, h_n, c_n, cells = _layer_direction(x, sizes, d == 1, mode, w, has_biases,
-                                                    proj_size, hx[k], c0, zone)
+                                                    proj_size, hx[k], c0, zone,
+                                                    None if recurrent_masks is None
+                                                    else recurrent_masks[k])
             outs.append(out)
             cell_parts.append(cells)
             hy.append(h_n)

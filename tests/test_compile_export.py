@@ -383,18 +383,19 @@ def test_opcheck_rnn_backward_with_grad_reserve():
     assert set(result.values()) == {"SUCCESS"}, result
 
 
-def test_opcheck_with_zoneout():
-    """Both ops given zoneout weights: schema, autograd registration, fake kernels
-    and a clean compile."""
+def test_opcheck_with_zoneout_and_recurrent_dropout():
+    """Both ops given zoneout weights and recurrent dropout masks: schema,
+    autograd registration, fake kernels and a clean compile."""
     case = (MODES["GRU"], 2, True, True, 0, True, False)
     fwd = _op_args(*case)
     n_rows = fwd[0].shape[0]
     zone = (torch.rand((4, n_rows, 4), generator=torch.Generator().manual_seed(3)) < 0.3)
     zone = zone.to(torch.float64)
-    _opcheck(torch.ops.fastcells.rnn_forward.default, fwd + (True, zone))
+    rmasks = torch.full((4, 3, 4), 1 / 0.7, dtype=torch.float64)
+    _opcheck(torch.ops.fastcells.rnn_forward.default, fwd + (True, zone, rmasks))
     args = _backward_args(case, grads_require_grad=False)
     result = torch.library.opcheck(torch.ops.fastcells.rnn_backward.default,
-                                   args + (True, None, zone), test_utils=(
+                                   args + (True, None, zone, rmasks), test_utils=(
                                        "test_schema", "test_faketensor",
                                        "test_aot_dispatch_dynamic"))
     assert set(result.values()) == {"SUCCESS"}, result

@@ -12,7 +12,7 @@ the input, the initial state and every parameter:
   ``fastcells.reference.rnn_reference``, with random explicit dropout masks
   between layers (the masks make training-mode dropout deterministic); this
   one also draws the cells torch.nn lacks (the reset-before GRU) and, for
-  the LSTM, return_cell_states, and zoneout weights.
+  the LSTM, return_cell_states, zoneout weights and recurrent dropout masks.
 
 Examples are derandomized (CI reproducibility) and there is no per-example
 deadline. ``FASTCELLS_FUZZ_EXAMPLES`` sets the number of examples per test
@@ -256,9 +256,14 @@ def test_functional_matches_reference(cfg):
         width = P + (cfg["hidden"] if cell_named(cfg["kind"]).has_cell_state else 0)
         zone = torch.rand((L * D, *rows, width), generator=g, dtype=dtype)
         zone = (zone < 0.3).to(dtype) if cfg["seed"] % 2 else zone
+    # Every fourth example but the reset-before GRU's has recurrent dropout masks.
+    rmasks = None
+    if cfg["seed"] % 4 == 1 and cfg["kind"] != "GRU_RESET_BEFORE":
+        rmasks = (torch.rand((L * D, B, P), generator=g) > 0.3).to(dtype) / 0.7
     expected = rnn_reference(x, weights, hx, cx, *args, return_cell_states=cell_states,
-                             zoneout=zone)
-    actual = rnn(x, weights, hx, cx, *args, return_cell_states=cell_states, zoneout=zone)
+                             zoneout=zone, recurrent_masks=rmasks)
+    actual = rnn(x, weights, hx, cx, *args, return_cell_states=cell_states, zoneout=zone,
+                 recurrent_masks=rmasks)
 
     def present(ts):
         return [t for t in ts if t is not None and t.numel() > 0]

@@ -299,6 +299,31 @@ inline void lstm_zone_row(int64_t H, int64_t u0, int64_t u1, T* gt, T* c, T* e, 
   });
 }
 
+// y[j0, j1) = m * x (recurrent dropout's operand h_{t-1} * m).
+template <typename T>
+inline void mask_row(int64_t j0, int64_t j1, const T* m, const T* x, T* y) {
+  const Runs<T, 2, 1> io{{m + j0, x + j0}, {y + j0}};
+  for_units(j1 - j0, io, [](const T* const* in, T* const* out, int64_t j) {
+    out[0][j] = in[0][j] * in[1][j];
+  });
+}
+
+// dh[j0, j1) = (keep ? dh : 0) + m * d: the product's gradient w.r.t.
+// h_{t-1} * m joins dh_{t-1}.
+template <typename T>
+inline void mask_add_row(int64_t j0, int64_t j1, const T* m, const T* d, T* dh, bool keep) {
+  const Runs<T, 3, 1> io{{m + j0, d + j0, dh + j0}, {dh + j0}};
+  if (keep) {
+    for_units(j1 - j0, io, [](const T* const* in, T* const* out, int64_t j) {
+      out[0][j] = in[2][j] + in[0][j] * in[1][j];
+    });
+  } else {
+    for_units(j1 - j0, io, [](const T* const* in, T* const* out, int64_t j) {
+      out[0][j] = in[0][j] * in[1][j];
+    });
+  }
+}
+
 // h_t = zone(z, h_{t-1}, h~_t) over units [j0, j1) of one row, in place.
 template <typename T>
 inline void zone_row(int64_t j0, int64_t j1, const T* z, const T* hp, T* hn) {
@@ -623,6 +648,7 @@ struct ForwardRows {
   // the x side in p.gates; GRU needs its product apart (r multiplies the n
   // part). r: a projection's r_t, or the reset-before GRU's r * h_{t-1}.
   LineVector<T> rec, r;
+  LineVector<T> hm;  // recurrent dropout: h_{t-1} * m, the recurrent product's operand
   const std::vector<T> no_bias;
   const T* b_hn;
 
@@ -633,6 +659,7 @@ struct ForwardRows {
         c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr),
         rec(gru ? static_cast<size_t>(B * GH) : 0),
         r(proj || rb ? static_cast<size_t>(B * H) : 0),
+        hm(p.rmask ? static_cast<size_t>(B * P) : 0),
         no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0)),
         b_hn(p.b_hn ? p.b_hn : no_bias.data()) {}
 
@@ -744,6 +771,15 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
                         st.r.data() + b * H);
         part_barrier(pt, barrier);  // every unit of r * h_{t-1} is written
         product(2, 3, st.r.data(), H);
+      } else if (p.rmask) {
+        // h_{t-1} * m: this thread's rows, or its columns of every row (then
+        // every column is needed by every thread's product).
+        const int64_t r0 = sync ? 0 : b0, r1 = sync ? M : b1;
+        for (int64_t b = r0; b < r1; ++b)
+          mask_row(sync ? pt.c0 : 0, sync ? pt.c1 : P, p.rmask + b * P, h_cur + b * P,
+                   st.hm.data() + b * P);
+        part_barrier(pt, barrier);
+        product(0, G, st.hm.data(), P);
       } else {
         product(0, G, h_cur, P);
       }
@@ -791,7 +827,8 @@ struct BackwardRows {
   // dc: the LSTM's (B, H); dtot: dh plus the output's gradient; dr: dL/dr_t
   // of a projection, or the reset-before GRU's dL/d(r * h_{t-1}); dz: with
   // zoneout, the part of dL/dh_t that goes straight to h_{t-1} (z dtot).
-  LineVector<T> dh, dc, dtot, dr, acc_x, acc_h, dz;
+  // dprod: with recurrent dropout, the product's d(h_{t-1} * m).
+  LineVector<T> dh, dc, dtot, dr, acc_x, acc_h, dz, dprod;
 
   explicit BackwardRows(const kernels::LayerBackwardParams<T>& params)
       : p(params), H(p.H), P(p.P), B(p.B), G(kernels::num_gates(p.mode)), GH(G * H),
@@ -804,7 +841,8 @@ struct BackwardRows {
         dr(proj || rb ? static_cast<size_t>(B * H) : 0),
         acc_x(sum_x ? static_cast<size_t>(B * GH) : 0, T(0)),
         acc_h(sum_h ? static_cast<size_t>(B * H) : 0, T(0)),
-        dz(p.zone ? static_cast<size_t>(B * P) : 0) {
+        dz(p.zone ? static_cast<size_t>(B * P) : 0),
+        dprod(p.rmask ? static_cast<size_t>(B * P) : 0) {
     if (p.grad_hy) std::copy(p.grad_hy, p.grad_hy + B * P, dh.begin());
     if (lstm && p.grad_cy) std::copy(p.grad_cy, p.grad_cy + B * H, dc.begin());
   }
@@ -819,6 +857,7 @@ struct BackwardRows {
       const int64_t pr = prev(t, b);
       const T* hp = pr >= 0 ? p.out + pr * p.ld_out : p.h0 + b * P;
       copy_row(0, P, hp, p.h_prev + (row0 + b) * P);
+      if (p.rmask) mask_row(0, P, p.rmask + b * P, hp, p.h_prev_m + (row0 + b) * P);
       T* dt = dtot.data() + b * P;
       const T* go = p.grad_out ? p.grad_out + (row0 + b) * p.ld_gout : nullptr;
       for (int64_t j = 0; j < P; ++j) dt[j] = dh[b * P + j] + (go ? go[j] : T(0));
@@ -968,8 +1007,16 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns
       //    (reset-before GRU: its direct part + [da_r, da_z] W_h[r,z]).
       const int64_t m0 = pt.b0, m1 = std::min<int64_t>(M, pt.b1);
-      w_hh.mm_cols(m1 - m0, pt.c0, pt.c1, dgh_base + (row0 + m0) * GH, GH,
-                   st.dh.data() + m0 * P, P, gru || rb || p.zone != nullptr);
+      if (p.rmask) {  // the product gives d(h_{t-1} * m)
+        w_hh.mm_cols(m1 - m0, pt.c0, pt.c1, dgh_base + (row0 + m0) * GH, GH,
+                     st.dprod.data() + m0 * P, P, false);
+        for (int64_t b = m0; b < m1; ++b)
+          mask_add_row(pt.c0, pt.c1, p.rmask + b * P, st.dprod.data() + b * P,
+                       st.dh.data() + b * P, gru || p.zone != nullptr);
+      } else {
+        w_hh.mm_cols(m1 - m0, pt.c0, pt.c1, dgh_base + (row0 + m0) * GH, GH,
+                     st.dh.data() + m0 * P, P, gru || rb || p.zone != nullptr);
+      }
       part_barrier(pt, barrier);
     }
     if (!pt.sync || tid == 0) {  // gradients of this thread's rows (all rows: tid 0)

@@ -51,6 +51,9 @@ struct LayerForwardParams : LayerSchedule {
   // P for h then (LSTM) H for c: h_t = z h_{t-1} + (1 - z) h~_t.
   const scalar_t* zone;
   int64_t ld_zone;
+  // Recurrent dropout (null: none): (B, P) multipliers of h_{t-1} in the
+  // recurrent product, the same at every step.
+  const scalar_t* rmask;
   // Whether backward will read gates and extra. Without it (inference) they
   // are scratch, and a backend may leave the activated gates and the LSTM's
   // saved c_t unwritten.
@@ -91,6 +94,8 @@ struct LayerBackwardParams : LayerSchedule {
                                 //   states a module returns with return_cell_states)
   const scalar_t* zone;         // zoneout weights as in LayerForwardParams, or null
   int64_t ld_zone;
+  const scalar_t* rmask;        // recurrent dropout as in LayerForwardParams, or null
+  scalar_t* h_prev_m;           // (N, P) out with rmask: h_{t-1} * m, W_hh's gradient operand
 
   // Outputs, every element written by the backend.
   scalar_t* dgates_x;           // (N, G*H) d pre-activations, input side
