@@ -289,15 +289,12 @@ std::optional<Tensor> compute_rmasks(const std::optional<Tensor>& m, at::ScalarT
   return m->to(cd).contiguous();
 }
 
-// `recurrent_masks`, when given: (L*D, B, P), the CPU, a cell that has it.
+// `recurrent_masks`, when given: (L*D, B, P), the CPU.
 void check_rmasks(const Config& c, const Tensor& input, const std::optional<Tensor>& m) {
   if (!m.has_value() || !m->defined()) return;
   check_tensor(*m, "recurrent_masks", {c.L * c.D, c.B, c.P}, input);
   TORCH_CHECK(input.is_cpu(), "fastcells: recurrent dropout is computed by the CPU backend "
               "only; got `recurrent_masks` on ", input.device(), ", expected cpu");
-  TORCH_CHECK(c.mode != kernels::kGRU_RESET_BEFORE, "fastcells: `recurrent_masks` is not "
-              "supported for ", kModeNames[c.mode], " (recurrent dropout of the reset-before "
-              "GRU is not implemented)");
 }
 
 // `zoneout`, when given: its shape (layout at the top of this file), the CPU.
@@ -857,7 +854,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       matmul<T>(gw[base + 0], dgx, true, xl, false, false, nullptr, nullptr, c.bf16);
       if (rb) {  // W_h[r,z] from h_{t-1}, W_hn from r * h_{t-1}
         const int64_t H = c.H;
-        matmul<T>(gw[base + 1].narrow(0, 0, 2 * H), dgh.narrow(1, 0, 2 * H), true, hprev, false,
+        matmul<T>(gw[base + 1].narrow(0, 0, 2 * H), dgh.narrow(1, 0, 2 * H), true, hprev_m, false,
                   false, nullptr, nullptr, c.bf16);
         matmul<T>(gw[base + 1].narrow(0, 2 * H, H), dgh.narrow(1, 2 * H, H), true, r_all, false,
                   false, nullptr, nullptr, c.bf16);

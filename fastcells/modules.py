@@ -366,9 +366,6 @@ class GRU(_OptionsRepr, _FusedRNNBase):
         _check_reset_after(self, reset_after)
         zoneout = _check_rate(self, "zoneout", zoneout)
         recurrent_dropout = _check_rate(self, "recurrent_dropout", recurrent_dropout)
-        if recurrent_dropout and not reset_after:
-            raise ValueError("GRU: recurrent_dropout is not implemented for reset_after=False "
-                             "(the reset-before GRU); use recurrent_dropout=0")
         super().__init__("GRU", *args, **kwargs)
         self.reset_after = reset_after
         self.zoneout = zoneout

@@ -80,17 +80,19 @@ def gru_cell(
 
 def gru_reset_before_cell(
     x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
-    b_ih: Tensor | None, b_hh: Tensor | None,
+    b_ih: Tensor | None, b_hh: Tensor | None, h_rec: Tensor | None = None,
 ) -> Tensor:
     """One step of the original GRU (reset before the recurrent matmul; Keras
     ``reset_after=False``, ONNX ``linear_before_reset=0``). Same shapes and
-    parameters as :func:`gru_cell`."""
+    parameters as :func:`gru_cell`; h_rec as there (the operand of the recurrent
+    products, r * h_rec included)."""
     xr, xz, xn = _linear(x, w_ih, b_ih).chunk(3, dim=1)
     w_hr, w_hz, w_hn = w_hh.chunk(3, dim=0)
     b_hr, b_hz, b_hn = b_hh.chunk(3) if b_hh is not None else (None, None, None)
-    r = torch.sigmoid(xr + _linear(h, w_hr, b_hr))
-    z = torch.sigmoid(xz + _linear(h, w_hz, b_hz))
-    n = torch.tanh(xn + _linear(r * h, w_hn, b_hn))
+    hr = h if h_rec is None else h_rec
+    r = torch.sigmoid(xr + _linear(hr, w_hr, b_hr))
+    z = torch.sigmoid(xz + _linear(hr, w_hz, b_hz))
+    n = torch.tanh(xn + _linear(r * hr, w_hn, b_hn))
     return (1 - z) * n + z * h
 
 
@@ -151,9 +153,7 @@ def _layer_direction(
         elif mode == GRU:
             h_new = gru_cell(xt, ht, w_ih, w_hh, b_ih, b_hh, hr)
         elif mode == GRU_RESET_BEFORE:
-            if rmask is not None:
-                raise ValueError("recurrent dropout of the reset-before GRU is not implemented")
-            h_new = gru_reset_before_cell(xt, ht, w_ih, w_hh, b_ih, b_hh)
+            h_new = gru_reset_before_cell(xt, ht, w_ih, w_hh, b_ih, b_hh, hr)
         elif mode == RNN_TANH:
             h_new = rnn_tanh_cell(xt, hr, w_ih, w_hh, b_ih, b_hh)
         else:

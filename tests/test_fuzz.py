@@ -256,9 +256,9 @@ def test_functional_matches_reference(cfg):
         width = P + (cfg["hidden"] if cell_named(cfg["kind"]).has_cell_state else 0)
         zone = torch.rand((L * D, *rows, width), generator=g, dtype=dtype)
         zone = (zone < 0.3).to(dtype) if cfg["seed"] % 2 else zone
-    # Every fourth example but the reset-before GRU's has recurrent dropout masks.
+    # Every fourth example has recurrent dropout masks.
     rmasks = None
-    if cfg["seed"] % 4 == 1 and cfg["kind"] != "GRU_RESET_BEFORE":
+    if cfg["seed"] % 4 == 1:
         rmasks = (torch.rand((L * D, B, P), generator=g) > 0.3).to(dtype) / 0.7
     expected = rnn_reference(x, weights, hx, cx, *args, return_cell_states=cell_states,
                              zoneout=zone, recurrent_masks=rmasks)

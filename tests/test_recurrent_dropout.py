@@ -2,8 +2,8 @@
 
 In training the recurrent product reads h_{t-1} * m, with one inverted-dropout
 mask m per sequence (and layer and direction) for all its steps (Gal and
-Ghahramani 2016; Keras' recurrent_dropout); a GRU's update z * h_{t-1} reads
-h_{t-1} itself. Eval uses no mask. The fused op takes the masks as its
+Ghahramani 2016; Keras' recurrent_dropout), the reset-before GRU's r * h_{t-1}
+included; a GRU's update z * h_{t-1} reads h_{t-1} itself. Eval uses no mask. The fused op takes the masks as its
 `recurrent_masks` argument; checked against the reference
 (fastcells.reference.rnn_reference(..., recurrent_masks=m)) in float64, values
 and gradients, over the cells and options, with gradcheck, on both thread
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension 
 import fastcells  # noqa: E402
 from fastcells import _ops, modules, reference  # noqa: E402
 
-NN = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}
+NN = {"LSTM": nn.LSTM, "GRU": nn.GRU, "GRU_RESET_BEFORE": nn.GRU, "RNN_TANH": nn.RNN,
+      "RNN_RELU": nn.RNN}
 
 
 def _case(cell, layers, D, proj, packed, B=4, H=5, T=6, zone=False, seed=0):
@@ -81,7 +82,7 @@ def test_values_and_gradients_match_reference(cell, layers, D, proj, packed, zon
     _check(*_case(cell, layers, D, proj, packed, zone=zone))
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "GRU_RESET_BEFORE"])
 @pytest.mark.parametrize("B,H", [(2, 64), (64, 16)])
 def test_both_thread_splits_match_reference_and_each_other(cell, B, H):
     """Long enough for a thread team: batch 2 splits hidden units (the masked
@@ -155,14 +156,18 @@ def test_bad_rate_is_named(bad):
         fastcells.LSTM(3, 4, recurrent_dropout=bad)
 
 
-def test_reset_before_gru_refuses_it():
-    with pytest.raises(ValueError, match="reset_after=False"):
-        fastcells.GRU(3, 4, reset_after=False, recurrent_dropout=0.2)
-    x, h = torch.randn(3, 2, 4), torch.zeros(1, 2, 5)
-    ws = list(nn.GRU(4, 5)._flat_weights)
-    with pytest.raises(RuntimeError, match="recurrent_masks"):
-        _ops.rnn(x, ws, h, None, None, fastcells.MODES["GRU_RESET_BEFORE"], 1, False, True, 0,
-                 None, recurrent_masks=torch.ones(1, 2, 5))
+def test_reset_before_gru_module():
+    torch.manual_seed(0)
+    m = fastcells.GRU(3, 6, reset_after=False, recurrent_dropout=0.3).double()
+    x = torch.randn(7, 5, 3, dtype=torch.double)
+    torch.manual_seed(5)
+    masks = modules._recurrent_masks(m, 5, x)
+    torch.manual_seed(5)
+    out, _ = m(x)
+    want = reference.rnn_reference(x, m._flat_weights, torch.zeros(1, 5, 6, dtype=torch.double),
+                                   None, None, fastcells.MODES["GRU_RESET_BEFORE"], 1, False,
+                                   True, 0, None, recurrent_masks=masks)[0]
+    torch.testing.assert_close(out, want, **TOL[torch.float64])
 
 
 def test_wrong_mask_shape_is_named():

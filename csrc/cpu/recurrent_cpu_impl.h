@@ -603,6 +603,22 @@ inline void gru_rb_backward_r_row(int64_t H, int64_t u0, int64_t u1, const T* g,
   });
 }
 
+// The same with recurrent dropout: hm = h_{t-1} * m is the operand of both
+// products, so da_r and r * hm take hm, and d(r * hm) reaches h_{t-1}
+// through m.
+template <typename T>
+inline void gru_rb_backward_r_masked_row(int64_t H, const T* g, const T* hm, const T* m,
+                                         const T* dh, const T* d_rh, T* dgx, T* dh_prev,
+                                         T* rh) {
+  const Runs<T, 6, 3> io{{g, g + H, hm, m, dh, d_rh}, {dgx, dh_prev, rh}};
+  for_units(H, io, [](const T* const* in, T* const* out, int64_t j) {
+    const T r = in[0][j], h = in[2][j], drh = in[5][j];
+    out[0][j] = kernels::gru_rb_backward_r<T>(r, h, drh);
+    out[1][j] = kernels::gru_rb_dh_direct<T>(r, in[1][j], in[4][j], in[3][j] * drh);
+    out[2][j] = r * h;
+  });
+}
+
 // RNN backward: the pre-activation gradient from the output h (saved in g).
 template <typename T>
 inline void rnn_backward_row(int mode, int64_t u0, int64_t u1, const T* g, const T* dh, T* dgx) {
@@ -764,24 +780,26 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
             w_hh_t.mm_cols(M, g * H + u0, g * H + u1, x, ldx, prod, GH, !gru);
         }
       };
-      if (rb) {
-        product(0, 2, h_cur, P);
-        for (int64_t b = b0; b < b1; ++b)
-          gru_rb_rz_row(H, u0, u1, p.gates + (row0 + b) * GH, h_cur + b * P,
-                        st.r.data() + b * H);
-        part_barrier(pt, barrier);  // every unit of r * h_{t-1} is written
-        product(2, 3, st.r.data(), H);
-      } else if (p.rmask) {
-        // h_{t-1} * m: this thread's rows, or its columns of every row (then
-        // every column is needed by every thread's product).
+      // The recurrent product's operand: h_{t-1}, or h_{t-1} * m with
+      // recurrent dropout (this thread's rows, or its columns of every row,
+      // which every thread's product then reads).
+      const T* hx = h_cur;
+      if (p.rmask) {
         const int64_t r0 = sync ? 0 : b0, r1 = sync ? M : b1;
         for (int64_t b = r0; b < r1; ++b)
           mask_row(sync ? pt.c0 : 0, sync ? pt.c1 : P, p.rmask + b * P, h_cur + b * P,
                    st.hm.data() + b * P);
         part_barrier(pt, barrier);
-        product(0, G, st.hm.data(), P);
+        hx = st.hm.data();
+      }
+      if (rb) {
+        product(0, 2, hx, P);
+        for (int64_t b = b0; b < b1; ++b)
+          gru_rb_rz_row(H, u0, u1, p.gates + (row0 + b) * GH, hx + b * P, st.r.data() + b * H);
+        part_barrier(pt, barrier);  // every unit of r * h_{t-1} is written
+        product(2, 3, st.r.data(), H);
       } else {
-        product(0, G, h_cur, P);
+        product(0, G, hx, P);
       }
       st.gates(row0, b0, b1, u0, u1, pt.sync, h_cur, h_next);
       if (proj) {
@@ -923,6 +941,13 @@ struct BackwardRows {
                  H, false);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row = row0 + b;
+      if (p.rmask) {
+        gru_rb_backward_r_masked_row(H, p.gates + row * GH, p.h_prev_m + row * P,
+                                     p.rmask + b * P, dtot.data() + b * P, dr.data() + b * H,
+                                     p.dgates_x + row * GH, dh.data() + b * P,
+                                     p.r_all + row * H);
+        continue;
+      }
       gru_rb_backward_r_row(H, 0, H, p.gates + row * GH, p.h_prev + row * P,
                             dtot.data() + b * P, dr.data() + b * H, p.dgates_x + row * GH,
                             dh.data() + b * P, p.r_all + row * H);
@@ -1012,7 +1037,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
                      st.dprod.data() + m0 * P, P, false);
         for (int64_t b = m0; b < m1; ++b)
           mask_add_row(pt.c0, pt.c1, p.rmask + b * P, st.dprod.data() + b * P,
-                       st.dh.data() + b * P, gru || p.zone != nullptr);
+                       st.dh.data() + b * P, gru || rb || p.zone != nullptr);
       } else {
         w_hh.mm_cols(m1 - m0, pt.c0, pt.c1, dgh_base + (row0 + m0) * GH, GH,
                      st.dh.data() + m0 * P, P, gru || rb || p.zone != nullptr);
