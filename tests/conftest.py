@@ -381,3 +381,51 @@ def op_call_args(c: dict) -> tuple:
     return (c["input"], c["weights"], c["hx"], c["cx"], c["batch_sizes"], c["mode"],
             c["num_layers"], c["bidirectional"], c["has_biases"], c["proj_size"],
             c["dropout_masks"])
+
+
+def state_option_case(cell: str, layers: int, D: int, proj: int, packed: bool, B: int = 4,
+                      H: int = 5, T: int = 6, seed: int = 0):
+    """Float64 leaves for fastcells._ops.rnn over any cell of the table (the
+    reset-before GRU included), for the suites of the per-step state options
+    (zoneout, recurrent dropout): (x, weights, h0, c0 or None, the remaining
+    positional arguments, rows of x without features, generator for more draws)."""
+    import fastcells
+
+    I, P = 3, proj or H
+    torch.manual_seed(seed)
+    c = cell_named(cell)
+    kw = {"proj_size": proj} if proj else {}
+    if c.nonlinearity:
+        kw["nonlinearity"] = c.nonlinearity
+    m = getattr(nn, c.nn_class)(I, H, layers, bidirectional=D == 2, **kw).double()
+    ws = [w.detach().clone().requires_grad_() for w in m._flat_weights]
+    g = torch.Generator().manual_seed(seed + 1)
+    batch_sizes = None
+    if packed:
+        lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
+        lengths[0] = T
+        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(T)]
+    rows = (sum(batch_sizes),) if packed else (T, B)
+    x = torch.randn(*rows, I, generator=g, dtype=torch.double, requires_grad=True)
+    h0 = torch.randn(layers * D, B, P, generator=g, dtype=torch.double, requires_grad=True)
+    c0 = (torch.randn(layers * D, B, H, generator=g, dtype=torch.double, requires_grad=True)
+          if c.has_cell_state else None)
+    args = (batch_sizes, fastcells.MODES[cell], layers, D == 2, True, proj, None)
+    return x, ws, h0, c0, args, rows, g
+
+
+def assert_op_matches_reference(x, ws, h0, c0, args, **options) -> None:
+    """fastcells._ops.rnn against the reference with the same keyword `options`
+    (zoneout=, recurrent_masks=, ...): every result and the gradients of x, h0,
+    c0 and the weights, in float64."""
+    from fastcells import _ops
+    from fastcells.reference import rnn_reference
+
+    got = [t for t in _ops.rnn(x, ws, h0, c0, *args, **options) if t is not None]
+    want = [t for t in rnn_reference(x, ws, h0, c0, *args, **options) if t is not None]
+    assert_close_list(got, want, torch.float64)
+    leaves = [x, h0] + ([c0] if c0 is not None else []) + list(ws)
+    g = torch.Generator().manual_seed(9)
+    cot = [torch.randn(t.shape, generator=g, dtype=torch.double) for t in want]
+    assert_close_list(torch.autograd.grad(got, leaves, cot, retain_graph=True),
+                      torch.autograd.grad(want, leaves, cot), torch.float64)

@@ -15,64 +15,40 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import HAVE_FASTCELLS, TOL, assert_close_list
+from conftest import CELLS, HAVE_FASTCELLS, TOL, assert_op_matches_reference, state_option_case
 
 pytestmark = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension not built")
 
 import fastcells  # noqa: E402
 from fastcells import _ops, modules, reference  # noqa: E402
 
-NN = {"LSTM": nn.LSTM, "GRU": nn.GRU, "GRU_RESET_BEFORE": nn.GRU, "RNN_TANH": nn.RNN,
-      "RNN_RELU": nn.RNN}
+# Every cell of the table, the reset-before GRU included.
+CELL_NAMES = [c.name for c in CELLS]
 
 
 def _case(cell, layers, D, proj, packed, B=4, H=5, T=6, zone=False, seed=0):
-    I = 3
-    P = proj or H
-    torch.manual_seed(seed)
-    kw = {"proj_size": proj} if proj else {}
-    if cell == "RNN_RELU":
-        kw["nonlinearity"] = "relu"
-    m = NN[cell](I, H, layers, bidirectional=D == 2, **kw).double()
-    ws = [w.detach().clone().requires_grad_() for w in m._flat_weights]
-    g = torch.Generator().manual_seed(seed + 1)
-    batch_sizes = None
-    if packed:
-        lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
-        lengths[0] = T
-        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(T)]
-    rows = (sum(batch_sizes),) if packed else (T, B)
-    x = torch.randn(*rows, I, generator=g, dtype=torch.double, requires_grad=True)
-    h0 = torch.randn(layers * D, B, P, generator=g, dtype=torch.double, requires_grad=True)
-    lstm = cell == "LSTM"
-    c0 = (torch.randn(layers * D, B, H, generator=g, dtype=torch.double, requires_grad=True)
-          if lstm else None)
-    masks = (torch.rand((layers * D, B, P), generator=g) > 0.3).double() / 0.7
+    """Op arguments (float64 leaves), recurrent dropout masks and (with `zone`)
+    zoneout weights for one configuration."""
+    x, ws, h0, c0, args, rows, g = state_option_case(cell, layers, D, proj, packed, B, H, T,
+                                                     seed)
+    P = h0.shape[2]
+    masks = (torch.rand((len(h0), B, P), generator=g) > 0.3).double() / 0.7
     z = None
     if zone:
-        z = (torch.rand((layers * D, *rows, P + (H if lstm else 0)), generator=g) < 0.2).double()
-    args = (batch_sizes, fastcells.MODES[cell], layers, D == 2, True, proj, None)
+        width = P + (H if c0 is not None else 0)
+        z = (torch.rand((len(h0), *rows, width), generator=g) < 0.2).double()
     return x, ws, h0, c0, args, masks, z
 
 
 CASES = []
-for _cell in NN:
+for _cell in CELL_NAMES:
     CASES += [(_cell, 2, 2, 0, False, False), (_cell, 1, 1, 0, True, False),
               (_cell, 2, 1, 0, True, True)]
 CASES += [("LSTM", 2, 2, 3, True, False), ("LSTM", 1, 1, 2, False, True)]
 
 
 def _check(x, ws, h0, c0, args, masks, z):
-    got = [t for t in _ops.rnn(x, ws, h0, c0, *args, zoneout=z, recurrent_masks=masks)
-           if t is not None]
-    want = [t for t in reference.rnn_reference(x, ws, h0, c0, *args, zoneout=z,
-                                               recurrent_masks=masks) if t is not None]
-    assert_close_list(got, want, torch.float64)
-    leaves = [x, h0] + ([c0] if c0 is not None else []) + ws
-    g = torch.Generator().manual_seed(9)
-    cot = [torch.randn(t.shape, generator=g, dtype=torch.double) for t in want]
-    assert_close_list(torch.autograd.grad(got, leaves, cot),
-                      torch.autograd.grad(want, leaves, cot), torch.float64)
+    assert_op_matches_reference(x, ws, h0, c0, args, zoneout=z, recurrent_masks=masks)
 
 
 @pytest.mark.parametrize("cell,layers,D,proj,packed,zone", CASES,
@@ -176,12 +152,8 @@ def test_wrong_mask_shape_is_named():
         _ops.rnn(x, ws, h0, c0, *args, recurrent_masks=masks[:, :2])
 
 
-def test_revert_and_onnx_refuse_it():
-    m = fastcells.LSTM(3, 4, recurrent_dropout=0.1)
-    assert "recurrent_dropout=0.1" in repr(m)
-    with pytest.raises(ValueError, match="recurrent_dropout"):
-        fastcells.revert(m)
-    from fastcells.onnx import FastcellsOnnxError, check_exportable
-    with pytest.raises(FastcellsOnnxError, match="recurrent dropout"):
-        check_exportable(nn.Sequential(m))
-    check_exportable(nn.Sequential(m).eval())  # eval: no mask, exportable
+def test_eval_module_exports_to_onnx():
+    """Recurrent dropout exists in training only (test_zoneout.py checks that
+    revert, ONNX and Keras refuse both options)."""
+    from fastcells.onnx import check_exportable
+    check_exportable(nn.Sequential(fastcells.LSTM(3, 4, recurrent_dropout=0.1)).eval())

@@ -17,44 +17,30 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import HAVE_FASTCELLS, TOL, assert_close_list
+from conftest import (CELLS, HAVE_FASTCELLS, TOL, assert_close_list,
+                      assert_op_matches_reference, state_option_case)
 
 pytestmark = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension not built")
 
 import fastcells  # noqa: E402
 from fastcells import _ops, modules, reference  # noqa: E402
 
-NN = {"LSTM": nn.LSTM, "GRU": nn.GRU, "GRU_RESET_BEFORE": nn.GRU, "RNN_TANH": nn.RNN,
-      "RNN_RELU": nn.RNN}
+# Every cell of the table, the reset-before GRU included.
+CELL_NAMES = [c.name for c in CELLS]
 
 
 def _case(cell, layers, D, proj, packed, kind, seed=0):
     """Op arguments (float64 leaves) and zoneout weights for one configuration."""
-    I, H, B, T = 3, 5, 4, 6
-    P = proj or H
-    torch.manual_seed(seed)
-    kw = {"proj_size": proj} if proj else {}
-    if cell == "RNN_RELU":
-        kw["nonlinearity"] = "relu"
-    m = NN[cell](I, H, layers, bidirectional=D == 2, **kw).double()
-    ws = [w.detach().clone().requires_grad_() for w in m._flat_weights]
-    g = torch.Generator().manual_seed(seed + 1)
-    batch_sizes = [4, 4, 3, 2, 2, 1] if packed else None
-    rows = (sum(batch_sizes),) if packed else (T, B)
-    x = torch.randn(*rows, I, generator=g, dtype=torch.double, requires_grad=True)
-    h0 = torch.randn(layers * D, B, P, generator=g, dtype=torch.double, requires_grad=True)
-    lstm = cell == "LSTM"
-    c0 = (torch.randn(layers * D, B, H, generator=g, dtype=torch.double, requires_grad=True)
-          if lstm else None)
-    shape = (layers * D, *rows, P + (H if lstm else 0))
+    x, ws, h0, c0, args, rows, g = state_option_case(cell, layers, D, proj, packed, seed=seed)
+    H = ws[1].shape[1] if not proj else ws[-1].shape[1]
+    shape = (len(h0), *rows, h0.shape[2] + (H if c0 is not None else 0))
     z = ((torch.rand(shape, generator=g) < 0.3).double() if kind == "binary"
          else torch.full(shape, 0.3, dtype=torch.double))
-    args = (batch_sizes, fastcells.MODES[cell], layers, D == 2, True, proj, None)
     return x, ws, h0, c0, args, z
 
 
 CASES = []
-for _cell in NN:
+for _cell in CELL_NAMES:
     CASES += [(_cell, 2, 2, 0, False, "binary"), (_cell, 1, 1, 0, True, "fraction"),
               (_cell, 2, 1, 0, True, "binary")]
 CASES += [("LSTM", 2, 2, 3, True, "binary"), ("LSTM", 1, 1, 2, False, "fraction")]
@@ -65,15 +51,7 @@ CASES += [("LSTM", 2, 2, 3, True, "binary"), ("LSTM", 1, 1, 2, False, "fraction"
                               for c, a, b, p, k, z in CASES])
 def test_values_and_gradients_match_reference(cell, layers, D, proj, packed, kind):
     x, ws, h0, c0, args, z = _case(cell, layers, D, proj, packed, kind)
-    got = [t for t in _ops.rnn(x, ws, h0, c0, *args, zoneout=z) if t is not None]
-    want = [t for t in reference.rnn_reference(x, ws, h0, c0, *args, zoneout=z)
-            if t is not None]
-    assert_close_list(got, want, torch.float64)
-    leaves = [x, h0] + ([c0] if c0 is not None else []) + ws
-    g = torch.Generator().manual_seed(9)
-    cot = [torch.randn(t.shape, generator=g, dtype=torch.double) for t in want]
-    assert_close_list(torch.autograd.grad(got, leaves, cot),
-                      torch.autograd.grad(want, leaves, cot), torch.float64)
+    assert_op_matches_reference(x, ws, h0, c0, args, zoneout=z)
 
 
 def test_zoneout_of_one_keeps_the_initial_state():
@@ -218,27 +196,19 @@ def test_second_derivatives_with_zoneout_raise():
         torch.autograd.grad(out.sum(), list(m.parameters()), create_graph=True)
 
 
-def test_revert_onnx_and_keras_refuse_it():
-    m = fastcells.RNN(3, 4, zoneout=0.1)
-    assert "zoneout=0.1" in repr(m)
-    with pytest.raises(ValueError, match="zoneout"):
+@pytest.mark.parametrize("option,onnx_words", [("zoneout", "zoneout"),
+                                               ("recurrent_dropout", "recurrent dropout")])
+def test_revert_onnx_and_keras_refuse_it(option, onnx_words):
+    """Options torch.nn, ONNX and Keras' conversion lack (recurrent dropout: in
+    training; tests/test_recurrent_dropout.py exports it in eval)."""
+    m = fastcells.RNN(3, 4, **{option: 0.1})
+    assert f"{option}=0.1" in repr(m)
+    with pytest.raises(ValueError, match=option):
         fastcells.revert(m)
     from fastcells.onnx import FastcellsOnnxError, check_exportable
-    with pytest.raises(FastcellsOnnxError, match="zoneout"):
+    with pytest.raises(FastcellsOnnxError, match=onnx_words):
         check_exportable(nn.Sequential(m))
     os.environ.setdefault("KERAS_BACKEND", "torch")  # (as tests/test_keras.py)
     pytest.importorskip("keras")
-    with pytest.raises(ValueError, match="zoneout"):
+    with pytest.raises(ValueError, match=option):
         fastcells.to_keras(m)
-
-
-def test_long_inference_in_time_chunks_matches_the_training_forward():
-    """Inference runs long sequences in time chunks (both directions): each chunk
-    reads its own rows of the weights."""
-    torch.manual_seed(0)
-    m = fastcells.LSTM(4, 64, 2, zoneout=0.3, bidirectional=True).eval()
-    x = torch.randn(150, 64, 4)
-    train = m(x)[0]
-    with torch.inference_mode():
-        infer = m(x)[0]
-    assert torch.equal(train.detach(), infer)
