@@ -199,8 +199,9 @@ def to_keras(module: nn.Module) -> Any:
         raise ValueError(f"fastcells.to_keras: zoneout={module.zoneout}: Keras' recurrent layers "
                          "have no zoneout")
     if getattr(module, "recurrent_dropout", 0.0):
-        raise ValueError(f"fastcells.to_keras: recurrent_dropout={module.recurrent_dropout}: not "
-                         "mapped to Keras' recurrent_dropout (their equivalence is not tested)")
+        raise ValueError(f"fastcells.to_keras: recurrent_dropout={module.recurrent_dropout}: "
+                         "Keras' LSTM and GRU cells draw one recurrent dropout mask per gate, "
+                         "fastcells one for all gates")
     if getattr(module, "return_cell_states", False):
         raise ValueError("fastcells.to_keras: return_cell_states=True: Keras' LSTM returns the "
                          "last cell state only")

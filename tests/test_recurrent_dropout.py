@@ -1,9 +1,10 @@
 """Variational recurrent dropout: fastcells.LSTM / GRU / RNN(..., recurrent_dropout=p).
 
 In training the recurrent product reads h_{t-1} * m, with one inverted-dropout
-mask m per sequence (and layer and direction) for all its steps (Gal and
-Ghahramani 2016; Keras' recurrent_dropout), the reset-before GRU's r * h_{t-1}
-included; a GRU's update z * h_{t-1} reads h_{t-1} itself. Eval uses no mask. The fused op takes the masks as its
+mask m per sequence (and layer and direction) for all its steps and gates (Gal
+and Ghahramani 2016; Keras' recurrent_dropout draws one mask per gate), the
+reset-before GRU's r * h_{t-1} included; a GRU's update z * h_{t-1} reads
+h_{t-1} itself. Eval uses no mask. The fused op takes the masks as its
 `recurrent_masks` argument; checked against the reference
 (fastcells.reference.rnn_reference(..., recurrent_masks=m)) in float64, values
 and gradients, over the cells and options, with gradcheck, on both thread
