@@ -276,19 +276,6 @@ int64_t zone_width(const Config& c) {
   return c.P + (kernels::has_cell_state(static_cast<int>(c.mode)) ? c.H : 0);
 }
 
-// `zoneout` in the compute type, contiguous, (L*D, N, Z); nullopt when absent.
-std::optional<Tensor> compute_zoneout(const Config& c, const std::optional<Tensor>& zoneout,
-                                      at::ScalarType cd) {
-  if (!zoneout.has_value() || !zoneout->defined()) return std::nullopt;
-  return zoneout->to(cd).contiguous().view({c.L * c.D, c.N, zone_width(c)});
-}
-
-// `recurrent_masks` in the compute type, contiguous; nullopt when absent.
-std::optional<Tensor> compute_rmasks(const std::optional<Tensor>& m, at::ScalarType cd) {
-  if (!m.has_value() || !m->defined()) return std::nullopt;
-  return m->to(cd).contiguous();
-}
-
 // `recurrent_masks`, when given: (L*D, B, P), the CPU.
 void check_rmasks(const Config& c, const Tensor& input, const std::optional<Tensor>& m) {
   if (!m.has_value() || !m->defined()) return;
@@ -751,8 +738,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   const std::optional<Tensor>& c0 = states.second;
   const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
   const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
-  const auto zone = compute_zoneout(c, zoneout, cd);
-  const auto rmasks = compute_rmasks(recurrent_masks, cd);
+  const auto zone = to_compute(zoneout, cd);  // (L*D, T, B, Z) or (L*D, N, Z)
+  const auto rmasks = to_compute(recurrent_masks, cd);
 
   Tensor reserve = alloc({need_reserve ? c.reserve_size() : 0}, opts, poison);
   Tensor output = alloc({c.N, c.D * c.P}, opts, poison);
@@ -950,9 +937,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const auto ghy = to_compute(grad_hy, cd);
   const auto gcy = lstm ? to_compute(grad_cy, cd) : std::nullopt;
   const std::optional<Tensor> gres =
-      use_grad_reserve ? std::optional<Tensor>(grad_reserve->contiguous()) : std::nullopt;
-  const auto zone = compute_zoneout(c, zoneout, cd);
-  const auto rmasks = compute_rmasks(recurrent_masks, cd);
+      use_grad_reserve ? to_compute(grad_reserve, cd) : std::nullopt;
+  const auto zone = to_compute(zoneout, cd);  // (L*D, T, B, Z) or (L*D, N, Z)
+  const auto rmasks = to_compute(recurrent_masks, cd);
 
   // Without need_grad_input, grad_input is an empty (0-element) tensor.
   Tensor grad_input = alloc({need_grad_input ? c.N : 0, c.I}, opts, poison);

@@ -35,13 +35,8 @@ def _sizes(m: nn.RNNBase) -> Tuple[int, int, int]:
     return (2 if m.bidirectional else 1), H, (m.proj_size if m.proj_size > 0 else H)
 
 
-def _dropout_masks(module: nn.RNNBase, rows: Tuple[int, ...], like: Tensor) -> Optional[Tensor]:
-    """Inverted-dropout multipliers (L-1, *rows, D*P) for the inputs of layers 1..L-1."""
-    p = float(module.dropout)
-    if not module.training or p == 0.0 or module.num_layers == 1:
-        return None
-    D, _, P = _sizes(module)
-    shape = (module.num_layers - 1, *rows, D * P)
+def _inverted_dropout(shape: Tuple[int, ...], p: float, like: Tensor) -> Tensor:
+    """Inverted-dropout multipliers of `shape`: 0 with probability p, else 1 / (1 - p)."""
     if p == 1.0:
         return like.new_zeros(shape)
     if like.device.type == "cpu":
@@ -51,6 +46,15 @@ def _dropout_masks(module: nn.RNNBase, rows: Tuple[int, ...], like: Tensor) -> O
         return torch.ops.fastcells.dropout_masks(shape, p, seed, like.dtype)
     keep = like.new_empty(shape).bernoulli_(1.0 - p)
     return keep.div_(1.0 - p)
+
+
+def _dropout_masks(module: nn.RNNBase, rows: Tuple[int, ...], like: Tensor) -> Optional[Tensor]:
+    """Inverted-dropout multipliers (L-1, *rows, D*P) for the inputs of layers 1..L-1."""
+    p = float(module.dropout)
+    if not module.training or p == 0.0 or module.num_layers == 1:
+        return None
+    D, _, P = _sizes(module)
+    return _inverted_dropout((module.num_layers - 1, *rows, D * P), p, like)
 
 
 def _zoneout_weights(module: nn.RNNBase, rows: Tuple[int, ...], like: Tensor,
@@ -65,12 +69,8 @@ def _zoneout_weights(module: nn.RNNBase, rows: Tuple[int, ...], like: Tensor,
     shape = (module.num_layers * D, *rows, P + (H if has_cell_state else 0))
     if not module.training or p == 1.0:
         return like.new_full(shape, p)
-    if like.device.type == "cpu":
-        # dropout_masks keeps a unit with probability 1 - p_drop = p (value 1/p).
-        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)
-        kept = torch.ops.fastcells.dropout_masks(shape, 1.0 - p, seed, like.dtype)
-        return (kept != 0).to(like.dtype)
-    return like.new_empty(shape).bernoulli_(p)
+    # A unit survives inverted dropout at rate 1 - p with probability p.
+    return (_inverted_dropout(shape, 1.0 - p, like) != 0).to(like.dtype)
 
 
 def _recurrent_masks(module: nn.RNNBase, B: int, like: Tensor) -> Optional[Tensor]:
@@ -81,13 +81,7 @@ def _recurrent_masks(module: nn.RNNBase, B: int, like: Tensor) -> Optional[Tenso
     if p == 0.0 or not module.training:
         return None
     D, _, P = _sizes(module)
-    shape = (module.num_layers * D, B, P)
-    if p == 1.0:
-        return like.new_zeros(shape)
-    if like.device.type == "cpu":
-        seed = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)
-        return torch.ops.fastcells.dropout_masks(shape, p, seed, like.dtype)
-    return like.new_empty(shape).bernoulli_(1.0 - p).div_(1.0 - p)
+    return _inverted_dropout((module.num_layers * D, B, P), p, like)
 
 
 def _check_rate(m, name: str, value) -> float:

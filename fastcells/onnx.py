@@ -57,6 +57,8 @@ _CELL_STATES_MSG = ("LSTM with return_cell_states=True cannot be exported to ONN
                     "a model with return_cell_states=False.")
 
 
+_ZONEOUT_MSG = ("zoneout cannot be exported to ONNX: ONNX's RNN operators have no zoneout (nor "
+                "its eval-mode mixing of the previous state). Export a model with zoneout=0.")
 _RECURRENT_DROPOUT_MSG = ("recurrent dropout in training mode cannot be exported to ONNX: ONNX's "
                           "RNN operators have no dropout. Call model.eval() before exporting.")
 
@@ -68,9 +70,7 @@ def _option_error(m) -> Optional[str]:
     if getattr(m, "recurrent_dropout", 0.0) and m.training:
         return _RECURRENT_DROPOUT_MSG
     if getattr(m, "zoneout", 0.0):
-        return (f"zoneout={m.zoneout} cannot be exported to ONNX: ONNX's RNN operators have no "
-                "zoneout (nor its eval-mode mixing of the previous state). Export a model "
-                "with zoneout=0.")
+        return f"zoneout={m.zoneout}: {_ZONEOUT_MSG}"
     return None
 
 
@@ -205,8 +205,7 @@ def _symbolic(g, input, weights, hx, cx, batch_sizes, mode, num_layers, bidirect
     if recurrent_masks is not None and not sh._is_none(recurrent_masks):
         raise FastcellsOnnxError(f"fastcells.onnx: {_RECURRENT_DROPOUT_MSG}")
     if zoneout is not None and not sh._is_none(zoneout):
-        raise FastcellsOnnxError("fastcells.onnx: zoneout cannot be exported to ONNX: ONNX's RNN "
-                                 "operators have no zoneout. Export a model with zoneout=0.")
+        raise FastcellsOnnxError(f"fastcells.onnx: {_ZONEOUT_MSG}")
     b = _TorchScriptBuilder(g)
     return _emit(b, input, sh._unpack_list(weights), None if sh._is_none(hx) else hx,
                  None if sh._is_none(cx) else cx, None if sh._is_none(batch_sizes) else batch_sizes,
@@ -262,9 +261,7 @@ def _make_translation():
         if recurrent_masks is not None:
             raise FastcellsOnnxError(f"fastcells.onnx: {_RECURRENT_DROPOUT_MSG}")
         if zoneout is not None:
-            raise FastcellsOnnxError("fastcells.onnx: zoneout cannot be exported to ONNX: ONNX's "
-                                     "RNN operators have no zoneout. Export a model with "
-                                     "zoneout=0.")
+            raise FastcellsOnnxError(f"fastcells.onnx: {_ZONEOUT_MSG}")
         return _emit(_ScriptBuilder(), input, list(weights), hx, cx, batch_sizes, mode,
                      num_layers, bidirectional, has_biases, proj_size, dropout_masks)
 

@@ -429,3 +429,21 @@ def assert_op_matches_reference(x, ws, h0, c0, args, **options) -> None:
     cot = [torch.randn(t.shape, generator=g, dtype=torch.double) for t in want]
     assert_close_list(torch.autograd.grad(got, leaves, cot, retain_graph=True),
                       torch.autograd.grad(want, leaves, cot), torch.float64)
+
+
+def assert_func_grad_runs_the_reference(monkeypatch, m, x, output: int) -> None:
+    """torch.func.grad through module `m` (float64) takes the reference, warns
+    that it does, and matches autograd's gradients of the same loss (the square
+    sum of forward's result number `output`)."""
+    from fastcells import _transforms
+
+    monkeypatch.setattr(_transforms, "_warned", False)  # it warns once per process
+    params = dict(m.named_parameters())
+
+    def loss(p):
+        return torch.func.functional_call(m, p, (x,))[output].square().sum()
+
+    with pytest.warns(UserWarning, match="reference"):
+        got = torch.func.grad(loss)(params)
+    want = torch.autograd.grad(loss(params), list(params.values()))
+    assert_close_list(list(got.values()), want, torch.float64)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
-from conftest import HAVE_FASTCELLS, TOL, assert_close_list
+from conftest import HAVE_FASTCELLS, TOL, assert_close_list, assert_func_grad_runs_the_reference
 
 pytestmark = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension not built")
 
@@ -155,20 +155,10 @@ def test_bfloat16_cell_states_in_the_input_dtype():
 
 
 def test_torch_func_runs_the_reference(monkeypatch):
-    from fastcells import _transforms
-    monkeypatch.setattr(_transforms, "_warned", False)  # it warns once per process
     torch.manual_seed(0)
     m = fastcells.LSTM(3, 4, return_cell_states=True).double()
-    x = torch.randn(5, 2, 3, dtype=torch.double)
-    params = dict(m.named_parameters())
-
-    def loss(p):
-        return torch.func.functional_call(m, p, (x,))[2].square().sum()
-
-    with pytest.warns(UserWarning, match="reference"):
-        got = torch.func.grad(loss)(params)
-    want = torch.autograd.grad(loss(params), list(params.values()))
-    assert_close_list(list(got.values()), want, torch.float64)
+    assert_func_grad_runs_the_reference(monkeypatch, m, torch.randn(5, 2, 3, dtype=torch.double),
+                                        2)
 
 
 def test_compiled_module_matches_eager():

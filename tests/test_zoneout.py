@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (CELLS, HAVE_FASTCELLS, TOL, assert_close_list,
+from conftest import (CELLS, HAVE_FASTCELLS, TOL, assert_func_grad_runs_the_reference,
                       assert_op_matches_reference, state_option_case)
 
 pytestmark = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension not built")
@@ -159,20 +159,10 @@ def test_compiled_eval_module_matches_eager():
 
 
 def test_torch_func_runs_the_reference(monkeypatch):
-    from fastcells import _transforms
-    monkeypatch.setattr(_transforms, "_warned", False)  # it warns once per process
     torch.manual_seed(0)
     m = fastcells.GRU(3, 4, zoneout=0.3).double().eval()
-    x = torch.randn(5, 2, 3, dtype=torch.double)
-    params = dict(m.named_parameters())
-
-    def loss(p):
-        return torch.func.functional_call(m, p, (x,))[0].square().sum()
-
-    with pytest.warns(UserWarning, match="reference"):
-        got = torch.func.grad(loss)(params)
-    want = torch.autograd.grad(loss(params), list(params.values()))
-    assert_close_list(list(got.values()), want, torch.float64)
+    assert_func_grad_runs_the_reference(monkeypatch, m, torch.randn(5, 2, 3, dtype=torch.double),
+                                        0)
 
 
 # ---------------------------------------------------------------- errors
