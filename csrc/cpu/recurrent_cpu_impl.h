@@ -809,7 +809,8 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t j0 = proj ? pt.c0 : u0, j1 = proj ? pt.c1 : u1;
-        if (p.zone) zone_row(j0, j1, p.zone + (row0 + b) * p.ld_zone, h_cur + b * P, h_next + b * P);
+        if (p.zone)
+          zone_row(j0, j1, p.zone + (row0 + b) * p.ld_zone, h_cur + b * P, h_next + b * P);
         copy_row(j0, j1, h_next + b * P, p.out + (row0 + b) * p.ld_out);
       }
       std::swap(h_cur, h_next);
@@ -1032,15 +1033,17 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       // 4. dh_{t-1} = (GRU: z * dh_t) + dgates_h W_hh, own rows / columns
       //    (reset-before GRU: its direct part + [da_r, da_z] W_h[r,z]).
       const int64_t m0 = pt.b0, m1 = std::min<int64_t>(M, pt.b1);
+      // dh already holds a direct part (GRU, zoneout) that the product adds to.
+      const bool direct = gru || rb || p.zone != nullptr;
       if (p.rmask) {  // the product gives d(h_{t-1} * m)
         w_hh.mm_cols(m1 - m0, pt.c0, pt.c1, dgh_base + (row0 + m0) * GH, GH,
                      st.dprod.data() + m0 * P, P, false);
         for (int64_t b = m0; b < m1; ++b)
           mask_add_row(pt.c0, pt.c1, p.rmask + b * P, st.dprod.data() + b * P,
-                       st.dh.data() + b * P, gru || rb || p.zone != nullptr);
+                       st.dh.data() + b * P, direct);
       } else {
         w_hh.mm_cols(m1 - m0, pt.c0, pt.c1, dgh_base + (row0 + m0) * GH, GH,
-                     st.dh.data() + m0 * P, P, gru || rb || p.zone != nullptr);
+                     st.dh.data() + m0 * P, P, direct);
       }
       part_barrier(pt, barrier);
     }
