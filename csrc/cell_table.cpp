@@ -1,6 +1,6 @@
 // torch.ops.fastcells.cell_table(): the C++ table of cells (kernels/cell_table.h)
 // as text, one line per cell in code order, e.g.
-//   code=0 name=LSTM gates=4 cell_state=1 extra=1 proj=1
+//   code=0 name=LSTM gates=4 cell_state=1 extra=1 proj=1 base=0 norms=0 cuda=1
 // so that tests/test_cell_table.py can check fastcells/_cells.py against it.
 #include <torch/library.h>
 
@@ -18,7 +18,7 @@ std::string cell_table() {
     const kernels::CellInfo c = kernels::cell_info(m);
     o << "code=" << c.code << " name=" << c.name << " gates=" << c.gates
       << " cell_state=" << int(c.cell_state) << " extra=" << c.extra << " proj=" << int(c.proj)
-      << "\n";
+      << " base=" << c.base << " norms=" << c.norms << " cuda=" << int(c.cuda) << "\n";
   }
   return o.str();
 }

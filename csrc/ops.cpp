@@ -14,6 +14,9 @@
 //   per layer l, direction d (index l*D + d):
 //     gates (N, G*H)  activated gates: LSTM i,f,g,o; GRU r,z,n; RNN h
 //     extra (N, H)    LSTM c_t; GRU hh_n = h_{t-1} W_hn^T + b_hn; absent RNN
+//                     The LayerNorm cells (LSTM_LN, GRU_LN) follow it with
+//       (N, G*H)      the raw recurrent products h_{t-1} W_hh^T
+//       (N, G*H)      the raw input products x W_ih^T
 //   per layer l:
 //     y_l (N, D*P)    the layer's output (before dropout)
 // The last layer's y is a copy of the op's `output`: backward reads it from
@@ -47,6 +50,7 @@
 #include "cpu/memory_cpu.h"
 #include "cpu/recurrent_cpu.h"
 #include "kernels/cells.h"
+#include "kernels/layer_norm.h"
 #include "kernels/params.h"
 #include "weight_cache.h"
 
@@ -75,6 +79,7 @@ std::string shape_str(at::IntArrayRef s) {
 struct Config {
   int64_t mode = 0, L = 1, D = 1, G = 1, H = 0, P = 0, I = 0, T = 0, B = 0, N = 0;
   int64_t per_dir = 2;  // weights per layer and direction
+  int64_t norms = 0;    // layer-norm parameters per layer and direction (the last ones)
   bool bias = true, packed = false;
   // The inputs are bfloat16 (computed in float): the CPU forward may run its
   // products on bfloat16 operands (csrc/cpu/isa.h).
@@ -88,6 +93,11 @@ struct Config {
   int64_t inter_offset(int64_t l) const { return L * D * N * (GH() + EH()) + l * N * D * P; }
   int64_t reserve_size() const { return inter_offset(L); }
   int64_t layer_input(int64_t l) const { return l == 0 ? I : D * P; }
+  bool ln() const { return norms > 0; }
+  // Positions within a layer and direction's weights: w_ih, w_hh, [b_ih,
+  // b_hh], [w_hr], [ln_ih_weight, ln_hh_weight, [ln_cell_weight, ln_cell_bias]].
+  int64_t hr_index() const { return bias ? 4 : 2; }
+  int64_t ln_index() const { return per_dir - norms; }
   const Tensor& w(at::TensorList ws, int64_t l, int64_t d, int64_t k) const {
     return ws[(l * D + d) * per_dir + k];
   }
@@ -196,7 +206,9 @@ void check_weights(Config& c, at::TensorList weights, const Tensor& input, int64
   const int64_t expected_weights = c.L * c.D * c.per_dir;  // L <= weights.size(): no overflow
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected_weights, "fastcells: expected ",
               expected_weights, " tensors in `weights` (num_layers=", c.L, ", directions=", c.D,
-              ", has_biases=", has_biases, ", proj_size=", proj_size, "), got ", weights.size());
+              ", has_biases=", has_biases, ", proj_size=", proj_size,
+              c.ln() ? ", layer-norm parameters=" + std::to_string(c.norms) : std::string(),
+              "), got ", weights.size());
   TORCH_CHECK(weights[1].defined() && weights[1].dim() == 2,
               "fastcells: `weights[1]` (weight_hh_l0) must be 2-D");
   TORCH_CHECK(weights[1].size(0) % c.G == 0 && weights[1].size(0) > 0,
@@ -217,18 +229,28 @@ void check_weights(Config& c, at::TensorList weights, const Tensor& input, int64
   checked_mul(checked_mul(c.L * c.D, c.N, "reserve size"), c.GH() + c.EH() + c.P,
               "reserve size");
 
-  const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
+  const char* names[] = {"weight_ih",    "weight_hh",    "bias_ih",        "bias_hh",
+                         "weight_hr",    "ln_ih_weight", "ln_hh_weight", "ln_cell_weight",
+                         "ln_cell_bias"};
   for (const auto l : c10::irange(c.L)) {
     for (const auto d : c10::irange(c.D)) {
       for (const auto k : c10::irange(c.per_dir)) {
-        const int kind = (k >= 2 && !has_biases) ? 4 : static_cast<int>(k);
+        int kind = static_cast<int>(k);
+        if (k >= c.ln_index()) {
+          kind = 5 + static_cast<int>(k - c.ln_index());
+        } else if (k >= 2 && !has_biases) {
+          kind = 4;
+        }
         std::vector<int64_t> shape;
         switch (kind) {
           case 0: shape = {c.GH(), c.layer_input(l)}; break;
           case 1: shape = {c.GH(), c.P}; break;
           case 2:
-          case 3: shape = {c.GH()}; break;
-          default: shape = {c.P, c.H}; break;
+          case 3:
+          case 5:
+          case 6: shape = {c.GH()}; break;
+          case 4: shape = {c.P, c.H}; break;
+          default: shape = {c.H}; break;
         }
         const auto name = [&] {
           return std::string("weights[") + std::to_string((l * c.D + d) * c.per_dir + k) +
@@ -296,6 +318,9 @@ void check_zoneout(const Config& c, const Tensor& input, const std::optional<Ten
   }
   shape.push_back(zone_width(c));
   check_tensor(*zoneout, "zoneout", shape, input);
+  TORCH_CHECK(!(c.ln() && kernels::has_cell_state(static_cast<int>(c.mode))),
+              "fastcells: zoneout is not supported for mode ", c.mode, " (", kModeNames[c.mode],
+              "): its h_t comes from LN(c_t); expected `zoneout` None");
   TORCH_CHECK(input.is_cpu(), "fastcells: zoneout is computed by the CPU backend only; got "
               "`zoneout` on ", input.device(), ", expected cpu");
 }
@@ -321,7 +346,8 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
   c.G = kernels::num_gates(static_cast<int>(mode));
   c.bias = has_biases;
   c.bf16 = input.scalar_type() == at::kBFloat16;
-  c.per_dir = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0);
+  c.norms = kernels::num_norms(static_cast<int>(mode));
+  c.per_dir = 2 + (has_biases ? 2 : 0) + (proj_size > 0 ? 1 : 0) + c.norms;
 
   TORCH_CHECK(input.defined(), "fastcells: `input` is required");
   TORCH_CHECK(is_float_type(input.scalar_type()),
@@ -329,11 +355,11 @@ Config check_inputs(const Tensor& input, at::TensorList weights, const std::opti
               "bfloat16 or float16), got ", input.scalar_type());
   TORCH_CHECK(input.is_cpu() || input.is_cuda(), "fastcells: `input` must be on CPU or CUDA, got ",
               input.device());
-  // The CUDA loops run the reset-after GRU's single product per step; the
-  // reset-before GRU's two dependent products have no CUDA kernel yet.
-  TORCH_CHECK(input.is_cpu() || mode != kernels::kGRU_RESET_BEFORE,
-              "fastcells: mode ", mode, " (GRU_RESET_BEFORE, the reset-before GRU) runs on the "
-              "CPU only; `input` is on ", input.device());
+  // The cells without a CUDA kernel (cell_table.h: the reset-before GRU's two
+  // dependent products per step, the LayerNorm cells' row statistics).
+  TORCH_CHECK(input.is_cpu() || kernels::runs_on_cuda(static_cast<int>(mode)),
+              "fastcells: mode ", mode, " (", kModeNames[mode], ") runs on the CPU only; "
+              "`input` is on ", input.device(), ", expected cpu");
 #ifndef WITH_CUDA
   TORCH_CHECK(input.is_cpu(),
               "fastcells: `input` is on ", input.device(),
@@ -559,8 +585,21 @@ void matmul(const Tensor& out, const Tensor& a, bool trans_a, const Tensor& b, b
   }
 }
 
-// x W_ih^T + folded biases, written into `gates` (N, G*H). GRU keeps b_hn
-// out (it sits inside r * (h W_hn^T + b_hn)); b_hr and b_hz fold in here.
+// The biases that enter the x side: b_ih + b_hh, where the GRU keeps b_hn
+// out (it sits inside r * (h W_hn^T + b_hn)): b_hr and b_hz fold in.
+int64_t folded_bias_size(const Config& c) {
+  return kernels::base_cell(static_cast<int>(c.mode)) == kernels::kGRU ? 2 * c.H : c.GH();
+}
+
+template <typename T>
+std::vector<T> folded_bias(const Config& c, const Tensor& b_ih, const Tensor& b_hh) {
+  std::vector<T> bias(b_ih.data_ptr<T>(), b_ih.data_ptr<T>() + c.GH());
+  const T* bh = b_hh.data_ptr<T>();
+  for (int64_t j = 0; j < folded_bias_size(c); ++j) bias[j] += bh[j];
+  return bias;
+}
+
+// x W_ih^T + folded biases, written into `gates` (N, G*H).
 // `keep` as in matmul (W_ih^T packed once for all time chunks).
 template <typename T>
 void input_projection(const Config& c, const Tensor& gates, const Tensor& x, const Tensor& w_ih,
@@ -570,17 +609,27 @@ void input_projection(const Config& c, const Tensor& gates, const Tensor& x, con
     matmul<T>(gates, x, false, w_ih, true, false, nullptr, keep, c.bf16);
     return;
   }
-  const int64_t GH = c.GH(), folded = c.mode == kernels::kGRU ? 2 * c.H : GH;
+  const int64_t folded = folded_bias_size(c);
   if (gates.is_cpu()) {
-    std::vector<T> bias(b_ih->data_ptr<T>(), b_ih->data_ptr<T>() + GH);
-    const T* bh = b_hh->data_ptr<T>();
-    for (int64_t j = 0; j < folded; ++j) bias[j] += bh[j];
+    const std::vector<T> bias = folded_bias<T>(c, *b_ih, *b_hh);
     matmul<T>(gates, x, false, w_ih, true, false, bias.data(), keep, c.bf16);  // starts from bias
     return;
   }
   Tensor bias = b_ih->clone();
   bias.narrow(0, 0, folded).add_(b_hh->narrow(0, 0, folded));
   at::addmm_out(const_cast<Tensor&>(gates), bias, x, w_ih.t());
+}
+
+// The LayerNorm cells' input side (CPU): the raw x W_ih^T into `raw` (rows,
+// G*H; backward reads it), then gates = LN(raw; ln_ih) + folded biases.
+template <typename T>
+void ln_input_projection(const Config& c, const Tensor& gates, const Tensor& raw,
+                         const Tensor& x, const Tensor& w_ih, const Tensor& ln_ih,
+                         const Tensor* b_ih, const Tensor* b_hh, cpu::PackedStore<T>* keep) {
+  matmul<T>(raw, x, false, w_ih, true, false, nullptr, keep, c.bf16);
+  const std::vector<T> bias = c.bias ? folded_bias<T>(c, *b_ih, *b_hh) : std::vector<T>();
+  kernels::ln_rows_forward<T>(raw.size(0), c.GH(), raw.data_ptr<T>(), ln_ih.data_ptr<T>(),
+                              c.bias ? bias.data() : nullptr, gates.data_ptr<T>());
 }
 
 // Time chunks [t0, t1) of one direction, in processing order. With `keep`
@@ -608,7 +657,7 @@ template <typename T>
 std::shared_ptr<LayerPacks<T>> layer_packs(const Config& c, at::TensorList src, int64_t l,
                                            int64_t d, std::vector<const Tensor*>* ws, bool* hit) {
   ws->assign({&c.w(src, l, d, 0), &c.w(src, l, d, 1)});
-  if (c.P != c.H) ws->push_back(&c.w(src, l, d, c.per_dir - 1));
+  if (c.P != c.H) ws->push_back(&c.w(src, l, d, c.hr_index()));
   auto packs = find_packs<T>(*ws, c.bf16, hit);
   if (packs) return packs;
   ws->clear();  // not cacheable: nothing to publish
@@ -625,7 +674,8 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
                    const Tensor& cy, const Tensor& reserve, const DeviceSchedule& sched,
                    bool keep, bool poison, const std::optional<Tensor>& zone,
                    const std::optional<Tensor>& rmasks) {
-  const bool lstm = c.mode == kernels::kLSTM;
+  const bool lstm = kernels::has_cell_state(static_cast<int>(c.mode));
+  const bool gru = kernels::base_cell(static_cast<int>(c.mode)) == kernels::kGRU;
   const bool cpu = x.is_cpu();
   const auto opts = x.options();
   // Inference scratch: two layer outputs (ping-pong) and one gate block.
@@ -656,7 +706,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
       const Tensor& w_hh = c.w(w, l, d, 1);
       const Tensor* b_ih = c.bias ? &c.w(w, l, d, 2) : nullptr;
       const Tensor* b_hh = c.bias ? &c.w(w, l, d, 3) : nullptr;
-      const Tensor* w_hr = c.P != c.H ? &c.w(w, l, d, c.per_dir - 1) : nullptr;
+      const Tensor* w_hr = c.P != c.H ? &c.w(w, l, d, c.hr_index()) : nullptr;
       bool first_chunk = true;
       // CPU: the weights are packed by the first chunk and reused by the
       // rest, and by later calls through the weight cache.
@@ -677,8 +727,16 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         if (c.EH() > 0)
           extra = keep ? reserve.data_ptr<T>() + c.extra_offset(idx)
                        : scratch.data_ptr<T>() + rows * c.GH();
-        input_projection<T>(c, gates, rows_of(xl, 0, row0, rows, xl.size(1)), w_ih, b_ih, b_hh,
-                            &packs->w_ih);
+        // The LayerNorm cells' blocks after the (rows, H) one (layout at the top).
+        T* const ln_rec = c.ln() ? extra + rows * c.H : nullptr;
+        const Tensor x_rows = rows_of(xl, 0, row0, rows, xl.size(1));
+        if (c.ln()) {
+          const Tensor raw = at::from_blob(ln_rec + rows * c.GH(), {rows, c.GH()}, opts);
+          ln_input_projection<T>(c, gates, raw, x_rows, w_ih, c.w(w, l, d, c.ln_index()), b_ih,
+                                 b_hh, &packs->w_ih);
+        } else {
+          input_projection<T>(c, gates, x_rows, w_ih, b_ih, b_hh, &packs->w_ih);
+        }
 
         kernels::LayerForwardParams<T> p{};
         // (Device schedules only exist for a single whole-sequence chunk.)
@@ -690,7 +748,13 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
         p.zone = zone ? zone->data_ptr<T>() + (idx * c.N + row0) * p.ld_zone : nullptr;
         p.rmask = rmasks ? rmasks->data_ptr<T>() + idx * c.B * c.P : nullptr;
         p.w_hh = w_hh.data_ptr<T>();
-        p.b_hn = (c.mode == kernels::kGRU && c.bias) ? b_hh->data_ptr<T>() + 2 * c.H : nullptr;
+        p.b_hn = (gru && c.bias) ? b_hh->data_ptr<T>() + 2 * c.H : nullptr;
+        if (c.ln()) {
+          p.ln_hh = c.w(w, l, d, c.ln_index() + 1).data_ptr<T>();
+          p.ln_c_w = lstm ? c.w(w, l, d, c.ln_index() + 2).data_ptr<T>() : nullptr;
+          p.ln_c_b = lstm ? c.w(w, l, d, c.ln_index() + 3).data_ptr<T>() : nullptr;
+          p.ln_rec = ln_rec;
+        }
         p.w_hr = w_hr ? w_hr->data_ptr<T>() : nullptr;
         p.out = out_l.data_ptr<T>() + row0 * c.D * c.P + d * c.P;
         p.ld_out = c.D * c.P;
@@ -769,6 +833,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   return {output.to(out_t), hy.to(out_t), cy.to(out_t), reserve};
 }
 
+// The LayerNorm cells' parameter gradients of layer l, direction d, after
+// the time loop: the biases and LN gains from the gradients w.r.t. the
+// normalised pre-activations (dgx; the GRU's recurrent side dgh), the cell
+// state's LN from dln_c; then dgx becomes the gradient w.r.t. the raw
+// x W_ih^T, which the weight and input GEMMs read. Sums in row order.
+template <typename T>
+void ln_gradients(const Config& c, const T* gates, const T* extra, const Tensor& dgx,
+                  const Tensor& dgh, const Tensor& dln_c, const std::vector<Tensor>& w,
+                  const std::vector<Tensor>& gw, int64_t l, int64_t d) {
+  const int64_t N = c.N, H = c.H, GH = c.GH();
+  const int64_t base = (l * c.D + d) * c.per_dir, k = base + c.ln_index();
+  for (int64_t j = k; j < base + c.per_dir; ++j) gw[j].zero_();
+  if (c.bias) {
+    gw[base + 2].zero_();
+    gw[base + 3].zero_();
+  }
+  const T* rec = extra + N * H;  // raw h_{t-1} W_hh^T, then raw x W_ih^T
+  const T* raw_x = rec + N * GH;
+  T* const db_ih = c.bias ? gw[base + 2].data_ptr<T>() : nullptr;
+  T* const db_hh = c.bias ? gw[base + 3].data_ptr<T>() : nullptr;
+  kernels::ln_rows_backward<T>(N, GH, rec, w[k + 1].data_ptr<T>(), dgh.data_ptr<T>(),
+                               gw[k + 1].data_ptr<T>(), db_hh, static_cast<T*>(nullptr));
+  kernels::ln_rows_backward<T>(N, GH, raw_x, w[k].data_ptr<T>(), dgx.data_ptr<T>(),
+                               gw[k].data_ptr<T>(), db_ih, dgx.data_ptr<T>());
+  if (dln_c.defined()) {  // y = LN(c_t; w_c, b_c): c_t is extra's first block
+    kernels::ln_rows_backward<T>(N, H, extra, w[k + 2].data_ptr<T>(), dln_c.data_ptr<T>(),
+                                 gw[k + 2].data_ptr<T>(), gw[k + 3].data_ptr<T>(),
+                                 static_cast<T*>(nullptr));
+  }
+}
+
 template <typename T>
 void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& w,
                     const Tensor& h0, const std::optional<Tensor>& c0,
@@ -780,7 +875,9 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
                     const std::vector<Tensor>& gw, const DeviceSchedule& sched, bool poison,
                     bool need_grad_input, const std::optional<Tensor>& zone,
                     const std::optional<Tensor>& rmasks) {
-  const bool lstm = c.mode == kernels::kLSTM, gru = c.mode == kernels::kGRU;
+  const int mode = static_cast<int>(c.mode);
+  const bool lstm = kernels::has_cell_state(mode);
+  const bool gru = kernels::base_cell(mode) == kernels::kGRU;
   const bool rb = c.mode == kernels::kGRU_RESET_BEFORE;
   const bool proj = c.P != c.H;
   const auto opts = x.options();
@@ -788,6 +885,10 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
   // or the reset-before GRU's r * h_{t-1} (W_hn's operand).
   const Tensor dgx = alloc({c.N, c.GH()}, opts, poison);
   const Tensor dgh = gru ? alloc({c.N, c.GH()}, opts, poison) : dgx;
+  // LayerNorm cells: the gradient w.r.t. the raw recurrent products (W_hh's
+  // operand) and, LSTM_LN, w.r.t. LN(c_t).
+  const Tensor dln_rec = c.ln() ? alloc({c.N, c.GH()}, opts, poison) : dgh;
+  const Tensor dln_c = c.ln() && lstm ? alloc({c.N, c.H}, opts, poison) : Tensor();
   const Tensor hprev = alloc({c.N, c.P}, opts, poison);
   // With recurrent dropout, W_hh's gradient operand is h_{t-1} * m.
   const Tensor hprev_m = rmasks ? alloc({c.N, c.P}, opts, poison) : hprev;
@@ -818,7 +919,16 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       p.h0 = h0.data_ptr<T>() + idx * c.B * c.P;
       p.c0 = lstm ? c0->data_ptr<T>() + idx * c.B * c.H : nullptr;
       p.w_hh = c.w(w, l, d, 1).data_ptr<T>();
-      p.w_hr = proj ? c.w(w, l, d, c.per_dir - 1).data_ptr<T>() : nullptr;
+      p.w_hr = proj ? c.w(w, l, d, c.hr_index()).data_ptr<T>() : nullptr;
+      T* const extra = p.extra ? reserve.data_ptr<T>() + c.extra_offset(idx) : nullptr;
+      if (c.ln()) {  // blocks after the (N, H) one of extra (layout at the top)
+        p.ln_hh = c.w(w, l, d, c.ln_index() + 1).data_ptr<T>();
+        p.ln_c_w = lstm ? c.w(w, l, d, c.ln_index() + 2).data_ptr<T>() : nullptr;
+        p.ln_c_b = lstm ? c.w(w, l, d, c.ln_index() + 3).data_ptr<T>() : nullptr;
+        p.ln_rec = extra + c.N * c.H;
+        p.dln_rec = dln_rec.data_ptr<T>();
+        p.dln_c = lstm ? dln_c.data_ptr<T>() : nullptr;
+      }
       p.grad_out = go.has_value() ? go->data_ptr<T>() + d * c.P : nullptr;
       p.ld_gout = c.D * c.P;
       p.grad_hy = grad_hy.has_value() ? grad_hy->data_ptr<T>() + idx * c.B * c.P : nullptr;
@@ -830,12 +940,16 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       p.dh_all = proj ? dh_all.data_ptr<T>() : nullptr;
       p.dh0 = dhx.data_ptr<T>() + idx * c.B * c.P;
       p.dc0 = lstm ? dcx.data_ptr<T>() + idx * c.B * c.H : nullptr;
-      // The CPU backend sums the bias gradients inside its time loop.
-      const bool loop_bias = c.bias && x.is_cpu();
+      // The CPU backend sums the bias gradients inside its time loop (the
+      // LayerNorm cells': ln_gradients).
+      const bool loop_bias = c.bias && x.is_cpu() && !c.ln();
       const int64_t base = idx * c.per_dir;
       p.db_x = loop_bias ? gw[base + 2].data_ptr<T>() : nullptr;
       p.db_h = loop_bias && gru ? gw[base + 3].data_ptr<T>() : nullptr;
       run_backward<T>(p, x.device(), c.bf16);
+      if (c.ln())
+        ln_gradients<T>(c, reserve.data_ptr<T>() + c.gates_offset(idx), extra, dgx, dgh, dln_c,
+                        w, gw, l, d);
 
       // Weight and input gradients: one GEMM each over all time steps.
       matmul<T>(gw[base + 0], dgx, true, xl, false, false, nullptr, nullptr, c.bf16);
@@ -846,9 +960,9 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
         matmul<T>(gw[base + 1].narrow(0, 2 * H, H), dgh.narrow(1, 2 * H, H), true, r_all, false,
                   false, nullptr, nullptr, c.bf16);
       } else {
-        matmul<T>(gw[base + 1], dgh, true, hprev_m, false, false, nullptr, nullptr, c.bf16);
+        matmul<T>(gw[base + 1], dln_rec, true, hprev_m, false, false, nullptr, nullptr, c.bf16);
       }
-      if (c.bias) {
+      if (c.bias && !c.ln()) {
         if (!loop_bias) {
           at::sum_out(const_cast<Tensor&>(gw[base + 2]), dgx, {0});
           if (gru) at::sum_out(const_cast<Tensor&>(gw[base + 3]), dgh, {0});
@@ -857,7 +971,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
         if (!gru) gw[base + 3].copy_(gw[base + 2]);
       }
       if (proj)
-        matmul<T>(gw[base + c.per_dir - 1], dh_all, true, r_all, false, false, nullptr, nullptr,
+        matmul<T>(gw[base + c.hr_index()], dh_all, true, r_all, false, false, nullptr, nullptr,
                   c.bf16);
       // Layer 0's input gradient only when the caller wants it (autograd asks
       // for it only if the input requires grad): a whole GEMM saved otherwise.
@@ -894,7 +1008,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     check_tensor(*grad_output, "grad_output", out_shape, input);
   if (grad_hy.has_value() && grad_hy->defined())
     check_tensor(*grad_hy, "grad_hy", {c.L * c.D, c.B, c.P}, input);
-  const bool lstm = c.mode == kernels::kLSTM;
+  const bool lstm = kernels::has_cell_state(static_cast<int>(c.mode));
   if (lstm && grad_cy.has_value() && grad_cy->defined())
     check_tensor(*grad_cy, "grad_cy", {c.L * c.D, c.B, c.H}, input);
   // Gradient w.r.t. the reserve: only an LSTM's c_t rows are read (what

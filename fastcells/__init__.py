@@ -12,10 +12,12 @@ from . import functional, onnx
 from ._isa import cpu_host_features, cpu_isa, cpu_isas, set_cpu_isa, use_cpu_isa
 from ._keras import from_keras, to_keras
 from ._ops import MODES, build_info, set_poison_outputs
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, revert
+from .modules import (GRU, LSTM, RNN, GRUCell, LayerNormGRU, LayerNormLSTM, LSTMCell, RNNCell,
+                      convert, revert)
 from .patch import is_patched, patch_torch_nn, patched, unpatch_torch_nn
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "revert",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM",
+           "LayerNormGRU", "convert", "revert",
            "functional", "onnx", "MODES", "build_info", "set_poison_outputs", "cpu_isa", "cpu_isas",
            "set_cpu_isa", "use_cpu_isa", "cpu_host_features", "patch_torch_nn", "unpatch_torch_nn",
            "patched", "is_patched", "from_keras", "to_keras"]

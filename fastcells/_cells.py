@@ -29,11 +29,23 @@ class Cell:
     nn_class: str            # the torch.nn sequence module; its cell is nn_class + "Cell"
     nonlinearity: Optional[str] = None  # the torch.nn ``nonlinearity`` argument, if any
     reset_after: bool = True  # GRU convention; False: the original GRU, which torch.nn lacks
+    base: Optional[int] = None  # the cell whose gate functions it runs (None: its own)
+    norms: int = 0           # layer-norm parameters per layer and direction (LayerNorm cells)
+    cuda: bool = True        # the CUDA backend has a kernel for it
 
     @property
     def in_torch_nn(self) -> bool:
         """Whether torch.nn implements this cell (its class computes the same)."""
-        return self.reset_after
+        return self.reset_after and not self.layer_norm
+
+    @property
+    def layer_norm(self) -> bool:
+        """Layer norm inside the recurrence (fastcells.LayerNormLSTM / LayerNormGRU)."""
+        return self.norms > 0
+
+    @property
+    def base_code(self) -> int:
+        return self.code if self.base is None else self.base
 
     def extra_size(self, H: int) -> int:
         """Columns of the saved extra block per row."""
@@ -47,7 +59,11 @@ CELLS: Tuple[Cell, ...] = (
     Cell(2, "RNN_TANH", 1, False, 0, False, "RNN", "tanh"),
     Cell(3, "RNN_RELU", 1, False, 0, False, "RNN", "relu"),
     # The original GRU: fastcells.GRU(..., reset_after=False); no torch.nn twin.
-    Cell(4, "GRU_RESET_BEFORE", 3, False, 0, False, "GRU", reset_after=False),
+    Cell(4, "GRU_RESET_BEFORE", 3, False, 0, False, "GRU", reset_after=False, cuda=False),
+    # fastcells.LayerNormLSTM / LayerNormGRU; extra: the LSTM's c_t or the GRU's
+    # hh_n, then the raw recurrent and input products (G*H each).
+    Cell(5, "LSTM_LN", 4, True, 9, False, "LSTM", base=0, norms=4, cuda=False),
+    Cell(6, "GRU_LN", 3, False, 7, False, "GRU", base=1, norms=2, cuda=False),
 )
 assert all(c.code == k for k, c in enumerate(CELLS)), "codes must be 0, 1, ... in order"
 
@@ -55,8 +71,8 @@ assert all(c.code == k for k, c in enumerate(CELLS)), "codes must be 0, 1, ... i
 MODES: Dict[str, int] = {c.name: c.code for c in CELLS}
 
 _BY_NAME: Dict[str, Cell] = {c.name: c for c in CELLS}
-_BY_MODULE: Dict[Tuple[str, Optional[str], bool], Cell] = {
-    (c.nn_class, c.nonlinearity, c.reset_after): c for c in CELLS}
+_BY_MODULE: Dict[Tuple[str, Optional[str], bool, bool], Cell] = {
+    (c.nn_class, c.nonlinearity, c.reset_after, c.layer_norm): c for c in CELLS}
 
 
 def valid_modes() -> str:
@@ -86,13 +102,14 @@ def cell_named(name: str) -> Cell:
 
 
 def cell_of_module(class_name: str, nonlinearity: Optional[str] = None,
-                   reset_after: bool = True) -> Cell:
+                   reset_after: bool = True, layer_norm: bool = False) -> Cell:
     """The row of a module class ("LSTM", "GRUCell", "RNN", ...) and, for the
-    Elman RNN, its ``nonlinearity``; for a GRU, its ``reset_after``."""
+    Elman RNN, its ``nonlinearity``; for a GRU, its ``reset_after``; for the
+    LayerNorm modules, ``layer_norm=True``."""
     base = class_name[:-len("Cell")] if class_name.endswith("Cell") else class_name
-    found = (_BY_MODULE.get((base, nonlinearity, reset_after))
-             or _BY_MODULE.get((base, None, reset_after)))
+    found = (_BY_MODULE.get((base, nonlinearity, reset_after, layer_norm))
+             or _BY_MODULE.get((base, None, reset_after, layer_norm)))
     if found is None:
         raise ValueError(f"no fastcells cell for {class_name} (nonlinearity={nonlinearity!r}, "
-                         f"reset_after={reset_after!r})")
+                         f"reset_after={reset_after!r}, layer_norm={layer_norm!r})")
     return found

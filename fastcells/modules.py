@@ -26,7 +26,8 @@ from torch.nn.utils.rnn import PackedSequence
 from ._cells import CELLS, MODES, Cell, cell_named, cell_of_module
 from ._ops import rnn
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM",
+           "LayerNormGRU", "convert"]
 
 
 def _sizes(m: nn.RNNBase) -> Tuple[int, int, int]:
@@ -190,12 +191,14 @@ def _option(m, name: str, default):
 
 
 def _op_cell(m) -> Cell:
-    """The table row a module runs: its torch.nn mode, or the reset-before GRU
-    for ``reset_after=False`` (torch.nn modules have no such attribute)."""
+    """The table row a module runs: its torch.nn mode, the reset-before GRU for
+    ``reset_after=False``, or a LayerNorm cell (torch.nn modules have neither
+    attribute)."""
     c = cell_named(m.mode)
-    if _option(m, "reset_after", True):
+    reset_after, layer_norm = _option(m, "reset_after", True), _option(m, "layer_norm", False)
+    if reset_after and not layer_norm:
         return c
-    return cell_of_module(c.nn_class, c.nonlinearity, reset_after=False)
+    return cell_of_module(c.nn_class, c.nonlinearity, reset_after, layer_norm)
 
 
 def _initial_state(m, hx, has_cell_state: bool, B: int, batched: bool, sorted_indices):
@@ -294,7 +297,7 @@ class _FusedRNNBase(_NoTorchScript, nn.RNNBase):
         x, weights, h0, c0, masks = _cpu_autocast(c.nn_class, x, _current_weights(self), h0, c0,
                                                   masks)
         cell_states = _option(self, "return_cell_states", False)
-        if (cell_states or zone is not None or rmasks is not None) and \
+        if (cell_states or zone is not None or rmasks is not None or c.layer_norm) and \
                 torch.onnx.is_in_onnx_export():
             from .onnx import FastcellsOnnxError, _option_error
             raise FastcellsOnnxError(f"fastcells.onnx: {_option_error(self)}")
@@ -389,6 +392,97 @@ class RNN(_OptionsRepr, _FusedRNNBase):
         super().__init__(mode, *args, **kwargs)
         self.zoneout = zoneout
         self.recurrent_dropout = recurrent_dropout
+
+
+class _LayerNormRNN(_OptionsRepr, _FusedRNNBase):
+    """torch.nn's recurrent parameters plus the layer-norm ones, after them in
+    each layer and direction's flat weights (the op's order, fastcells/_ops.py):
+    ``ln_ih_weight_l{k}``, ``ln_hh_weight_l{k}`` (G*H, the gains of LN(x W_ih^T)
+    and LN(h W_hh^T)) and for the LSTM ``ln_cell_weight_l{k}``,
+    ``ln_cell_bias_l{k}`` (H, LN(c_t)), ``_reverse`` for the second direction.
+    Gains start at 1, the cell state's LN bias at 0."""
+
+    layer_norm = True  # read by _op_cell: the table's LayerNorm row of this mode
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, recurrent_dropout: float = 0.0,
+                 zoneout: float = 0.0, device=None, dtype=None):
+        zoneout = _check_rate(self, "zoneout", zoneout)
+        recurrent_dropout = _check_rate(self, "recurrent_dropout", recurrent_dropout)
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device=device, dtype=dtype)
+        H, G = hidden_size, cell_named(mode).gates
+        sizes = [("ln_ih_weight", G * H), ("ln_hh_weight", G * H)]
+        if cell_named(mode).has_cell_state:
+            sizes += [("ln_cell_weight", H), ("ln_cell_bias", H)]
+        D = 2 if bidirectional else 1
+        for k, names in enumerate(self._all_weights):
+            suffix = f"_l{k // D}" + ("_reverse" if k % D else "")
+            for base, n in sizes:
+                setattr(self, base + suffix, nn.Parameter(torch.empty(n, device=device,
+                                                                      dtype=dtype)))
+                names.append(base + suffix)
+        self._flat_weights_names = [n for names in self._all_weights for n in names]
+        self._init_flat_weights()
+        self._reset_layer_norm()
+        self.zoneout = zoneout
+        self.recurrent_dropout = recurrent_dropout
+
+    def _layer_norm_names(self):
+        return [n for n in self._flat_weights_names if n.startswith("ln_")]
+
+    def _reset_layer_norm(self) -> None:
+        with torch.no_grad():
+            for n in self._layer_norm_names():
+                getattr(self, n).fill_(0.0 if n.startswith("ln_cell_bias") else 1.0)
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation of its parameters; gains 1, LN bias 0."""
+        super().reset_parameters()
+        if hasattr(self, "_flat_weights_names"):  # (RNNBase.__init__ calls this first)
+            self._reset_layer_norm()
+
+    def flatten_parameters(self) -> None:
+        """No-op: cuDNN's flat weight layout has no place for the layer-norm
+        parameters, and the LayerNorm cells run on the CPU."""
+
+
+class LayerNormLSTM(_LayerNormRNN):
+    """LSTM with layer normalisation inside the recurrence (haste's LayerNormLSTM):
+    ``gates = LN(x W_ih^T; g_ih) + LN(h W_hh^T; g_hh) + b_ih + b_hh``,
+    ``c' = f * c + i * g``, ``h' = o * tanh(LN(c'; g_c, b_c))``, LN over the
+    last dimension with eps 1e-5. Arguments, forward and returns as
+    torch.nn.LSTM without ``proj_size``; parameters as _LayerNormRNN says.
+    ``recurrent_dropout`` and ``return_cell_states`` (the c_t before their LN)
+    as in :class:`LSTM`. Fused on the CPU."""
+
+    def __init__(self, *args, return_cell_states: bool = False, **kwargs):
+        if not isinstance(return_cell_states, bool):
+            raise TypeError(f"LayerNormLSTM: return_cell_states must be a bool, got "
+                            f"{return_cell_states!r}")
+        if kwargs.get("proj_size"):
+            raise ValueError("LayerNormLSTM: proj_size is not supported (the LayerNorm LSTM "
+                             "has no output projection)")
+        kwargs.pop("proj_size", None)
+        if kwargs.get("zoneout"):
+            raise ValueError("LayerNormLSTM: zoneout is not supported (h_t comes from "
+                             "LN(c_t)); use LayerNormGRU or LSTM for zoneout")
+        super().__init__("LSTM", *args, **kwargs)
+        self.return_cell_states = return_cell_states
+
+
+class LayerNormGRU(_LayerNormRNN):
+    """GRU with layer normalisation of its two products inside the recurrence:
+    torch.nn's GRU (reset gate after the product) with ``x W_ih^T`` replaced by
+    ``LN(x W_ih^T; g_ih)`` and ``h W_hh^T`` by ``LN(h W_hh^T; g_hh)``, the
+    biases added after. Arguments, forward and returns as torch.nn.GRU;
+    ``zoneout`` and ``recurrent_dropout`` as in :class:`GRU`. Fused on the CPU."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
 
 
 def _cell_forward(cell: nn.RNNCellBase, mode: int, input: Tensor, h0: Optional[Tensor],
@@ -541,6 +635,9 @@ _REVERTS = {fast: torch_cls for torch_cls, fast in _SWAPS.items()}
 
 def _no_twin_reason(module: nn.Module) -> Optional[str]:
     """Why torch.nn has no module that computes what ``module`` does, or None."""
+    if isinstance(module, _LayerNormRNN):
+        return (f"{type(module).__name__} normalises inside the recurrence, which torch.nn's "
+                "recurrent modules do not")
     if not _option(module, "reset_after", True):
         return "it has reset_after=False (the reset-before GRU), which torch.nn does not have"
     if _option(module, "return_cell_states", False):
@@ -578,7 +675,7 @@ def revert(model: nn.Module) -> nn.Module:
     """
     from . import _subclass
 
-    if type(model) in _REVERTS:
+    if type(model) in _REVERTS or isinstance(model, _LayerNormRNN):
         reason = _no_twin_reason(model)
         if reason is not None:
             raise ValueError(f"fastcells.revert: cannot revert this {type(model).__name__}: "
@@ -590,7 +687,8 @@ def revert(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             base = parametrize.type_before_parametrizations(child)
-            if type(child) in _REVERTS and _no_twin_reason(child) is not None:
+            if (type(child) in _REVERTS or isinstance(child, _LayerNormRNN)) and \
+                    _no_twin_reason(child) is not None:
                 warnings.warn(
                     f"fastcells.revert: left `{child_name}` ({type(child).__name__}) as "
                     f"fastcells: {_no_twin_reason(child)}.", stacklevel=2)

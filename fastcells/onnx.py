@@ -63,8 +63,15 @@ _RECURRENT_DROPOUT_MSG = ("recurrent dropout in training mode cannot be exported
                           "RNN operators have no dropout. Call model.eval() before exporting.")
 
 
+_LAYER_NORM_MSG = ("the LayerNorm cells (LayerNormLSTM, LayerNormGRU) cannot be exported to "
+                   "ONNX: ONNX's LSTM and GRU operators have no layer normalisation inside "
+                   "the recurrence.")
+
+
 def _option_error(m) -> Optional[str]:
     """Why ONNX cannot express module `m`'s options torch.nn lacks, or None."""
+    if getattr(m, "layer_norm", False):
+        return _LAYER_NORM_MSG
     if getattr(m, "return_cell_states", False):
         return _CELL_STATES_MSG
     if getattr(m, "recurrent_dropout", 0.0) and m.training:
@@ -99,7 +106,8 @@ def _emit(b, input, weights, hx, cx, batch_sizes, mode: int, num_layers: int,
     batch_first input before the op, and that transpose is exported with it.
     """
     c = cell(mode)
-    msg = _unsupported(proj_size, batch_sizes is not None, dropout_masks is not None)
+    msg = _LAYER_NORM_MSG if c.layer_norm else _unsupported(proj_size, batch_sizes is not None,
+                                                            dropout_masks is not None)
     if msg is not None:
         raise FastcellsOnnxError(f"fastcells.onnx: {msg}")
     D = 2 if bidirectional else 1

@@ -23,6 +23,13 @@ includes ``b_h*`` when ``has_biases``)::
           n = tanh(W_in x + W_hn (r * h))        (reset applied before the matmul;
           h' = (1 - z) * n + z * h                b_hn is added, not multiplied by r)
     RNN   h' = tanh or relu of (W_ih x + W_hh h)
+    LSTM_LN  (fastcells.LayerNormLSTM; haste's LayerNormLSTM)
+          gates = LN(x W_ih^T; g_ih) + LN(h W_hh^T; g_hh) + b_ih + b_hh
+          i, f, g, o and c' as LSTM, h' = o * tanh(LN(c'; g_c, b_c))
+    GRU_LN   (fastcells.LayerNormGRU) GRU with x W_ih^T + b_ih -> LN(x W_ih^T; g_ih) + b_ih
+          and h W_hh^T + b_hh -> LN(h W_hh^T; g_hh) + b_hh (b_hn still inside r * (...))
+    where LN(v; g[, b]) = (v - mean(v)) / sqrt(var(v) + 1e-5) * g [+ b] over the last
+    dimension (biased variance, as torch.nn.LayerNorm).
 """
 
 from __future__ import annotations
@@ -35,10 +42,13 @@ from torch import Tensor
 from ._cells import MODES, cell
 
 __all__ = ["rnn_reference", "lstm_cell", "gru_cell", "gru_reset_before_cell", "rnn_tanh_cell",
-           "rnn_relu_cell"]
+           "rnn_relu_cell", "layer_norm", "layer_norm_lstm_cell", "layer_norm_gru_cell"]
 
-LSTM, GRU, RNN_TANH, RNN_RELU, GRU_RESET_BEFORE = (
-    MODES[n] for n in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "GRU_RESET_BEFORE"))
+LSTM, GRU, RNN_TANH, RNN_RELU, GRU_RESET_BEFORE, LSTM_LN, GRU_LN = (
+    MODES[n] for n in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "GRU_RESET_BEFORE", "LSTM_LN",
+                       "GRU_LN"))
+
+LAYER_NORM_EPS = 1e-5
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -96,6 +106,51 @@ def gru_reset_before_cell(
     return (1 - z) * n + z * h
 
 
+def layer_norm(v: Tensor, g: Tensor, b: Tensor | None = None) -> Tensor:
+    """LN(v; g[, b]) over the last dimension: (v - mean) / sqrt(var + eps) * g [+ b],
+    with the biased variance and eps = 1e-5 (torch.nn.LayerNorm's)."""
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    y = (v - mean) / torch.sqrt(var + LAYER_NORM_EPS) * g
+    return y if b is None else y + b
+
+
+def layer_norm_lstm_cell(
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None, b_hh: Tensor | None, ln: Sequence[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """One LayerNorm LSTM step. Shapes as :func:`lstm_cell` (no projection);
+    ln = (g_ih (4H), g_hh (4H), g_c (H), b_c (H)). Returns h' (n, H), c' (n, H)."""
+    g_ih, g_hh, g_c, b_c = ln
+    gates = layer_norm(x @ w_ih.t(), g_ih) + layer_norm(h @ w_hh.t(), g_hh)
+    if b_ih is not None:
+        gates = gates + b_ih + b_hh
+    i, f, g, o = gates.chunk(4, dim=1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    return o * torch.tanh(layer_norm(c_new, g_c, b_c)), c_new
+
+
+def layer_norm_gru_cell(
+    x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None, b_hh: Tensor | None, ln: Sequence[Tensor],
+    h_rec: Tensor | None = None,
+) -> Tensor:
+    """One LayerNorm GRU step (reset after the product, as torch.nn's GRU).
+    Shapes as :func:`gru_cell`; ln = (g_ih (3H), g_hh (3H)); h_rec as there."""
+    g_ih, g_hh = ln
+    gx = layer_norm(x @ w_ih.t(), g_ih)
+    gh = layer_norm((h if h_rec is None else h_rec) @ w_hh.t(), g_hh)
+    if b_ih is not None:
+        gx, gh = gx + b_ih, gh + b_hh
+    xr, xz, xn = gx.chunk(3, dim=1)
+    hr, hz, hn = gh.chunk(3, dim=1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
 def rnn_tanh_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
     """One Elman step with tanh. x (n, I), h (n, H) -> h' (n, H)."""
@@ -130,7 +185,10 @@ def _layer_direction(
     """
     w_ih, w_hh = w[0], w[1]
     b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-    w_hr = w[-1] if proj_size > 0 else None
+    norms = cell(mode).norms
+    w_hr = w[len(w) - 1 - norms] if proj_size > 0 else None
+    ln = w[len(w) - norms:]  # the layer-norm parameters (LayerNorm cells), last
+    has_c = cell(mode).has_cell_state
     offsets = [0]
     for bs in batch_sizes[:-1]:
         offsets.append(offsets[-1] + bs)
@@ -143,8 +201,11 @@ def _layer_direction(
         xt, ht = x[off:off + bs], h[:bs]
         zt = zone[off:off + bs] if zone is not None else None
         hr = ht if rmask is None else ht * rmask[:bs]  # the recurrent product's operand
-        if mode == LSTM:
-            h_new, c_new = lstm_cell(xt, hr, c[:bs], w_ih, w_hh, b_ih, b_hh, w_hr)
+        if has_c:
+            if mode == LSTM_LN:
+                h_new, c_new = layer_norm_lstm_cell(xt, hr, c[:bs], w_ih, w_hh, b_ih, b_hh, ln)
+            else:
+                h_new, c_new = lstm_cell(xt, hr, c[:bs], w_ih, w_hh, b_ih, b_hh, w_hr)
             if zt is not None:
                 zc = zt[:, h0.shape[1]:]
                 c_new = zc * c[:bs] + (1 - zc) * c_new
@@ -152,6 +213,8 @@ def _layer_direction(
             cells[t] = c_new
         elif mode == GRU:
             h_new = gru_cell(xt, ht, w_ih, w_hh, b_ih, b_hh, hr)
+        elif mode == GRU_LN:
+            h_new = layer_norm_gru_cell(xt, ht, w_ih, w_hh, b_ih, b_hh, ln, hr)
         elif mode == GRU_RESET_BEFORE:
             h_new = gru_reset_before_cell(xt, ht, w_ih, w_hh, b_ih, b_hh, hr)
         elif mode == RNN_TANH:
@@ -164,7 +227,7 @@ def _layer_direction(
         h = torch.cat([h_new, h[bs:]])
         outs[t] = h_new
     out = torch.cat(outs) if outs else x.new_zeros(0, h0.shape[1])
-    if mode != LSTM:
+    if not has_c:
         return out, h, c, None
     cell_rows = torch.cat(cells) if cells else x.new_zeros(0, c0.shape[1])
     return out, h, c, cell_rows
@@ -182,7 +245,8 @@ def rnn_reference(
     Args:
         input: (T, B, I) time-major, or packed data (N, I) if batch_sizes is given.
         weights: torch.nn ``_flat_weights`` order: per layer, per direction,
-            w_ih, w_hh, [b_ih, b_hh], [w_hr].
+            w_ih, w_hh, [b_ih, b_hh], [w_hr], then the LayerNorm cells' ln_ih_weight,
+            ln_hh_weight (G*H) [, ln_cell_weight, ln_cell_bias (H), LSTM_LN].
         hx: (L*D, B, P) initial hidden state. cx: (L*D, B, H) for LSTM, else None.
         batch_sizes: None for dense input, else the (T,) non-increasing
             PackedSequence.batch_sizes (list or CPU tensor).
@@ -216,7 +280,7 @@ def rnn_reference(
         sizes = [int(s) for s in batch_sizes]
         x = input
     D = 2 if bidirectional else 1
-    per = 2 + 2 * int(has_biases) + int(proj_size > 0)
+    per = 2 + 2 * int(has_biases) + int(proj_size > 0) + cell(mode).norms
     if len(weights) != num_layers * D * per:
         raise ValueError(f"weights: expected {num_layers * D * per} tensors, got {len(weights)}")
     hy: list[Tensor] = []

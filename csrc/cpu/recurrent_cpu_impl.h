@@ -17,6 +17,7 @@
 // this path's entry in the dispatch table of csrc/cpu/isa.h.
 #pragma once
 
+#include "../kernels/layer_norm.h"
 #include "gemm_cpu.h"
 
 namespace fastcells {
@@ -646,6 +647,58 @@ inline void accumulate_row(int64_t u0, int64_t u1, T* acc, const T* d) {
   });
 }
 
+// ---------------------------------------------------------------- LayerNorm cells
+// Whole rows only: the statistics of a row need all of its units, so these
+// cells split rows among threads, never units (recurrent_forward).
+
+// a (n = G*H): the row's raw recurrent product h_{t-1} W_hh^T in, copied to
+// `keep` (null: not needed), LN(a; g) out in place.
+template <typename T>
+inline void ln_rec_row(int64_t n, T* a, const T* g, T* keep) {
+  const auto s = kernels::row_stats(a, n);
+  if (keep != nullptr) std::copy(a, a + n, keep);
+  for (int64_t j = 0; j < n; ++j) a[j] = kernels::normalized(a[j], s) * g[j];
+}
+
+// LSTM_LN: r = o * tanh(LN(c_t; w, b)) over the row's H units, o activated.
+template <typename T>
+inline void ln_lstm_out_row(int64_t H, const T* o, const T* c, const T* w, const T* b, T* r) {
+  const auto s = kernels::row_stats(c, H);
+  for (int64_t j = 0; j < H; ++j)
+    r[j] = kernels::ln_lstm_out(o[j], kernels::normalized(c[j], s) * w[j] + b[j]);
+}
+
+// LSTM_LN backward of one row. g: activated i, f, g, o; cc, cp: c_t, c_{t-1};
+// dr: dL/dr_t; dc: dL/dc_t from step t+1 in, dL/dc_{t-1} out; dgx: the four
+// pre-activation gradients; dy: dL/dy, y = LN(c_t; w, b).
+template <typename T>
+inline void ln_lstm_backward_row(int64_t H, const T* g, const T* cc, const T* cp, const T* dr,
+                                 const T* w, const T* b, T* dc, T* dgx, T* dy) {
+  const auto s = kernels::row_stats(cc, H);
+  for (int64_t j = 0; j < H; ++j) {
+    const T y = kernels::normalized(cc[j], s) * w[j] + b[j];
+    const auto d = kernels::ln_lstm_out_backward(g[3 * H + j], y, dr[j]);
+    dy[j] = d.dy;
+    dgx[3 * H + j] = d.do_;
+  }
+  kernels::ln_backward_row(cc, H, s, [&](int64_t j) { return dy[j] * w[j]; }, dc, true);
+  for (int64_t j = 0; j < H; ++j) {
+    const auto d = kernels::lstm_cell_backward(g[j], g[H + j], g[2 * H + j], cp[j], dc[j]);
+    dgx[j] = d.di;
+    dgx[H + j] = d.df;
+    dgx[2 * H + j] = d.dg;
+    dc[j] = d.dc_prev;
+  }
+}
+
+// da (n = G*H) = the gradient w.r.t. a row's raw recurrent product a, from
+// dz, the gradient w.r.t. LN(a; g).
+template <typename T>
+inline void ln_rec_backward_row(int64_t n, const T* dz, const T* g, const T* a, T* da) {
+  const auto s = kernels::row_stats(a, n);
+  kernels::ln_backward_row(a, n, s, [&](int64_t j) { return dz[j] * g[j]; }, da, false);
+}
+
 }  // namespace
 
 // With Pairs (the bfloat16 table of a path with FASTCELLS_BF16) the
@@ -658,11 +711,12 @@ template <typename T>
 struct ForwardRows {
   const kernels::LayerForwardParams<T>& p;
   const int64_t H, P, B, G, GH;
-  const bool lstm, gru, rb, proj;
+  const bool lstm, gru, rb, ln, proj;
   LineVector<T> c;
   // LSTM, RNN and the reset-before GRU accumulate the recurrent products onto
-  // the x side in p.gates; GRU needs its product apart (r multiplies the n
-  // part). r: a projection's r_t, or the reset-before GRU's r * h_{t-1}.
+  // the x side in p.gates; GRU and the LayerNorm cells need the product apart
+  // (r multiplies the GRU's n part; LN normalises it first). r: a
+  // projection's r_t, or the reset-before GRU's r * h_{t-1}.
   LineVector<T> rec, r;
   LineVector<T> hm;  // recurrent dropout: h_{t-1} * m, the recurrent product's operand
   const std::vector<T> no_bias;
@@ -670,10 +724,11 @@ struct ForwardRows {
 
   explicit ForwardRows(const kernels::LayerForwardParams<T>& params)
       : p(params), H(p.H), P(p.P), B(p.B), G(kernels::num_gates(p.mode)), GH(G * H),
-        lstm(p.mode == kLSTM), gru(p.mode == kGRU), rb(p.mode == kGRU_RESET_BEFORE),
+        lstm(kernels::base_cell(p.mode) == kLSTM), gru(kernels::base_cell(p.mode) == kGRU),
+        rb(p.mode == kGRU_RESET_BEFORE), ln(kernels::layer_norm(p.mode)),
         proj(p.w_hr != nullptr),
         c(lstm ? p.c0 : nullptr, lstm ? p.c0 + B * H : nullptr),
-        rec(gru ? static_cast<size_t>(B * GH) : 0),
+        rec(gru || ln ? static_cast<size_t>(B * GH) : 0),
         r(proj || rb ? static_cast<size_t>(B * H) : 0),
         hm(p.rmask ? static_cast<size_t>(B * P) : 0),
         no_bias(gru && !p.b_hn ? static_cast<size_t>(H) : 0, T(0)),
@@ -688,7 +743,7 @@ struct ForwardRows {
     bool packed_rows = false;
 #if defined(FASTCELLS_AVX512_MASKS)
     if constexpr (std::is_same<T, float>::value) {
-      packed_rows = lstm && !sync && H <= kPackedRowsMaxH && p.zone == nullptr;
+      packed_rows = lstm && !ln && !sync && H <= kPackedRowsMaxH && p.zone == nullptr;
       if (packed_rows)
         lstm_forward_rows(b1 - b0, H, p.gates + (row0 + b0) * GH, GH, c.data() + b0 * H,
                           p.extra + (row0 + b0) * H,
@@ -699,6 +754,16 @@ struct ForwardRows {
       T* gt = p.gates + (row0 + b) * GH;
       const T* hp = h_cur + b * P;
       T* hn = h_next + b * P;
+      if (ln) {  // (whole rows: u0 = 0, u1 = H)
+        T* a = rec.data() + b * GH;
+        ln_rec_row(GH, a, p.ln_hh, p.save ? p.ln_rec + (row0 + b) * GH : nullptr);
+        if (lstm) {
+          accumulate_row(0, GH, gt, a);
+          lstm_forward_row(H, 0, H, gt, c.data() + b * H, p.extra + (row0 + b) * H, hn);
+          ln_lstm_out_row(H, gt + 3 * H, c.data() + b * H, p.ln_c_w, p.ln_c_b, hn);
+          continue;
+        }
+      }
       if (lstm) {
         T* out_r = proj ? r.data() + b * H : hn;
         if (p.zone)
@@ -728,9 +793,10 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   const bool lstm = st.lstm, gru = st.gru, proj = st.proj, rb = st.rb;
   // Double-buffered hidden state: step t reads h[cur], writes h[1 - cur].
   LineVector<T> h_a(p.h0, p.h0 + B * P), h_b(h_a);
-  const int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
+  int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
   // Pairs pack two bfloat16 values in each float slot: half the bytes.
   const bool by_rows = split_by_rows(nt, B, GH * P, Pairs ? sizeof(T) / 2 : sizeof(T));
+  if (st.ln && !by_rows) nt = 1;  // whole rows per thread (see ln_rec_row)
   // W_hh^T (P, G*H), one segment per gate when the units are split among
   // threads or the gates' products run apart (reset-before GRU), and W_hr^T
   // (H, P); packed by the team unless `keep` holds them. A `keep` already
@@ -770,14 +836,15 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
         copy_row(pt.c0, pt.c1, h_cur + b * P, h_next + b * P);
       // Recurrent product of gates [g0, g1) for this thread's rows, or its
       // units of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}.
-      T* const prod = gru ? st.rec.data() : p.gates + row0 * GH;
+      const bool apart = gru || st.ln;  // the product goes to st.rec
+      T* const prod = apart ? st.rec.data() : p.gates + row0 * GH;
       const bool sync = pt.sync;  // (a lambda must not capture Part, an internal type)
       const auto product = [&](int64_t g0, int64_t g1, const T* x, int64_t ldx) {
         if (!sync) {
-          w_hh_t.mm_cols(b1 - b0, g0 * H, g1 * H, x + b0 * ldx, ldx, prod + b0 * GH, GH, !gru);
+          w_hh_t.mm_cols(b1 - b0, g0 * H, g1 * H, x + b0 * ldx, ldx, prod + b0 * GH, GH, !apart);
         } else {
           for (int64_t g = g0; g < g1; ++g)
-            w_hh_t.mm_cols(M, g * H + u0, g * H + u1, x, ldx, prod, GH, !gru);
+            w_hh_t.mm_cols(M, g * H + u0, g * H + u1, x, ldx, prod, GH, !apart);
         }
       };
       // The recurrent product's operand: h_{t-1}, or h_{t-1} * m with
@@ -838,7 +905,7 @@ template <typename T>
 struct BackwardRows {
   const kernels::LayerBackwardParams<T>& p;
   const int64_t H, P, B, G, GH;
-  const bool lstm, gru, rb, proj;
+  const bool lstm, gru, rb, ln, proj;
   // Bias sums (params.h). GRU's recurrent side differs from the input side
   // only in the n slot, so acc_h holds that slot alone.
   const bool sum_x, sum_h;
@@ -851,7 +918,8 @@ struct BackwardRows {
 
   explicit BackwardRows(const kernels::LayerBackwardParams<T>& params)
       : p(params), H(p.H), P(p.P), B(p.B), G(kernels::num_gates(p.mode)), GH(G * H),
-        lstm(p.mode == kLSTM), gru(p.mode == kGRU), rb(p.mode == kGRU_RESET_BEFORE),
+        lstm(kernels::base_cell(p.mode) == kLSTM), gru(kernels::base_cell(p.mode) == kGRU),
+        rb(p.mode == kGRU_RESET_BEFORE), ln(kernels::layer_norm(p.mode)),
         proj(p.w_hr != nullptr), sum_x(p.db_x != nullptr),
         sum_h(sum_x && gru && p.db_h != nullptr),
         dh(static_cast<size_t>(B * P), T(0)),
@@ -908,6 +976,12 @@ struct BackwardRows {
         const T* cc = p.extra + row * H;
         // c_t's own incoming gradient joins the one from step t+1.
         if (p.grad_extra) accumulate_row(0, H, dc.data() + b * H, p.grad_extra + row * H);
+        if (ln) {
+          ln_lstm_backward_row(H, g, cc, cp, d_in, p.ln_c_w, p.ln_c_b, dc.data() + b * H, dgx,
+                               p.dln_c + row * H);
+          ln_rec_backward_row(GH, dgx, p.ln_hh, p.ln_rec + row * GH, p.dln_rec + row * GH);
+          continue;
+        }
         if (p.zone) {
           lstm_zone_backward_row(H, g, cp, d_in, dc.data() + b * H, dgx,
                                  p.zone + row * p.ld_zone + P, proj ? p.r_all + row * H : nullptr);
@@ -918,6 +992,9 @@ struct BackwardRows {
       } else if (gru) {
         gru_backward_row(H, 0, H, g, p.extra + row * H, p.h_prev + row * P, d_in, dgx,
                          p.dgates_h + row * GH, dh.data() + b * P);
+        if (ln)
+          ln_rec_backward_row(GH, p.dgates_h + row * GH, p.ln_hh, p.ln_rec + row * GH,
+                              p.dln_rec + row * GH);
       } else if (rb) {
         gru_rb_backward_nz_row(H, 0, H, g, p.h_prev + row * P, d_in, dgx);
       } else {
@@ -991,9 +1068,11 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   const bool pairs = Pairs && int64_t(B) * GH * P >= kPairsBackwardWork;
   BackwardRows<T> st(p);
   const bool gru = st.gru, rb = st.rb, proj = st.proj;
-  const T* dgh_base = gru ? p.dgates_h : p.dgates_x;
-  const int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
+  // The per-step product's operand: the gradient w.r.t. h_{t-1} W_hh^T.
+  const T* dgh_base = st.ln ? p.dln_rec : gru ? p.dgates_h : p.dgates_x;
+  int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
   const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
+  if (st.ln && !by_rows) nt = 1;  // whole rows per thread, as forward
   // W_hh (G*H, P) for dh_{t-1} = dgates_h W_hh; the reset-before GRU takes
   // its rows apart: W_h[r,z] (2H, P) for that product, W_hn (H, P) for
   // d(r * h_{t-1}) = da_n W_hn. W_hr (P, H) of a projection.

@@ -131,20 +131,38 @@ struct LstmGrads {
   acc di, df, dg, do_, dc_prev;
 };
 
+// The cell update's part: from dc = dL/dc_t (every path into c_t summed),
+// the gradients of i, f, g and c_{t-1}.
+template <typename acc>
+struct LstmCellGrads {
+  acc di, df, dg, dc_prev;
+};
+
+template <typename acc>
+FC_HD LstmCellGrads<acc> lstm_cell_backward(acc i, acc f, acc g, acc c_prev, acc dc) {
+  // Each product takes the bounded sigmoid derivative (<= 1/4) before the
+  // unbounded factor (c_prev), so that a saturated gate (derivative 0) gives 0
+  // and not inf * 0 = NaN when |c_prev| is near the float range.
+  LstmCellGrads<acc> d;
+  d.di = dc * (i * (acc(1) - i)) * g;
+  d.df = dc * (f * (acc(1) - f)) * c_prev;
+  d.dg = dc * i * (acc(1) - g * g);
+  d.dc_prev = dc * f;
+  return d;
+}
+
 template <typename acc>
 FC_HD LstmGrads<acc> lstm_backward(acc i, acc f, acc g, acc o, acc c, acc c_prev,
                                    acc dr, acc dc_next) {
   const acc tc = fc_tanh(c);
   const acc dc = dc_next + dr * o * (acc(1) - tc * tc);
-  // Each product takes the bounded sigmoid derivative (<= 1/4) before the
-  // unbounded factor (c_prev), so that a saturated gate (derivative 0) gives 0
-  // and not inf * 0 = NaN when |c_prev| is near the float range.
+  const LstmCellGrads<acc> cg = lstm_cell_backward(i, f, g, c_prev, dc);
   LstmGrads<acc> d;
-  d.di = dc * (i * (acc(1) - i)) * g;
-  d.df = dc * (f * (acc(1) - f)) * c_prev;
-  d.dg = dc * i * (acc(1) - g * g);
+  d.di = cg.di;
+  d.df = cg.df;
+  d.dg = cg.dg;
   d.do_ = dr * (o * (acc(1) - o)) * tc;
-  d.dc_prev = dc * f;
+  d.dc_prev = cg.dc_prev;
   return d;
 }
 

@@ -41,7 +41,8 @@ struct LayerSchedule {
 template <typename scalar_t>
 struct LayerForwardParams : LayerSchedule {
   // (N, G*H). In: x W_ih^T + b_ih (+ b_hh for LSTM/RNN/reset-before GRU, + b_hr,
-  // b_hz for GRU). Out: activated gates, LSTM (i, f, g, o), GRU and reset-before
+  // b_hz for GRU; the LayerNorm cells: LN(x W_ih^T; ln_ih) in place of
+  // x W_ih^T). Out: activated gates, LSTM (i, f, g, o), GRU and reset-before
   // GRU (r, z, n), RNN (h).
   scalar_t* gates;
   // (N, H). Out: LSTM c_t; GRU hh_n = h_prev W_hn^T + b_hn; unused (null) RNN
@@ -58,6 +59,13 @@ struct LayerForwardParams : LayerSchedule {
   // are scratch, and a backend may leave the activated gates and the LSTM's
   // saved c_t unwritten.
   bool save;
+  // LayerNorm cells (cell_table.h, norms > 0), else null: the recurrent
+  // product's LN gain (G*H) and the LSTM cell state's LN gain and bias (H).
+  const scalar_t* ln_hh;
+  const scalar_t* ln_c_w;
+  const scalar_t* ln_c_b;
+  // (N, G*H) out with save: each row's raw recurrent product h_{t-1} W_hh^T.
+  scalar_t* ln_rec;
 
   const scalar_t* w_hh;         // (G*H, P)
   const scalar_t* b_hn;         // (H) GRU only; null without bias
@@ -84,6 +92,11 @@ struct LayerBackwardParams : LayerSchedule {
 
   const scalar_t* w_hh;         // (G*H, P)
   const scalar_t* w_hr;         // (P, H) or null
+  // LayerNorm cells, as in LayerForwardParams; ln_rec as forward saved it.
+  const scalar_t* ln_hh;
+  const scalar_t* ln_c_w;
+  const scalar_t* ln_c_b;
+  const scalar_t* ln_rec;
 
   // Incoming gradients; any of them may be null (= zeros).
   const scalar_t* grad_out;     // N rows, leading dim ld_gout, P columns
@@ -107,6 +120,11 @@ struct LayerBackwardParams : LayerSchedule {
   scalar_t* dh_all;             // (N, P) projected LSTM: dL/dh_t
   scalar_t* dh0;                // (B, P)
   scalar_t* dc0;                // (B, H) LSTM only
+  // LayerNorm cells: dgates_x (and the GRU's dgates_h) are the gradients
+  // w.r.t. the normalised pre-activations; these are the rest.
+  scalar_t* dln_rec;            // (N, G*H) w.r.t. the raw recurrent product (W_hh's
+                                //   gradient and dh_{t-1}'s operand)
+  scalar_t* dln_c;              // (N, H) LSTM_LN: w.r.t. y = LN(c_t; ln_c_w, ln_c_b)
   // Optional (null: not computed). Bias gradients, the sums of dgates_x and
   // dgates_h over all rows: each row summed over its steps in processing
   // order, then the rows added in order 0..B-1, so the result does not depend
