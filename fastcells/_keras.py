@@ -188,10 +188,10 @@ def to_keras(module: nn.Module) -> Any:
     (``proj_size``, dropout between layers) raise a ValueError."""
     import fastcells
 
-    keras = _keras()
     if not isinstance(module, (fastcells.LSTM, fastcells.GRU, fastcells.RNN)):
         raise ValueError("fastcells.to_keras: expected a fastcells LSTM, GRU or RNN module, got "
                          f"{type(module).__name__}")
+    keras = _keras()
     if getattr(module, "proj_size", 0):
         raise ValueError(f"fastcells.to_keras: proj_size={module.proj_size}: Keras' LSTM has "
                          "no output projection")

@@ -398,8 +398,9 @@ def state_option_case(cell: str, layers: int, D: int, proj: int, packed: bool, B
     if c.nonlinearity:
         kw["nonlinearity"] = c.nonlinearity
     m = getattr(nn, c.nn_class)(I, H, layers, bidirectional=D == 2, **kw).double()
-    ws = [w.detach().clone().requires_grad_() for w in m._flat_weights]
     g = torch.Generator().manual_seed(seed + 1)
+    ws = [w.detach().clone().requires_grad_()
+          for w in with_layer_norm(c, list(m._flat_weights), H, g)]
     batch_sizes = None
     if packed:
         lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
@@ -412,6 +413,23 @@ def state_option_case(cell: str, layers: int, D: int, proj: int, packed: bool, B
           if c.has_cell_state else None)
     args = (batch_sizes, fastcells.MODES[cell], layers, D == 2, True, proj, None)
     return x, ws, h0, c0, args, rows, g
+
+
+def with_layer_norm(c, ws: list, H: int, g: torch.Generator, per: int = 4) -> list:
+    """The flat weights `ws` (torch.nn order, `per` tensors per layer and
+    direction) with cell `c`'s layer-norm parameters after each layer and
+    direction's own (none for a cell without them): gains 1 + 0.2 N(0, 1), the
+    cell state's LN bias 0.1 N(0, 1), so that none of them is neutral."""
+    if not c.layer_norm:
+        return ws
+    sizes = [c.gates * H, c.gates * H, H, H][:c.norms]
+    out = []
+    for k in range(0, len(ws), per):
+        out += ws[k:k + per]
+        for j, n in enumerate(sizes):
+            v = torch.randn(n, generator=g, dtype=torch.float64)
+            out.append((0.1 * v if j == 3 else 1 + 0.2 * v).to(ws[0].dtype))
+    return out
 
 
 def assert_op_matches_reference(x, ws, h0, c0, args, **options) -> None:

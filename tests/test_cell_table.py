@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import needs_ops
+from conftest import needs_ops, with_layer_norm
 from fastcells._cells import CELLS, MODES, cell, cell_named, cell_of_module, valid_modes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +28,22 @@ def test_cpp_and_python_tables_agree():
     assert [int(r["code"]) for r in rows] == [c.code for c in CELLS]
     for r, c in zip(rows, CELLS):
         got = (int(r["code"]), r["name"], int(r["gates"]), bool(int(r["cell_state"])),
-               int(r["extra"]), bool(int(r["proj"])))
-        assert got == (c.code, c.name, c.gates, c.has_cell_state, c.extra, c.proj), c.name
+               int(r["extra"]), bool(int(r["proj"])), int(r["base"]), int(r["norms"]),
+               bool(int(r["cuda"])))
+        assert got == (c.code, c.name, c.gates, c.has_cell_state, c.extra, c.proj, c.base_code,
+                       c.norms, c.cuda), c.name
 
 
 def test_codes_are_positions_and_names_unique():
     assert [c.code for c in CELLS] == list(range(len(CELLS)))
     assert MODES == {c.name: c.code for c in CELLS}
     assert len({c.name for c in CELLS}) == len(CELLS)
-    assert len({(c.nn_class, c.nonlinearity, c.reset_after) for c in CELLS}) == len(CELLS)
+    assert len({(c.nn_class, c.nonlinearity, c.reset_after, c.layer_norm)
+                for c in CELLS}) == len(CELLS)
+    # A cell runs the gate functions of a cell with the same gates and state.
+    for c in CELLS:
+        b = CELLS[c.base_code]
+        assert (b.gates, b.has_cell_state, b.base_code) == (c.gates, c.has_cell_state, b.code)
 
 
 def test_public_codes_unchanged():
@@ -67,10 +74,15 @@ def test_python_table_matches_torch_nn(c):
     if c.proj:
         getattr(nn, c.nn_class)(I, H, proj_size=2, **kwargs)
     else:
+        import fastcells  # the LayerNorm cells' own modules refuse what torch.nn's allow
+
+        make = getattr(fastcells, "LayerNorm" + c.nn_class) if c.layer_norm else \
+            getattr(nn, c.nn_class)
         with pytest.raises(ValueError, match="proj_size"):
-            getattr(nn, c.nn_class)(I, H, proj_size=2, **kwargs)
-    assert cell_of_module(c.nn_class, c.nonlinearity, c.reset_after) is c
-    assert cell_of_module(c.nn_class + "Cell", c.nonlinearity, c.reset_after) is c
+            make(I, H, proj_size=2, **kwargs)
+    assert cell_of_module(c.nn_class, c.nonlinearity, c.reset_after, c.layer_norm) is c
+    assert cell_of_module(c.nn_class + "Cell", c.nonlinearity, c.reset_after,
+                          c.layer_norm) is c
     assert cell_named(c.name) is c and cell(c.code) is c
 
 
@@ -85,8 +97,9 @@ def test_reserve_layout_uses_gates_and_extra(c):
     x = torch.randn(T, B, I, dtype=torch.float64)
     h = torch.zeros(1, B, H, dtype=torch.float64)
     cx = h.clone() if c.has_cell_state else None
+    ws = with_layer_norm(c, list(ref._flat_weights), H, torch.Generator().manual_seed(0))
     out, hy, cy, reserve = torch.ops.fastcells.rnn_forward(
-        x, list(ref._flat_weights), h, cx, None, c.code, 1, False, True, 0, None, True)
+        x, ws, h, cx, None, c.code, 1, False, True, 0, None, True)
     assert reserve.numel() == T * B * (c.gates * H + c.extra_size(H) + H)
     assert cy.numel() == (B * H if c.has_cell_state else 0)
 
