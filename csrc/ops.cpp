@@ -35,6 +35,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
@@ -620,6 +621,11 @@ void input_projection(const Config& c, const Tensor& gates, const Tensor& x, con
   at::addmm_out(const_cast<Tensor&>(gates), bias, x, w_ih.t());
 }
 
+// Grains of the LayerNorm cells' whole-sequence passes (rows of G*H values,
+// columns summed over all rows).
+constexpr int64_t kLnGrainRows = 256;
+constexpr int64_t kLnGrainCols = 64;
+
 // The LayerNorm cells' input side (CPU): the raw x W_ih^T into `raw` (rows,
 // G*H; backward reads it), then gates = LN(raw; ln_ih) + folded biases.
 template <typename T>
@@ -628,8 +634,31 @@ void ln_input_projection(const Config& c, const Tensor& gates, const Tensor& raw
                          const Tensor* b_ih, const Tensor* b_hh, cpu::PackedStore<T>* keep) {
   matmul<T>(raw, x, false, w_ih, true, false, nullptr, keep, c.bf16);
   const std::vector<T> bias = c.bias ? folded_bias<T>(c, *b_ih, *b_hh) : std::vector<T>();
-  kernels::ln_rows_forward<T>(raw.size(0), c.GH(), raw.data_ptr<T>(), ln_ih.data_ptr<T>(),
-                              c.bias ? bias.data() : nullptr, gates.data_ptr<T>());
+  std::vector<kernels::RowStats<T>> st(raw.size(0));
+  at::parallel_for(0, raw.size(0), kLnGrainRows, [&](int64_t r0, int64_t r1) {
+    kernels::ln_rows_forward<T>(r0, r1, c.GH(), raw.data_ptr<T>(), ln_ih.data_ptr<T>(),
+                                c.bias ? bias.data() : nullptr, st.data(), gates.data_ptr<T>());
+  });
+}
+
+// The gradients of y = LN(a; g) + b over the N rows of a (N, n), from dy:
+// dg and db (optional; both overwritten) and, with `da`, dL/da (which may be
+// dy: in place, after the sums have read it).
+template <typename T>
+void ln_backward(int64_t N, int64_t n, const T* a, const T* g, T* dy, T* dg, T* db, T* da) {
+  std::vector<kernels::RowStats<T>> st(N);
+  at::parallel_for(0, N, kLnGrainRows, [&](int64_t r0, int64_t r1) {
+    kernels::ln_rows_forward<T>(r0, r1, n, a, g, nullptr, st.data(), static_cast<T*>(nullptr));
+  });
+  std::fill(dg, dg + n, T(0));
+  if (db != nullptr) std::fill(db, db + n, T(0));
+  at::parallel_for(0, n, kLnGrainCols, [&](int64_t j0, int64_t j1) {
+    kernels::ln_cols_grads<T>(N, n, j0, j1, a, st.data(), dy, dg, db);
+  });
+  if (da == nullptr) return;
+  at::parallel_for(0, N, kLnGrainRows, [&](int64_t r0, int64_t r1) {
+    kernels::ln_rows_backward<T>(r0, r1, n, a, st.data(), g, dy, da);
+  });
 }
 
 // Time chunks [t0, t1) of one direction, in processing order. With `keep`
@@ -844,23 +873,17 @@ void ln_gradients(const Config& c, const T* gates, const T* extra, const Tensor&
                   const std::vector<Tensor>& gw, int64_t l, int64_t d) {
   const int64_t N = c.N, H = c.H, GH = c.GH();
   const int64_t base = (l * c.D + d) * c.per_dir, k = base + c.ln_index();
-  for (int64_t j = k; j < base + c.per_dir; ++j) gw[j].zero_();
-  if (c.bias) {
-    gw[base + 2].zero_();
-    gw[base + 3].zero_();
-  }
   const T* rec = extra + N * H;  // raw h_{t-1} W_hh^T, then raw x W_ih^T
   const T* raw_x = rec + N * GH;
   T* const db_ih = c.bias ? gw[base + 2].data_ptr<T>() : nullptr;
   T* const db_hh = c.bias ? gw[base + 3].data_ptr<T>() : nullptr;
-  kernels::ln_rows_backward<T>(N, GH, rec, w[k + 1].data_ptr<T>(), dgh.data_ptr<T>(),
-                               gw[k + 1].data_ptr<T>(), db_hh, static_cast<T*>(nullptr));
-  kernels::ln_rows_backward<T>(N, GH, raw_x, w[k].data_ptr<T>(), dgx.data_ptr<T>(),
-                               gw[k].data_ptr<T>(), db_ih, dgx.data_ptr<T>());
+  ln_backward<T>(N, GH, rec, w[k + 1].data_ptr<T>(), dgh.data_ptr<T>(), gw[k + 1].data_ptr<T>(),
+                 db_hh, nullptr);
+  ln_backward<T>(N, GH, raw_x, w[k].data_ptr<T>(), dgx.data_ptr<T>(), gw[k].data_ptr<T>(), db_ih,
+                 dgx.data_ptr<T>());
   if (dln_c.defined()) {  // y = LN(c_t; w_c, b_c): c_t is extra's first block
-    kernels::ln_rows_backward<T>(N, H, extra, w[k + 2].data_ptr<T>(), dln_c.data_ptr<T>(),
-                                 gw[k + 2].data_ptr<T>(), gw[k + 3].data_ptr<T>(),
-                                 static_cast<T*>(nullptr));
+    ln_backward<T>(N, H, extra, w[k + 2].data_ptr<T>(), dln_c.data_ptr<T>(),
+                   gw[k + 2].data_ptr<T>(), gw[k + 3].data_ptr<T>(), nullptr);
   }
 }
 

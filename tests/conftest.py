@@ -341,7 +341,8 @@ def op_case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_
           dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
     """Arguments of functional.rnn / the ops for one configuration, random values."""
     g = torch.Generator().manual_seed(seed)
-    mode_id = MODES[mode][1]
+    cl = cell_named(mode)  # any row of the table
+    mode_id = cl.code
     G = gates(mode)
     D = 2 if bidirectional else 1
     P = proj_size or H
@@ -357,6 +358,8 @@ def op_case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_
                 weights += [rnd(G * H), rnd(G * H)]
             if proj_size:
                 weights.append(rnd(P, H))
+            # The LayerNorm cells' gains and LN bias (G*H, G*H[, H, H]).
+            weights += [1 + 0.2 * rnd(n) for n in [G * H, G * H, H, H][:cl.norms]]
     if packed:
         lengths = sorted(packed_lengths(T, B), reverse=True)
         batch_sizes = [sum(1 for n in lengths if n > t) for t in range(max(lengths))]

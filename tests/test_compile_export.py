@@ -287,6 +287,8 @@ FORWARD_CASES = [
     pytest.param((MODES["GRU"], 1, True, False, 0, False, False), id="gru-bi-nobias"),
     pytest.param((MODES["GRU"], 2, False, True, 0, True, True), id="gru-packed-masks"),
     pytest.param((MODES["RNN_TANH"], 1, False, True, 0, False, False), id="rnn-tanh"),
+    pytest.param((MODES["LSTM_LN"], 2, True, True, 0, True, True), id="lstm-ln-bi-packed-masks"),
+    pytest.param((MODES["GRU_LN"], 1, False, False, 0, False, False), id="gru-ln-nobias"),
 ]
 SLOW_FORWARD_CASES = [
     pytest.param((MODES["RNN_RELU"], 3, True, True, 0, True, True),

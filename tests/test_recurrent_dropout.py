@@ -24,7 +24,6 @@ import fastcells  # noqa: E402
 from fastcells import _ops, modules, reference  # noqa: E402
 
 
-
 def _case(cell, layers, D, proj, packed, B=4, H=5, T=6, zone=False, seed=0):
     """Op arguments (float64 leaves), recurrent dropout masks and (with `zone`)
     zoneout weights for one configuration."""

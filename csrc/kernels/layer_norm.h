@@ -11,8 +11,8 @@
 // The row sums run as kLnLanes interleaved partial sums added in a fixed
 // order at the end: the compiler vectorises them (a single running sum would
 // be a chain of dependent adds, which cost more than the recurrent product at
-// the forecasting sizes), and they give the same bits on every ISA path and
-// thread split, because the order of the additions never depends on either.
+// the forecasting sizes), and their bits do not depend on the thread count or
+// the split, because the order of the additions never does.
 //
 // Torch-free: the CPU time loop (csrc/cpu) works row by row with these, the
 // op layer (csrc/ops.cpp) runs the whole-sequence parts (the input side, the
@@ -107,36 +107,50 @@ FC_HD LnLstmOutGrads<acc> ln_lstm_out_backward(acc o, acc y, acc dr) {
 }
 
 // ---------------------------------------------------------------- whole sequences
-// (host code: the op layer's passes over all N rows of a layer)
+// Host code: the op layer's passes over the N rows of a layer, in pieces it
+// may run on several threads. Rows are independent; the parameters'
+// gradients are column sums, each column summed over all rows in row order
+// by one caller, so the results do not depend on how the work is split.
 
-// out[r] = LN(a[r]; g) + bias for rows r of a (rows, n); bias may be null.
+// Rows [r0, r1) of a (rows, n): their statistics into st[r], and with `out`
+// out[r] = LN(a[r]; g) + bias (bias may be null).
 template <typename T>
-void ln_rows_forward(int64_t rows, int64_t n, const T* a, const T* g, const T* bias, T* out) {
-  for (int64_t r = 0; r < rows; ++r) {
+void ln_rows_forward(int64_t r0, int64_t r1, int64_t n, const T* a, const T* g, const T* bias,
+                     RowStats<T>* st, T* out) {
+  for (int64_t r = r0; r < r1; ++r) {
     const T* ar = a + r * n;
+    st[r] = row_stats(ar, n);
+    if (out == nullptr) continue;
     T* o = out + r * n;
-    const RowStats<T> s = row_stats(ar, n);
-    for (int64_t j = 0; j < n; ++j) o[j] = normalized(ar[j], s) * g[j] + (bias ? bias[j] : T(0));
+    for (int64_t j = 0; j < n; ++j)
+      o[j] = normalized(ar[j], st[r]) * g[j] + (bias ? bias[j] : T(0));
   }
 }
 
-// The gradients of y = LN(a; g) + b over rows (rows, n), from dy:
-// dg += sum over rows of dy * normalized(a) (row order), db (optional) +=
-// sum of dy, and with `da` (may be dy itself: in place) da = d LN / d a.
-// The sums start from what dg and db hold.
+// Columns [j0, j1) of the gradients of y = LN(a; g) + b over `rows` rows,
+// from dy: dg[j] += sum over rows of dy * normalized(a), db[j] (optional) +=
+// sum of dy, in row order.
 template <typename T>
-void ln_rows_backward(int64_t rows, int64_t n, const T* a, const T* g, T* dy, T* dg, T* db,
-                      T* da) {
+void ln_cols_grads(int64_t rows, int64_t n, int64_t j0, int64_t j1, const T* a,
+                   const RowStats<T>* st, const T* dy, T* dg, T* db) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* ar = a + r * n;
-    T* d = dy + r * n;
-    const RowStats<T> s = row_stats(ar, n);
-    for (int64_t j = 0; j < n; ++j) dg[j] += d[j] * normalized(ar[j], s);
-    if (db != nullptr) {
-      for (int64_t j = 0; j < n; ++j) db[j] += d[j];
-    }
-    if (da != nullptr) ln_backward_row(ar, n, s, [&](int64_t j) { return d[j] * g[j]; },
-                                       da + r * n, false);
+    const T* d = dy + r * n;
+    for (int64_t j = j0; j < j1; ++j) dg[j] += d[j] * normalized(ar[j], st[r]);
+    if (db == nullptr) continue;
+    for (int64_t j = j0; j < j1; ++j) db[j] += d[j];
+  }
+}
+
+// Rows [r0, r1): da = the gradient w.r.t. a of LN(a; g), from dy (da may be
+// dy itself: in place).
+template <typename T>
+void ln_rows_backward(int64_t r0, int64_t r1, int64_t n, const T* a, const RowStats<T>* st,
+                      const T* g, const T* dy, T* da) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* d = dy + r * n;
+    ln_backward_row(a + r * n, n, st[r], [&](int64_t j) { return d[j] * g[j]; }, da + r * n,
+                    false);
   }
 }
 
