@@ -274,7 +274,8 @@ def test_variants_runs(tmp_path):
     assert [(r["variant"], r["mode"]) for r in out["rows"]] == [
         (v, m) for v in ("GRU reset_after=False", "LSTM return_cell_states=True",
                          "LSTM zoneout=0.1 (eval)", "GRU zoneout=0.1 (eval)",
-                         "LSTM recurrent_dropout=0.25 (fixed masks)")
+                         "LSTM recurrent_dropout=0.25 (fixed masks)", "LayerNormLSTM",
+                         "LayerNormGRU")
         for m in ("fwd", "fwd+bwd")]
     for r in out["rows"]:
         assert r["speedup"]["median"] > 0
