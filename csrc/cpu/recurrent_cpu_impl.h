@@ -122,16 +122,30 @@ struct Part {
 
 // Rows are split when the packed W_hh takes at most half of one core's L2
 // cache (row_split_bytes(), isa.h), so that each thread's own pass over it
-// per step stays in L2 beside its states and gates. On the 512-bit paths the
-// limit is 16 times that (8 MiB beside a 1 MiB L2): on an AVX-512 host (Zen 5,
-// 1 MiB L2) splitting rows beat splitting units by 1.2-2x in forward and
-// forward+backward for every packed W_hh measured from 1 to 4 MiB (LSTM and
-// GRU, hidden 256-512, batch 64-256, float32 and bfloat16), although each
-// thread then streams W_hh from L3 every step.
+// per step stays in L2 beside its states and gates, and each thread gets at
+// least two register blocks of rows (2 kMR), measured on AVX2 hosts.
+// On the 512-bit paths (measured on a 2-core AVX-512 host, Zen 5 with 1 MiB
+// of L2, LSTM / GRU / RNN, forward and forward+backward, the two rules in
+// separate processes, alternating) a thread's rows pay off much earlier,
+// because the unit split's barrier per step costs more there than streaming
+// W_hh once per thread:
+// - from kMR / 2 = 6 rows per thread with a packed W_hh up to 16 times the
+//   limit (8 MiB): splitting rows beat splitting units by 1.2-2x for every
+//   W_hh from 1 to 4 MiB at batch 64-256, and by 1.1-1.7x at batch 12-32
+//   (e.g. LSTM batch 16 hidden 64 1.6x forward, hidden 512 1.24x; batch 32
+//   hidden 256 1.13x forward+backward);
+// - from 4 rows per thread with W_hh up to 2 times the limit (1 MiB): batch
+//   8 gained 1.05-1.5x at hidden 64-256 (LSTM, GRU), where W_hh of 4 MiB
+//   (LSTM hidden 512) lost 10%; 2 rows per thread lost 25-35%.
 inline bool split_by_rows(int nt, int64_t B, int64_t w_hh_elems, size_t elem_size) {
-  constexpr int64_t kScale = FASTCELLS_VEC_BYTES >= 64 ? 16 : 1;
-  return nt > 1 && B >= 2 * gemm::kMR * nt &&
-         w_hh_elems * static_cast<int64_t>(elem_size) <= kScale * row_split_bytes();
+  if (nt <= 1) return false;
+  const int64_t bytes = w_hh_elems * static_cast<int64_t>(elem_size);
+#if FASTCELLS_VEC_BYTES >= 64
+  return (B >= gemm::kMR / 2 * nt && bytes <= 16 * row_split_bytes()) ||
+         (B >= 4 * nt && bytes <= 2 * row_split_bytes());
+#else
+  return B >= 2 * gemm::kMR * nt && bytes <= row_split_bytes();
+#endif
 }
 
 inline Part part_of(bool by_rows, int64_t B, int64_t H, int64_t P, int tid, int team,
