@@ -36,8 +36,7 @@ namespace fastcells {
 // The packs of one layer and direction (filled by the CPU forward).
 template <typename T>
 struct LayerPacks {
-  cpu::PackedStore<T> w_ih;
-  cpu::ForwardPack<T> w_hh;
+  cpu::ForwardPack<T> fwd;
 };
 
 // Whether the cache is on (FASTCELLS_WEIGHT_CACHE, read once; default on).

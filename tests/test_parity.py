@@ -440,6 +440,49 @@ def test_inference_forward_has_the_training_forward_bits(mode, hidden, proj):
         assert torch.equal(a.detach(), b)
 
 
+STEP_CASES = ["LSTM", "LSTM-proj", "LSTM-packed", "GRU", "GRU-reset_before", "RNN_TANH",
+              "LSTM-bfloat16", "GRU-float64"]
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_inference_with_the_input_product_per_step(case):
+    """Inference calls whose gates outgrow the L2 cache run the input product
+    inside the time loop, step by step (csrc/ops.cpp, input_product_per_step;
+    these sizes hold 5-11 MB of gates, over the threshold on any host): the
+    bits of the training forward, which runs it as one product, on one thread
+    and on two."""
+    import fastcells
+
+    name, _, opt = case.partition("-")
+    dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(opt, torch.float32)
+    kw = {"num_layers": 2, "bidirectional": True}
+    if opt == "proj":
+        kw["proj_size"] = 24
+    if opt == "reset_before":
+        kw["reset_after"] = False
+    H = 256 if name.startswith("RNN") else 64
+    torch.manual_seed(0)
+    cls = fastcells.RNN if name.startswith("RNN") else getattr(fastcells, name)
+    mod = cls(7, H, **kw).to(dtype)
+    x = torch.randn(160, 64, 7, dtype=dtype)
+    inp = x
+    if opt == "packed":
+        lengths = torch.randint(100, 161, (64,))
+        lengths[0] = 160
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            train = flatten_result(mod(inp))
+            with torch.inference_mode():
+                infer = flatten_result(mod(inp))
+            for a, b in zip(train, infer):
+                assert torch.equal(a.detach(), b)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("mode", MODE_NAMES)
 def test_backward_twice_with_retain_graph(mode):
     ref = make_nn(mode, I, H, num_layers=2)

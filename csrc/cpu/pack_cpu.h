@@ -26,12 +26,14 @@ struct PackedStore {
   std::unique_ptr<T[]> data;
 };
 
-// The recurrent weights of one layer and direction as the forward loop packs
-// them, kept across the time chunks of one call (the caller guarantees the
-// weights are unchanged in between).
+// The weights of one layer and direction as the forward packs them, kept
+// across the time chunks of one call (the caller guarantees the weights are
+// unchanged in between) and across calls by the weight cache: W_ih^T (one
+// segment; the whole-sequence input product, or the inference loop's
+// product per step), W_hh^T and W_hr^T (the time loop's).
 template <typename T>
 struct ForwardPack {
-  PackedStore<T> w_hh_t, w_hr_t;
+  PackedStore<T> w_ih_t, w_hh_t, w_hr_t;
 };
 
 }  // namespace cpu

@@ -736,6 +736,13 @@ struct ForwardRows {
   const std::vector<T> no_bias;
   const T* b_hn;
 
+  // Where step row0's gates and extra rows start (one step's buffer when the
+  // input product runs per step, p.x).
+  T* step_gates(int64_t row0) const { return p.x ? p.gates : p.gates + row0 * GH; }
+  T* step_extra(int64_t row0) const {
+    return p.extra == nullptr ? nullptr : p.x ? p.extra : p.extra + row0 * H;
+  }
+
   explicit ForwardRows(const kernels::LayerForwardParams<T>& params)
       : p(params), H(p.H), P(p.P), B(p.B), G(kernels::num_gates(p.mode)), GH(G * H),
         lstm(kernels::base_cell(p.mode) == kLSTM), gru(kernels::base_cell(p.mode) == kGRU),
@@ -759,13 +766,14 @@ struct ForwardRows {
     if constexpr (std::is_same<T, float>::value) {
       packed_rows = lstm && !ln && !sync && H <= kPackedRowsMaxH && p.zone == nullptr;
       if (packed_rows)
-        lstm_forward_rows(b1 - b0, H, p.gates + (row0 + b0) * GH, GH, c.data() + b0 * H,
-                          p.extra + (row0 + b0) * H,
+        lstm_forward_rows(b1 - b0, H, step_gates(row0) + b0 * GH, GH, c.data() + b0 * H,
+                          step_extra(row0) + b0 * H,
                           proj ? r.data() + b0 * H : h_next + b0 * P, proj ? H : P);
     }
 #endif
     for (int64_t b = packed_rows ? b1 : b0; b < b1; ++b) {
-      T* gt = p.gates + (row0 + b) * GH;
+      T* gt = step_gates(row0) + b * GH;
+      T* e = p.extra ? step_extra(row0) + b * H : nullptr;
       const T* hp = h_cur + b * P;
       T* hn = h_next + b * P;
       if (ln) {  // (whole rows: u0 = 0, u1 = H)
@@ -773,7 +781,7 @@ struct ForwardRows {
         ln_rec_row(GH, a, p.ln_hh, p.save ? p.ln_rec + (row0 + b) * GH : nullptr);
         if (lstm) {
           accumulate_row(0, GH, gt, a);
-          lstm_forward_row(H, 0, H, gt, c.data() + b * H, p.extra + (row0 + b) * H, hn);
+          lstm_forward_row(H, 0, H, gt, c.data() + b * H, e, hn);
           ln_lstm_out_row(H, gt + 3 * H, c.data() + b * H, p.ln_c_w, p.ln_c_b, hn);
           continue;
         }
@@ -781,15 +789,14 @@ struct ForwardRows {
       if (lstm) {
         T* out_r = proj ? r.data() + b * H : hn;
         if (p.zone)
-          lstm_zone_row(H, u0, u1, gt, c.data() + b * H, p.extra + (row0 + b) * H, out_r,
+          lstm_zone_row(H, u0, u1, gt, c.data() + b * H, e, out_r,
                         p.zone + (row0 + b) * p.ld_zone + P);
         else if (p.save)
-          lstm_forward_row(H, u0, u1, gt, c.data() + b * H, p.extra + (row0 + b) * H, out_r);
+          lstm_forward_row(H, u0, u1, gt, c.data() + b * H, e, out_r);
         else
           lstm_infer_row(H, u0, u1, gt, c.data() + b * H, out_r);
       } else if (gru) {
-        gru_forward_row(H, u0, u1, gt, rec.data() + b * GH, b_hn, hp, p.extra + (row0 + b) * H,
-                        hn);
+        gru_forward_row(H, u0, u1, gt, rec.data() + b * GH, b_hn, hp, e, hn);
       } else if (rb) {
         gru_rb_n_row(H, u0, u1, gt, hp, hn);
       } else {
@@ -817,17 +824,21 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   // filled in another layout (another team split) is left as it is: other
   // calls may be reading it (csrc/weight_cache.h).
   const int64_t seg = (nt > 1 && !by_rows) || rb ? H : GH;
+  // W_ih^T (I, G*H) as well when the input product runs per step (p.x).
+  const bool step_x = p.x != nullptr;
   const auto holds = [&](ForwardPack<T>& f) {
     return PackedB<T>(f.w_hh_t).holds(P, GH, seg, Pairs) &&
-           (!proj || PackedB<T>(f.w_hr_t).holds(H, P, P, Pairs));
+           (!proj || PackedB<T>(f.w_hr_t).holds(H, P, P, Pairs)) &&
+           (!step_x || PackedB<T>(f.w_ih_t).holds(p.I, GH, GH, Pairs));
   };
   ForwardPack<T> local;
   ForwardPack<T>& wp = keep && (!keep->w_hh_t.ready || holds(*keep)) ? *keep : local;
-  PackedB<T> w_hh_t(wp.w_hh_t), w_hr_t(wp.w_hr_t);
+  PackedB<T> w_hh_t(wp.w_hh_t), w_hr_t(wp.w_hr_t), w_ih_t(wp.w_ih_t);
   const bool fill = !holds(wp);
   if (fill) {
     w_hh_t.init(P, GH, seg, Pairs);
     if (proj) w_hr_t.init(H, P, P, Pairs);
+    if (step_x) w_ih_t.init(p.I, GH, GH, Pairs);
   }
   constexpr int64_t q = PackedB<T>::NB;
 
@@ -835,6 +846,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
     if (fill) {
       pack_share(w_hh_t, p.w_hh, P, true, tid, team);
       if (proj) pack_share(w_hr_t, p.w_hr, H, true, tid, team);
+      if (step_x) pack_share(w_ih_t, p.w_ih, p.I, true, tid, team);
       team_barrier(team, barrier);
     }
     const Part pt = part_of(by_rows, B, H, P, tid, team, q);
@@ -850,8 +862,15 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
         copy_row(pt.c0, pt.c1, h_cur + b * P, h_next + b * P);
       // Recurrent product of gates [g0, g1) for this thread's rows, or its
       // units of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}.
+      T* const g0 = st.step_gates(row0);
+      if (step_x) {  // x_t W_ih^T + bias: own rows, or a share of all rows with units split
+        const auto xr = pt.sync ? share(M, tid, team, 1) : std::make_pair(b0, b1);
+        w_ih_t.mm(xr.second - xr.first, 0, w_ih_t.panels(), p.x + (row0 + xr.first) * p.ld_x,
+                  p.ld_x, 1, g0 + xr.first * GH, GH, false, p.x_bias);
+        part_barrier(pt, barrier);
+      }
       const bool apart = gru || st.ln;  // the product goes to st.rec
-      T* const prod = apart ? st.rec.data() : p.gates + row0 * GH;
+      T* const prod = apart ? st.rec.data() : g0;
       const bool sync = pt.sync;  // (a lambda must not capture Part, an internal type)
       const auto product = [&](int64_t g0, int64_t g1, const T* x, int64_t ldx) {
         if (!sync) {
@@ -876,7 +895,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       if (rb) {
         product(0, 2, hx, P);
         for (int64_t b = b0; b < b1; ++b)
-          gru_rb_rz_row(H, u0, u1, p.gates + (row0 + b) * GH, hx + b * P, st.r.data() + b * H);
+          gru_rb_rz_row(H, u0, u1, g0 + b * GH, hx + b * P, st.r.data() + b * H);
         part_barrier(pt, barrier);  // every unit of r * h_{t-1} is written
         product(2, 3, st.r.data(), H);
       } else {
@@ -905,6 +924,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   if (fill) {  // (a pack it did not fill may be shared: no write at all)
     w_hh_t.set_ready();
     if (proj) w_hr_t.set_ready();
+    if (step_x) w_ih_t.set_ready();
   }
 }
 

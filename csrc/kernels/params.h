@@ -69,6 +69,16 @@ struct LayerForwardParams : LayerSchedule {
 
   const scalar_t* w_hh;         // (G*H, P)
   const scalar_t* b_hn;         // (H) GRU only; null without bias
+  // Inference only, else null: the input product runs inside the loop, step
+  // by step, instead of arriving in `gates`: gates = x_bias + x W_ih^T, x (N
+  // rows, leading dim ld_x, I columns), w_ih (G*H, I), x_bias (G*H: b_ih and
+  // the folded part of b_hh) or null. `gates` and `extra` then hold one step:
+  // row b of every step at gates + b * G*H and extra + b * H (B rows).
+  const scalar_t* x;
+  int64_t ld_x;
+  int I;
+  const scalar_t* w_ih;
+  const scalar_t* x_bias;
   const scalar_t* w_hr;         // (P, H) projected LSTM only; else null
 
   scalar_t* out;                // N rows, leading dim ld_out; P columns written
