@@ -64,34 +64,56 @@ using gemm::PackedB;
 // The time loop runs inside one OpenMP team (one fork per call) when the
 // per-step work is large enough; each thread owns a fixed Part of the work
 // for the whole call.
+// Whether the last team_size() of this thread chose one thread because of
+// the back-off (TeamBackoff), for run_team to time that call.
+inline bool& solo_by_backoff() {
+  thread_local bool solo = false;
+  return solo;
+}
+
 inline int team_size(int64_t work, int64_t threshold = kParallelWork, int64_t steps = 1) {
-  if (work < threshold || work * steps < kParallelCall || omp_in_parallel() ||
-      !team_backoff().allow_team())
+  solo_by_backoff() = false;
+  if (work < threshold || work * steps < kParallelCall || omp_in_parallel()) return 1;
+  if (!team_backoff().allow_team()) {
+    solo_by_backoff() = true;
     return 1;
+  }
   return std::max(1, at::get_num_threads());
 }
 
+inline int64_t elapsed_ns(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
+                                                              start)
+      .count();
+}
+
 // body(tid, team, barrier): the team's threads meet at `barrier`
-// (team_barrier.h), sized to the team OpenMP actually started; how long its
-// threads slept there decides whether the next calls start a team
-// (TeamBackoff).
+// (team_barrier.h), sized to the team OpenMP actually started. How long its
+// threads slept there, and with a `key` (nonzero: the call's kind and size)
+// how its time compares with the same call on one thread, decide whether the
+// next calls start a team (TeamBackoff).
 template <typename F>
-void run_team(int nt, const F& body) {
+void run_team(int nt, const F& body, int64_t key = 0) {
   StepBarrier barrier;
+  const auto start = std::chrono::steady_clock::now();
   if (nt <= 1) {
+    const bool timed = key != 0 && solo_by_backoff();
     body(0, 1, barrier);
+    if (timed) team_backoff().report_solo(key, elapsed_ns(start));
     return;
   }
-  const auto start = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp single
     barrier.reset(omp_get_num_threads());  // (single ends with OpenMP's barrier)
     body(omp_get_thread_num(), omp_get_num_threads(), barrier);
   }
-  const auto call = std::chrono::steady_clock::now() - start;
-  team_backoff().report(barrier,
-                        std::chrono::duration_cast<std::chrono::nanoseconds>(call).count());
+  team_backoff().report(barrier, elapsed_ns(start), key);
+}
+
+// The back-off key of a time loop (run_team): its pass and size.
+inline int64_t loop_key(bool backward, int64_t work, int64_t steps) {
+  return 2 * (work * steps) + (backward ? 1 : 0) + 2;
 }
 
 // A barrier for a team started by run_team (none for a team of one).
@@ -920,7 +942,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       std::copy(h_cur + b0 * P, h_cur + pt.b1 * P, p.hy + b0 * P);
       if (lstm) std::copy(st.c.begin() + b0 * H, st.c.begin() + pt.b1 * H, p.cy + b0 * H);
     }
-  });
+  }, loop_key(false, int64_t(B) * GH * P, p.T));
   if (fill) {  // (a pack it did not fill may be shared: no write at all)
     w_hh_t.set_ready();
     if (proj) w_hr_t.set_ready();
@@ -1165,7 +1187,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       if (st.lstm)
         std::copy(st.dc.begin() + pt.b0 * H, st.dc.begin() + pt.b1 * H, p.dc0 + pt.b0 * H);
     }
-  });
+  }, loop_key(true, int64_t(B) * GH * P, p.T));
   st.reduce_biases();
 }
 

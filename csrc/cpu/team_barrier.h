@@ -119,14 +119,20 @@ class StepBarrier {
   std::atomic<int64_t> waits_{0}, slept_ns_{0};
 };
 
-// Whether the next call may start a thread team. After a team call whose
-// threads spent more than a quarter of their time asleep at the barrier (the
-// team did not have its cores: another process ran on them), the next 1, 2,
-// 4, ... 64 calls (doubling while it happens again) run on one thread; a team
-// call without it resets the back-off. Long steps (large H) may sleep now and
-// then without that: only the share of the call's time counts. Results do not
-// depend on the thread count, so this only moves time. Shared by every ISA
-// path and thread of the process.
+// Whether the next call may start a thread team. After a team call that did
+// not have its cores (another process ran on them), the next 1, 2, 4, ... 64
+// calls (doubling while it happens again) run on one thread; a team call that
+// had them resets the back-off. A team call lacked its cores when
+// - its threads spent more than a quarter of their time asleep at the
+//   barrier (long steps, large H, may sleep now and then without that: only
+//   the share of the call's time counts), or
+// - it took at least as long as the last call of the same kind and size (its
+//   `key`) that the back-off ran on one thread. Splits with rare barrier
+//   sleeps show it only this way: with a busy core, a team of LSTM
+//   112,4,16,256 alternated 5 ms calls that slept with 1.5 ms ones that did
+//   not but were no faster than one thread's 1.3 ms.
+// Results do not depend on the thread count, so this only moves time. Shared
+// by every ISA path and thread of the process.
 class TeamBackoff {
  public:
   static constexpr int kMaxSoloCalls = 64;
@@ -140,21 +146,34 @@ class TeamBackoff {
     return true;
   }
 
-  // `call_ns`: the team call's wall time.
-  void report(const StepBarrier& b, int64_t call_ns) {
-    if (b.waits() == 0 || b.size() < 2) return;
-    if (4 * b.slept_ns() > call_ns * (b.size() - 1)) {
+  // A call the back-off ran on one thread: `key` (nonzero) names its kind
+  // and size, `call_ns` is its wall time.
+  void report_solo(int64_t key, int64_t call_ns) {
+    solo_key_.store(key, std::memory_order_relaxed);
+    solo_ns_.store(call_ns, std::memory_order_relaxed);
+  }
+
+  // A team call: its barrier, wall time and key (0: none).
+  void report(const StepBarrier& b, int64_t call_ns, int64_t key) {
+    const bool compared = key != 0 && key == solo_key_.load(std::memory_order_relaxed);
+    const bool slow = compared && call_ns >= solo_ns_.load(std::memory_order_relaxed);
+    const bool waited = b.waits() > 0 && b.size() >= 2;
+    const bool slept = waited && 4 * b.slept_ns() > call_ns * (b.size() - 1);
+    if (slow || slept) {
       const int p = penalty_.load(std::memory_order_relaxed);
       const int next = p == 0 ? 1 : (p >= kMaxSoloCalls ? kMaxSoloCalls : 2 * p);
       penalty_.store(next, std::memory_order_relaxed);
       solo_left_.store(next, std::memory_order_relaxed);
-    } else {
+    } else if (key != 0 && (compared || waited)) {
+      // (only a time loop clears it: a whole-sequence product between two
+      // loops says little about the loops' team)
       penalty_.store(0, std::memory_order_relaxed);
     }
   }
 
  private:
   std::atomic<int> solo_left_{0}, penalty_{0};
+  std::atomic<int64_t> solo_key_{0}, solo_ns_{0};
 };
 
 inline TeamBackoff& team_backoff() {
