@@ -452,13 +452,29 @@ const T* ptr_or_null(const std::optional<Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-// Device copies of batch_sizes / offsets for a GPU backend (packed only).
+// FASTCELLS_CUDA_RECURRENT: the CUDA loop to force (auto: the backend's own
+// choice). Read at each CUDA call, so that tests and benchmarks may switch it.
+kernels::CudaLoop cuda_loop_choice() {
+  using kernels::CudaLoop;
+  const char* env = std::getenv("FASTCELLS_CUDA_RECURRENT");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return CudaLoop::kAuto;
+  if (std::strcmp(env, "persistent") == 0) return CudaLoop::kPersistent;
+  if (std::strcmp(env, "persistent_global") == 0) return CudaLoop::kPersistentGlobal;
+  if (std::strcmp(env, "stepwise") == 0) return CudaLoop::kStepwise;
+  TORCH_CHECK(false, "fastcells: FASTCELLS_CUDA_RECURRENT must be auto, persistent, "
+              "persistent_global or stepwise, got '", env, "'");
+}
+
+// Device copies of batch_sizes / offsets for a GPU backend (packed only),
+// and the CUDA loop to run.
 struct DeviceSchedule {
   Tensor batch_sizes, offsets;
+  kernels::CudaLoop cuda_loop = kernels::CudaLoop::kAuto;
 };
 
 DeviceSchedule device_schedule(const Config& c, const at::Device& dev) {
   DeviceSchedule s;
+  if (dev.is_cuda()) s.cuda_loop = cuda_loop_choice();
   if (dev.is_cuda() && c.packed && c.T > 0) {
     auto opts = at::TensorOptions().dtype(at::kLong);
     s.batch_sizes = at::tensor(c.batch_sizes, opts).to(dev);
@@ -530,6 +546,7 @@ void fill_schedule(kernels::LayerSchedule& p, const Config& c, int64_t T,
   p.batch_sizes_dev = sched.batch_sizes.defined() ? sched.batch_sizes.data_ptr<int64_t>() : nullptr;
   p.row_offsets_dev = sched.offsets.defined() ? sched.offsets.data_ptr<int64_t>() : nullptr;
   p.reverse = reverse;
+  p.cuda_loop = sched.cuda_loop;
 }
 
 template <typename T>

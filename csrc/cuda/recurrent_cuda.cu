@@ -96,18 +96,6 @@ enum class Path { kPersistentSmem, kPersistentGlobal, kStepwise };
 // RNN at H = 256 (64 Ki) therefore stays persistent.
 constexpr int64_t kPersistentGlobalMaxWeights = 64 * 1024;
 
-int forced_path() {
-  const char* env = std::getenv("FASTCELLS_CUDA_RECURRENT");
-  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return -1;
-  if (std::strcmp(env, "persistent") == 0) return 0;
-  if (std::strcmp(env, "persistent_global") == 0) return 1;
-  if (std::strcmp(env, "stepwise") == 0) return 2;
-  throw std::runtime_error(
-      std::string("fastcells CUDA: FASTCELLS_CUDA_RECURRENT must be auto, persistent, "
-                  "persistent_global or stepwise, got '") +
-      env + "'");
-}
-
 struct DeviceInfo {
   int sms;
   int max_smem;  // opt-in dynamic shared memory per block, bytes
@@ -775,9 +763,12 @@ struct Plan {
   size_t smem;
 };
 
-// Picks the loop implementation for one layer-direction.
+// Picks the loop implementation for one layer-direction, or takes the one
+// the op layer forces.
 template <typename T>
-Plan plan_loop(int mode, int B, int H, int P, bool proj, bool backward) {
+Plan plan_loop(int mode, int B, int H, int P, bool proj, bool backward,
+               kernels::CudaLoop forced) {
+  using kernels::CudaLoop;
   const DeviceInfo dev = device_info();
   const int GH = kernels::num_gates(mode) * H;
   const bool lstm = mode == kLSTM, gru = mode == kGRU;
@@ -786,21 +777,21 @@ Plan plan_loop(int mode, int B, int H, int P, bool proj, bool backward) {
                                : fwd_smem(GH, H, P, RB, proj, lstm, wsmem).total;
     return static_cast<size_t>(elems) * sizeof(T);
   };
-  const int forced = forced_path();
   int RB = (B + dev.sms - 1) / dev.sms;
   if (RB < 1) RB = 1;
 
   const size_t cap = static_cast<size_t>(dev.max_smem);
-  if (forced == 2) return Plan{Path::kStepwise, 0, 0};
-  if (forced != 1 && bytes(1, true) <= cap) {
+  const bool global = forced == CudaLoop::kPersistentGlobal;
+  if (forced == CudaLoop::kStepwise) return Plan{Path::kStepwise, 0, 0};
+  if (!global && bytes(1, true) <= cap) {
     // Weights in shared memory; smaller row groups (more blocks, possibly in
     // several waves) when the state of RB rows does not fit beside them.
     while (RB > 1 && bytes(RB, true) > cap) --RB;
     return Plan{Path::kPersistentSmem, RB, bytes(RB, true)};
   }
-  if (forced == 1 || static_cast<int64_t>(GH) * P <= kPersistentGlobalMaxWeights) {
+  if (global || static_cast<int64_t>(GH) * P <= kPersistentGlobalMaxWeights) {
     // Weights from L2: larger row groups amortise the weight traffic.
-    if (forced != 1 && RB < 4) RB = B < 4 ? B : 4;
+    if (!global && RB < 4) RB = B < 4 ? B : 4;
     while (RB > 1 && bytes(RB, false) > cap) --RB;
     if (bytes(RB, false) <= cap) {
       return Plan{Path::kPersistentGlobal, RB, bytes(RB, false)};
@@ -907,7 +898,7 @@ void recurrent_forward(const kernels::LayerForwardParams<scalar_t>& p, void* wor
   if (p.B <= 0) return;
   const int GH = kernels::num_gates(p.mode) * p.H;
   const FwdWork<T> w = carve_forward<T>(p, workspace);
-  const Plan plan = plan_loop<T>(p.mode, p.B, p.H, p.P, proj, /*backward=*/false);
+  const Plan plan = plan_loop<T>(p.mode, p.B, p.H, p.P, proj, /*backward=*/false, p.cuda_loop);
 
   if (plan.path != Path::kStepwise) {
     const bool global = plan.path == Path::kPersistentGlobal;
@@ -974,7 +965,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p, void* w
   if (p.B <= 0) return;
   const int GH = kernels::num_gates(p.mode) * p.H;
   const BwdWork<T> w = carve_backward<T>(p, workspace);
-  const Plan plan = plan_loop<T>(p.mode, p.B, p.H, p.P, proj, /*backward=*/true);
+  const Plan plan = plan_loop<T>(p.mode, p.B, p.H, p.P, proj, /*backward=*/true, p.cuda_loop);
 
   if (plan.path != Path::kStepwise) {
     const bool wsmem = plan.path == Path::kPersistentSmem;

@@ -24,6 +24,10 @@
 namespace fastcells {
 namespace kernels {
 
+// The CUDA backend's loop for a layer (csrc/cuda/recurrent_cuda.cu): its own
+// choice, or one forced by the op layer (FASTCELLS_CUDA_RECURRENT).
+enum class CudaLoop : int { kAuto, kPersistent, kPersistentGlobal, kStepwise };
+
 // What both passes of one layer and direction share: the cell, the sizes
 // and the time schedule.
 struct LayerSchedule {
@@ -36,6 +40,7 @@ struct LayerSchedule {
   const int64_t* batch_sizes_dev;
   const int64_t* row_offsets_dev;
   bool reverse;                 // iterate t = T-1 .. 0
+  CudaLoop cuda_loop;           // CUDA only (the CPU backend ignores it)
 };
 
 template <typename scalar_t>
