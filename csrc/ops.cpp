@@ -104,6 +104,39 @@ struct Config {
   }
 };
 
+// One layer and direction's weights by name; null where the configuration
+// has none (biases, projection, layer-norm parameters).
+struct LayerWeights {
+  const Tensor* w_ih = nullptr;
+  const Tensor* w_hh = nullptr;
+  const Tensor* b_ih = nullptr;
+  const Tensor* b_hh = nullptr;
+  const Tensor* w_hr = nullptr;
+  const Tensor* ln_ih = nullptr;   // gains of LN(x W_ih^T)
+  const Tensor* ln_hh = nullptr;   // gains of LN(h W_hh^T)
+  const Tensor* ln_c_w = nullptr;  // LSTM_LN: LN(c_t)'s gain and bias
+  const Tensor* ln_c_b = nullptr;
+};
+
+LayerWeights layer_weights(const Config& c, at::TensorList ws, int64_t l, int64_t d) {
+  LayerWeights lw;
+  lw.w_ih = &c.w(ws, l, d, 0);
+  lw.w_hh = &c.w(ws, l, d, 1);
+  if (c.bias) {
+    lw.b_ih = &c.w(ws, l, d, 2);
+    lw.b_hh = &c.w(ws, l, d, 3);
+  }
+  if (c.P != c.H) lw.w_hr = &c.w(ws, l, d, c.hr_index());
+  const Tensor** ln[] = {&lw.ln_ih, &lw.ln_hh, &lw.ln_c_w, &lw.ln_c_b};
+  for (int64_t k = 0; k < c.norms; ++k) *ln[k] = &c.w(ws, l, d, c.ln_index() + k);
+  return lw;
+}
+
+template <typename T>
+T* ptr_or_null(const Tensor* t) {
+  return t != nullptr ? t->data_ptr<T>() : nullptr;
+}
+
 // a * b, or an error naming what is being sized: sizes come from the caller
 // (op arguments, or an empty / expanded tensor's shape), so products of them
 // may not fit in int64 even when every tensor is valid.
@@ -722,12 +755,134 @@ std::vector<std::pair<int64_t, int64_t>> time_chunks(const Config& c, bool keep,
 template <typename T>
 std::shared_ptr<LayerPacks<T>> layer_packs(const Config& c, at::TensorList src, int64_t l,
                                            int64_t d, std::vector<const Tensor*>* ws, bool* hit) {
-  ws->assign({&c.w(src, l, d, 0), &c.w(src, l, d, 1)});
-  if (c.P != c.H) ws->push_back(&c.w(src, l, d, c.hr_index()));
+  const LayerWeights lw = layer_weights(c, src, l, d);
+  ws->assign({lw.w_ih, lw.w_hh});
+  if (lw.w_hr != nullptr) ws->push_back(lw.w_hr);
   auto packs = find_packs<T>(*ws, c.bf16, hit);
   if (packs) return packs;
   ws->clear();  // not cacheable: nothing to publish
   return std::make_shared<LayerPacks<T>>();
+}
+
+// A time chunk of one direction: steps [t0, t1), its first row and row count,
+// and the steps' row offsets counted from row0.
+struct Chunk {
+  int64_t t0, t1, row0, rows;
+  std::vector<int64_t> rel_offsets;
+};
+
+Chunk chunk_of(const Config& c, std::pair<int64_t, int64_t> steps) {
+  Chunk k{steps.first, steps.second, 0, 0, {}};
+  if (k.t1 > k.t0) {
+    k.row0 = c.offsets[k.t0];
+    k.rows = c.offsets[k.t1 - 1] + c.batch_sizes[k.t1 - 1] - k.row0;
+  }
+  k.rel_offsets.assign(c.offsets.begin() + k.t0, c.offsets.begin() + k.t1);
+  for (auto& o : k.rel_offsets) o -= k.row0;
+  return k;
+}
+
+// What the forward of every layer and direction reads and writes besides the
+// weights and the layer's input and output.
+struct ForwardIO {
+  const Tensor& h0;
+  const std::optional<Tensor>& c0;
+  const Tensor& hy;
+  const Tensor& cy;
+  const std::optional<Tensor>& zone;
+  const std::optional<Tensor>& rmasks;
+  const DeviceSchedule& sched;
+  bool keep;  // training: gates and outputs go to the reserve
+};
+
+// The loop's params for chunk k of layer l, direction d: gates and extra of
+// the chunk (one step's with the input product per step), `out` the layer's
+// output. Later chunks start from the state the previous one left in hy/cy
+// (the CPU backend reads h0 before it writes hy).
+template <typename T>
+kernels::LayerForwardParams<T> forward_params(const Config& c, const LayerWeights& lw, int64_t l,
+                                              int64_t d, const Chunk& k, const ForwardIO& io,
+                                              T* gates, T* extra, T* out, bool first_chunk) {
+  const int64_t idx = l * c.D + d;
+  const bool lstm = kernels::has_cell_state(static_cast<int>(c.mode));
+  const bool gru = kernels::base_cell(static_cast<int>(c.mode)) == kernels::kGRU;
+  kernels::LayerForwardParams<T> p{};
+  // (Device schedules only exist for a single whole-sequence chunk.)
+  fill_schedule(p, c, k.t1 - k.t0, c.batch_sizes.data() + k.t0, k.rel_offsets.data(), io.sched,
+                d == 1);
+  p.gates = gates;
+  p.extra = extra;
+  p.save = io.keep;
+  p.ld_zone = zone_width(c);
+  p.zone = io.zone ? io.zone->data_ptr<T>() + (idx * c.N + k.row0) * p.ld_zone : nullptr;
+  p.rmask = io.rmasks ? io.rmasks->data_ptr<T>() + idx * c.B * c.P : nullptr;
+  p.w_hh = lw.w_hh->data_ptr<T>();
+  p.b_hn = gru && lw.b_hh ? lw.b_hh->data_ptr<T>() + 2 * c.H : nullptr;
+  p.w_hr = ptr_or_null<T>(lw.w_hr);
+  p.ln_hh = ptr_or_null<T>(lw.ln_hh);
+  p.ln_c_w = ptr_or_null<T>(lw.ln_c_w);
+  p.ln_c_b = ptr_or_null<T>(lw.ln_c_b);
+  p.ln_rec = c.ln() ? extra + k.rows * c.H : nullptr;  // (extra's layout at the top)
+  p.out = out + k.row0 * c.D * c.P + d * c.P;
+  p.ld_out = c.D * c.P;
+  p.h0 = (first_chunk ? io.h0.data_ptr<T>() : io.hy.data_ptr<T>()) + idx * c.B * c.P;
+  p.hy = io.hy.data_ptr<T>() + idx * c.B * c.P;
+  if (lstm) {
+    p.c0 = (first_chunk ? io.c0->data_ptr<T>() : io.cy.data_ptr<T>()) + idx * c.B * c.H;
+    p.cy = io.cy.data_ptr<T>() + idx * c.B * c.H;
+  }
+  return p;
+}
+
+// Layer l, direction d: per time chunk the input side (a whole-chunk
+// product, or the loop's own per step), then the backend's loop. With
+// io.keep, gates and extra go to `reserve`; otherwise to `scratch`.
+template <typename T>
+void forward_layer(const Config& c, const LayerWeights& lw, at::TensorList src_w, int64_t l,
+                   int64_t d, const Tensor& xl, const Tensor& out_l, const ForwardIO& io,
+                   const Tensor& reserve, const Tensor& scratch, bool step_x) {
+  const bool cpu = xl.is_cpu();
+  const int64_t idx = l * c.D + d;
+  // CPU: the weights are packed by the first chunk and reused by the rest,
+  // and by later calls through the weight cache.
+  std::vector<const Tensor*> ws;
+  bool hit = false;
+  const auto packs = cpu ? layer_packs<T>(c, src_w, l, d, &ws, &hit)
+                         : std::make_shared<LayerPacks<T>>();
+  const std::vector<T> x_bias =
+      step_x && c.bias ? folded_bias<T>(c, *lw.b_ih, *lw.b_hh) : std::vector<T>();
+  bool first_chunk = true;
+  for (const auto& steps : time_chunks(c, io.keep, d == 1, cpu)) {
+    const Chunk k = chunk_of(c, steps);
+    const int64_t scratch_rows = step_x ? c.B : k.rows;
+    const Tensor gates = io.keep ? rows_of(reserve, c.gates_offset(idx), 0, c.N, c.GH())
+                                 : rows_of(scratch, 0, 0, scratch_rows, c.GH());
+    T* extra = nullptr;
+    if (c.EH() > 0)
+      extra = io.keep ? reserve.data_ptr<T>() + c.extra_offset(idx)
+                      : scratch.data_ptr<T>() + scratch_rows * c.GH();
+    const Tensor x_rows = rows_of(xl, 0, k.row0, k.rows, xl.size(1));
+    if (c.ln()) {  // the raw x W_ih^T: extra's last block
+      const Tensor raw =
+          at::from_blob(extra + k.rows * (c.H + c.GH()), {k.rows, c.GH()}, xl.options());
+      ln_input_projection<T>(c, gates, raw, x_rows, *lw.w_ih, *lw.ln_ih, lw.b_ih, lw.b_hh,
+                             &packs->fwd.w_ih_t);
+    } else if (!step_x) {
+      input_projection<T>(c, gates, x_rows, *lw.w_ih, lw.b_ih, lw.b_hh, &packs->fwd.w_ih_t);
+    }
+    auto p = forward_params<T>(c, lw, l, d, k, io, gates.data_ptr<T>(), extra,
+                               out_l.data_ptr<T>(), first_chunk);
+    if (step_x) {
+      p.x = x_rows.data_ptr<T>();
+      p.ld_x = xl.size(1);
+      p.I = static_cast<int>(xl.size(1));
+      p.w_ih = lw.w_ih->data_ptr<T>();
+      p.x_bias = c.bias ? x_bias.data() : nullptr;
+    }
+    run_forward<T>(p, xl.device(), &packs->fwd, c.bf16);
+    first_chunk = false;
+  }
+  if (cpu && !hit && !ws.empty()) publish_packs<T>(ws, c.bf16, packs);
 }
 
 // Forward of the whole stack. With `keep`, gates and intermediate outputs go
@@ -740,8 +895,6 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
                    const Tensor& cy, const Tensor& reserve, const DeviceSchedule& sched,
                    bool keep, bool poison, const std::optional<Tensor>& zone,
                    const std::optional<Tensor>& rmasks) {
-  const bool lstm = kernels::has_cell_state(static_cast<int>(c.mode));
-  const bool gru = kernels::base_cell(static_cast<int>(c.mode)) == kernels::kGRU;
   const bool cpu = x.is_cpu();
   const bool step_x = input_product_per_step(c, keep, cpu);
   const auto opts = x.options();
@@ -753,13 +906,12 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
     for (int k = 0; k < std::min<int64_t>(2, c.L - 1); ++k)
       inter[k] = alloc({c.N, c.D * c.P}, opts, poison);
     int64_t rows = 0;
-    for (const auto& ch : time_chunks(c, keep, false, cpu)) {
-      const int64_t t1 = ch.second, t0 = ch.first;
-      if (t1 > t0) rows = std::max(rows, c.offsets[t1 - 1] + c.batch_sizes[t1 - 1] - c.offsets[t0]);
-    }
+    for (const auto& steps : time_chunks(c, keep, false, cpu))
+      rows = std::max(rows, chunk_of(c, steps).rows);
     if (step_x) rows = c.B;
     scratch = alloc({rows * (c.GH() + c.EH())}, opts, poison);
   }
+  const ForwardIO io{h0, c0, hy, cy, zone, rmasks, sched, keep};
   Tensor prev_out;  // output of layer l-1 (N, D*P)
   for (const auto l : c10::irange(c.L)) {
     Tensor xl = x;
@@ -767,88 +919,11 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
       xl = masks.has_value() ? prev_out * masks->select(0, l - 1).reshape({c.N, c.D * c.P})
                              : prev_out;
     }
-    Tensor out_l = keep ? rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P)
-                        : (l < c.L - 1 ? inter[l % 2] : output);
-    for (const auto d : c10::irange(c.D)) {
-      const int64_t idx = l * c.D + d;
-      const Tensor& w_ih = c.w(w, l, d, 0);
-      const Tensor& w_hh = c.w(w, l, d, 1);
-      const Tensor* b_ih = c.bias ? &c.w(w, l, d, 2) : nullptr;
-      const Tensor* b_hh = c.bias ? &c.w(w, l, d, 3) : nullptr;
-      const Tensor* w_hr = c.P != c.H ? &c.w(w, l, d, c.hr_index()) : nullptr;
-      bool first_chunk = true;
-      // CPU: the weights are packed by the first chunk and reused by the
-      // rest, and by later calls through the weight cache.
-      std::vector<const Tensor*> ws;
-      bool hit = false;
-      const auto packs = cpu ? layer_packs<T>(c, src_w, l, d, &ws, &hit)
-                             : std::make_shared<LayerPacks<T>>();
-      const std::vector<T> x_bias =
-          step_x && c.bias ? folded_bias<T>(c, *b_ih, *b_hh) : std::vector<T>();
-      for (const auto& ch : time_chunks(c, keep, d == 1, cpu)) {
-        const int64_t t0 = ch.first, t1 = ch.second;
-        const int64_t row0 = t1 > t0 ? c.offsets[t0] : 0;
-        const int64_t rows = t1 > t0 ? c.offsets[t1 - 1] + c.batch_sizes[t1 - 1] - row0 : 0;
-        std::vector<int64_t> rel_offsets(c.offsets.begin() + t0, c.offsets.begin() + t1);
-        for (auto& o : rel_offsets) o -= row0;
-        const int64_t scratch_rows = step_x ? c.B : rows;
-        const Tensor gates =
-            keep ? rows_of(reserve, c.gates_offset(idx), 0, c.N, c.GH())
-                 : rows_of(scratch, 0, 0, scratch_rows, c.GH());
-        T* extra = nullptr;
-        if (c.EH() > 0)
-          extra = keep ? reserve.data_ptr<T>() + c.extra_offset(idx)
-                       : scratch.data_ptr<T>() + scratch_rows * c.GH();
-        // The LayerNorm cells' blocks after the (rows, H) one (layout at the top).
-        T* const ln_rec = c.ln() ? extra + rows * c.H : nullptr;
-        const Tensor x_rows = rows_of(xl, 0, row0, rows, xl.size(1));
-        if (c.ln()) {
-          const Tensor raw = at::from_blob(ln_rec + rows * c.GH(), {rows, c.GH()}, opts);
-          ln_input_projection<T>(c, gates, raw, x_rows, w_ih, c.w(w, l, d, c.ln_index()), b_ih,
-                                 b_hh, &packs->fwd.w_ih_t);
-        } else if (!step_x) {
-          input_projection<T>(c, gates, x_rows, w_ih, b_ih, b_hh, &packs->fwd.w_ih_t);
-        }
-
-        kernels::LayerForwardParams<T> p{};
-        // (Device schedules only exist for a single whole-sequence chunk.)
-        fill_schedule(p, c, t1 - t0, c.batch_sizes.data() + t0, rel_offsets.data(), sched, d == 1);
-        p.gates = gates.data_ptr<T>();
-        p.extra = extra;
-        p.save = keep;
-        p.ld_zone = zone_width(c);
-        p.zone = zone ? zone->data_ptr<T>() + (idx * c.N + row0) * p.ld_zone : nullptr;
-        p.rmask = rmasks ? rmasks->data_ptr<T>() + idx * c.B * c.P : nullptr;
-        p.w_hh = w_hh.data_ptr<T>();
-        p.b_hn = (gru && c.bias) ? b_hh->data_ptr<T>() + 2 * c.H : nullptr;
-        if (c.ln()) {
-          p.ln_hh = c.w(w, l, d, c.ln_index() + 1).data_ptr<T>();
-          p.ln_c_w = lstm ? c.w(w, l, d, c.ln_index() + 2).data_ptr<T>() : nullptr;
-          p.ln_c_b = lstm ? c.w(w, l, d, c.ln_index() + 3).data_ptr<T>() : nullptr;
-          p.ln_rec = ln_rec;
-        }
-        p.w_hr = w_hr ? w_hr->data_ptr<T>() : nullptr;
-        p.out = out_l.data_ptr<T>() + row0 * c.D * c.P + d * c.P;
-        p.ld_out = c.D * c.P;
-        // Later chunks start from the state the previous one left in hy/cy
-        // (the CPU backend reads h0 before it writes hy).
-        p.h0 = (first_chunk ? h0.data_ptr<T>() : hy.data_ptr<T>()) + idx * c.B * c.P;
-        p.hy = hy.data_ptr<T>() + idx * c.B * c.P;
-        p.c0 = lstm ? (first_chunk ? c0->data_ptr<T>() : cy.data_ptr<T>()) + idx * c.B * c.H
-                    : nullptr;
-        p.cy = lstm ? cy.data_ptr<T>() + idx * c.B * c.H : nullptr;
-        if (step_x) {
-          p.x = x_rows.data_ptr<T>();
-          p.ld_x = xl.size(1);
-          p.I = static_cast<int>(xl.size(1));
-          p.w_ih = w_ih.data_ptr<T>();
-          p.x_bias = c.bias ? x_bias.data() : nullptr;
-        }
-        run_forward<T>(p, x.device(), &packs->fwd, c.bf16);
-        first_chunk = false;
-      }
-      if (cpu && !hit && !ws.empty()) publish_packs<T>(ws, c.bf16, packs);
-    }
+    const Tensor out_l = keep ? rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P)
+                              : (l < c.L - 1 ? inter[l % 2] : output);
+    for (const auto d : c10::irange(c.D))
+      forward_layer<T>(c, layer_weights(c, w, l, d), src_w, l, d, xl, out_l, io, reserve,
+                       scratch, step_x);
     prev_out = out_l;
   }
 }
