@@ -1012,6 +1012,131 @@ void ln_gradients(const Config& c, const T* gates, const T* extra, const Tensor&
   }
 }
 
+// The backward's scratch, reused by every layer and direction. r_all: a
+// projection's r_t, or the reset-before GRU's r * h_{t-1} (W_hn's operand);
+// hprev_m: with recurrent dropout, W_hh's gradient operand h_{t-1} * m; the
+// LayerNorm cells' gradients w.r.t. the raw recurrent products (W_hh's
+// operand) and, LSTM_LN, w.r.t. LN(c_t).
+struct BackwardScratch {
+  Tensor dgx, dgh, dln_rec, dln_c, hprev, hprev_m, r_all, dh_all;
+};
+
+BackwardScratch backward_scratch(const Config& c, const at::TensorOptions& opts, bool poison,
+                                 bool rmasks) {
+  const int mode = static_cast<int>(c.mode);
+  const bool gru = kernels::base_cell(mode) == kernels::kGRU;
+  const bool proj = c.P != c.H, rb = c.mode == kernels::kGRU_RESET_BEFORE;
+  BackwardScratch s;
+  s.dgx = alloc({c.N, c.GH()}, opts, poison);
+  s.dgh = gru ? alloc({c.N, c.GH()}, opts, poison) : s.dgx;
+  s.dln_rec = c.ln() ? alloc({c.N, c.GH()}, opts, poison) : s.dgh;
+  if (c.ln() && kernels::has_cell_state(mode)) s.dln_c = alloc({c.N, c.H}, opts, poison);
+  s.hprev = alloc({c.N, c.P}, opts, poison);
+  s.hprev_m = rmasks ? alloc({c.N, c.P}, opts, poison) : s.hprev;
+  if (proj || rb) s.r_all = alloc({c.N, c.H}, opts, poison);
+  if (proj) s.dh_all = alloc({c.N, c.P}, opts, poison);
+  return s;
+}
+
+// What the backward of every layer and direction reads and writes besides
+// the weights, the scratch and the gradient w.r.t. the layer's output.
+struct BackwardIO {
+  const Tensor& h0;
+  const std::optional<Tensor>& c0;
+  const Tensor& reserve;
+  const std::optional<Tensor>& grad_hy;
+  const std::optional<Tensor>& grad_cy;
+  const std::optional<Tensor>& grad_reserve;
+  const Tensor& dhx;
+  const Tensor& dcx;
+  const std::optional<Tensor>& zone;
+  const std::optional<Tensor>& rmasks;
+  const DeviceSchedule& sched;
+};
+
+// The loop's params for layer l, direction d; `go` the gradient w.r.t. the
+// layer's output (N, D*P) or none; db_x, db_h where the loop sums the bias
+// gradients (else null).
+template <typename T>
+kernels::LayerBackwardParams<T> backward_params(const Config& c, const LayerWeights& lw,
+                                                int64_t l, int64_t d, const BackwardIO& io,
+                                                const BackwardScratch& s,
+                                                const std::optional<Tensor>& go, T* db_x,
+                                                T* db_h) {
+  const int64_t idx = l * c.D + d;
+  const bool lstm = kernels::has_cell_state(static_cast<int>(c.mode));
+  const bool gru = kernels::base_cell(static_cast<int>(c.mode)) == kernels::kGRU;
+  kernels::LayerBackwardParams<T> p{};
+  fill_schedule(p, c, c.T, c.batch_sizes.data(), c.offsets.data(), io.sched, d == 1);
+  p.gates = io.reserve.data_ptr<T>() + c.gates_offset(idx);
+  p.extra = c.EH() > 0 ? io.reserve.data_ptr<T>() + c.extra_offset(idx) : nullptr;
+  p.grad_extra = lstm && io.grad_reserve.has_value()
+                     ? io.grad_reserve->data_ptr<T>() + c.extra_offset(idx)
+                     : nullptr;
+  p.ld_zone = zone_width(c);
+  p.zone = io.zone ? io.zone->data_ptr<T>() + idx * c.N * p.ld_zone : nullptr;
+  p.rmask = io.rmasks ? io.rmasks->data_ptr<T>() + idx * c.B * c.P : nullptr;
+  p.h_prev_m = io.rmasks ? s.hprev_m.data_ptr<T>() : nullptr;
+  p.out = io.reserve.data_ptr<T>() + c.inter_offset(l) + d * c.P;
+  p.ld_out = c.D * c.P;
+  p.h0 = io.h0.data_ptr<T>() + idx * c.B * c.P;
+  p.c0 = lstm ? io.c0->data_ptr<T>() + idx * c.B * c.H : nullptr;
+  p.w_hh = lw.w_hh->data_ptr<T>();
+  p.w_hr = ptr_or_null<T>(lw.w_hr);
+  p.ln_hh = ptr_or_null<T>(lw.ln_hh);
+  p.ln_c_w = ptr_or_null<T>(lw.ln_c_w);
+  p.ln_c_b = ptr_or_null<T>(lw.ln_c_b);
+  if (c.ln()) {  // blocks after the (N, H) one of extra (layout at the top)
+    p.ln_rec = p.extra + c.N * c.H;
+    p.dln_rec = s.dln_rec.data_ptr<T>();
+    p.dln_c = lstm ? s.dln_c.data_ptr<T>() : nullptr;
+  }
+  p.grad_out = go.has_value() ? go->data_ptr<T>() + d * c.P : nullptr;
+  p.ld_gout = c.D * c.P;
+  p.grad_hy = io.grad_hy.has_value() ? io.grad_hy->data_ptr<T>() + idx * c.B * c.P : nullptr;
+  p.grad_cy = lstm && io.grad_cy.has_value() ? io.grad_cy->data_ptr<T>() + idx * c.B * c.H
+                                             : nullptr;
+  p.dgates_x = s.dgx.data_ptr<T>();
+  p.dgates_h = gru ? s.dgh.data_ptr<T>() : nullptr;
+  p.h_prev = s.hprev.data_ptr<T>();
+  p.r_all = s.r_all.defined() ? s.r_all.data_ptr<T>() : nullptr;
+  p.dh_all = s.dh_all.defined() ? s.dh_all.data_ptr<T>() : nullptr;
+  p.dh0 = io.dhx.data_ptr<T>() + idx * c.B * c.P;
+  p.dc0 = lstm ? io.dcx.data_ptr<T>() + idx * c.B * c.H : nullptr;
+  p.db_x = db_x;
+  p.db_h = db_h;
+  return p;
+}
+
+// Layer l, direction d's weight gradients after its loop: one GEMM each over
+// all time steps; the biases' where the loop did not sum them (`loop_bias`).
+template <typename T>
+void weight_gradients(const Config& c, int64_t idx, const Tensor& xl, const BackwardScratch& s,
+                      const std::vector<Tensor>& gw, bool loop_bias) {
+  const bool gru = kernels::base_cell(static_cast<int>(c.mode)) == kernels::kGRU;
+  const int64_t base = idx * c.per_dir, H = c.H;
+  matmul<T>(gw[base + 0], s.dgx, true, xl, false, false, nullptr, nullptr, c.bf16);
+  if (c.mode == kernels::kGRU_RESET_BEFORE) {  // W_h[r,z] from h_{t-1}, W_hn from r * h_{t-1}
+    matmul<T>(gw[base + 1].narrow(0, 0, 2 * H), s.dgh.narrow(1, 0, 2 * H), true, s.hprev_m,
+              false, false, nullptr, nullptr, c.bf16);
+    matmul<T>(gw[base + 1].narrow(0, 2 * H, H), s.dgh.narrow(1, 2 * H, H), true, s.r_all, false,
+              false, nullptr, nullptr, c.bf16);
+  } else {
+    matmul<T>(gw[base + 1], s.dln_rec, true, s.hprev_m, false, false, nullptr, nullptr, c.bf16);
+  }
+  if (c.bias && !c.ln()) {  // (the LayerNorm cells': ln_gradients)
+    if (!loop_bias) {
+      at::sum_out(const_cast<Tensor&>(gw[base + 2]), s.dgx, {0});
+      if (gru) at::sum_out(const_cast<Tensor&>(gw[base + 3]), s.dgh, {0});
+    }
+    // LSTM/RNN: both biases enter the same pre-activation.
+    if (!gru) gw[base + 3].copy_(gw[base + 2]);
+  }
+  if (c.P != c.H)
+    matmul<T>(gw[base + c.hr_index()], s.dh_all, true, s.r_all, false, false, nullptr, nullptr,
+              c.bf16);
+}
+
 template <typename T>
 void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& w,
                     const Tensor& h0, const std::optional<Tensor>& c0,
@@ -1023,107 +1148,31 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
                     const std::vector<Tensor>& gw, const DeviceSchedule& sched, bool poison,
                     bool need_grad_input, const std::optional<Tensor>& zone,
                     const std::optional<Tensor>& rmasks) {
-  const int mode = static_cast<int>(c.mode);
-  const bool lstm = kernels::has_cell_state(mode);
-  const bool gru = kernels::base_cell(mode) == kernels::kGRU;
-  const bool rb = c.mode == kernels::kGRU_RESET_BEFORE;
-  const bool proj = c.P != c.H;
+  const bool gru = kernels::base_cell(static_cast<int>(c.mode)) == kernels::kGRU;
   const auto opts = x.options();
-  // Scratch reused by every layer and direction. r_all: a projection's r_t,
-  // or the reset-before GRU's r * h_{t-1} (W_hn's operand).
-  const Tensor dgx = alloc({c.N, c.GH()}, opts, poison);
-  const Tensor dgh = gru ? alloc({c.N, c.GH()}, opts, poison) : dgx;
-  // LayerNorm cells: the gradient w.r.t. the raw recurrent products (W_hh's
-  // operand) and, LSTM_LN, w.r.t. LN(c_t).
-  const Tensor dln_rec = c.ln() ? alloc({c.N, c.GH()}, opts, poison) : dgh;
-  const Tensor dln_c = c.ln() && lstm ? alloc({c.N, c.H}, opts, poison) : Tensor();
-  const Tensor hprev = alloc({c.N, c.P}, opts, poison);
-  // With recurrent dropout, W_hh's gradient operand is h_{t-1} * m.
-  const Tensor hprev_m = rmasks ? alloc({c.N, c.P}, opts, poison) : hprev;
-  const Tensor r_all = proj || rb ? alloc({c.N, c.H}, opts, poison) : Tensor();
-  const Tensor dh_all = proj ? alloc({c.N, c.P}, opts, poison) : Tensor();
-
+  const BackwardScratch s = backward_scratch(c, opts, poison, rmasks.has_value());
+  const BackwardIO io{h0, c0, reserve, grad_hy, grad_cy, grad_reserve, dhx, dcx, zone, rmasks,
+                      sched};
+  // The CPU backend sums the bias gradients inside its time loop (the
+  // LayerNorm cells': ln_gradients, after it).
+  const bool loop_bias = c.bias && x.is_cpu() && !c.ln();
   std::optional<Tensor> go = grad_output;  // gradient w.r.t. layer l's output (N, D*P)
   for (int64_t l = c.L - 1; l >= 0; --l) {
     const Tensor xl = layer_input(c, l, x, reserve, masks);
-    const Tensor out_l = rows_of(reserve, c.inter_offset(l), 0, c.N, c.D * c.P);
     Tensor dxl = l == 0 ? grad_input : alloc({c.N, c.D * c.P}, opts, poison);
     for (const auto d : c10::irange(c.D)) {
-      const int64_t idx = l * c.D + d;
-      const Tensor& w_ih = c.w(w, l, d, 0);
-      kernels::LayerBackwardParams<T> p{};
-      fill_schedule(p, c, c.T, c.batch_sizes.data(), c.offsets.data(), sched, d == 1);
-      p.gates = reserve.data_ptr<T>() + c.gates_offset(idx);
-      p.extra = c.EH() > 0 ? reserve.data_ptr<T>() + c.extra_offset(idx) : nullptr;
-      p.grad_extra = lstm && grad_reserve.has_value()
-                         ? grad_reserve->data_ptr<T>() + c.extra_offset(idx)
-                         : nullptr;
-      p.ld_zone = zone_width(c);
-      p.zone = zone ? zone->data_ptr<T>() + idx * c.N * p.ld_zone : nullptr;
-      p.rmask = rmasks ? rmasks->data_ptr<T>() + idx * c.B * c.P : nullptr;
-      p.h_prev_m = rmasks ? hprev_m.data_ptr<T>() : nullptr;
-      p.out = out_l.data_ptr<T>() + d * c.P;
-      p.ld_out = c.D * c.P;
-      p.h0 = h0.data_ptr<T>() + idx * c.B * c.P;
-      p.c0 = lstm ? c0->data_ptr<T>() + idx * c.B * c.H : nullptr;
-      p.w_hh = c.w(w, l, d, 1).data_ptr<T>();
-      p.w_hr = proj ? c.w(w, l, d, c.hr_index()).data_ptr<T>() : nullptr;
-      T* const extra = p.extra ? reserve.data_ptr<T>() + c.extra_offset(idx) : nullptr;
-      if (c.ln()) {  // blocks after the (N, H) one of extra (layout at the top)
-        p.ln_hh = c.w(w, l, d, c.ln_index() + 1).data_ptr<T>();
-        p.ln_c_w = lstm ? c.w(w, l, d, c.ln_index() + 2).data_ptr<T>() : nullptr;
-        p.ln_c_b = lstm ? c.w(w, l, d, c.ln_index() + 3).data_ptr<T>() : nullptr;
-        p.ln_rec = extra + c.N * c.H;
-        p.dln_rec = dln_rec.data_ptr<T>();
-        p.dln_c = lstm ? dln_c.data_ptr<T>() : nullptr;
-      }
-      p.grad_out = go.has_value() ? go->data_ptr<T>() + d * c.P : nullptr;
-      p.ld_gout = c.D * c.P;
-      p.grad_hy = grad_hy.has_value() ? grad_hy->data_ptr<T>() + idx * c.B * c.P : nullptr;
-      p.grad_cy = (lstm && grad_cy.has_value()) ? grad_cy->data_ptr<T>() + idx * c.B * c.H : nullptr;
-      p.dgates_x = dgx.data_ptr<T>();
-      p.dgates_h = gru ? dgh.data_ptr<T>() : nullptr;
-      p.h_prev = hprev.data_ptr<T>();
-      p.r_all = proj || rb ? r_all.data_ptr<T>() : nullptr;
-      p.dh_all = proj ? dh_all.data_ptr<T>() : nullptr;
-      p.dh0 = dhx.data_ptr<T>() + idx * c.B * c.P;
-      p.dc0 = lstm ? dcx.data_ptr<T>() + idx * c.B * c.H : nullptr;
-      // The CPU backend sums the bias gradients inside its time loop (the
-      // LayerNorm cells': ln_gradients).
-      const bool loop_bias = c.bias && x.is_cpu() && !c.ln();
-      const int64_t base = idx * c.per_dir;
-      p.db_x = loop_bias ? gw[base + 2].data_ptr<T>() : nullptr;
-      p.db_h = loop_bias && gru ? gw[base + 3].data_ptr<T>() : nullptr;
+      const int64_t idx = l * c.D + d, base = idx * c.per_dir;
+      const LayerWeights lw = layer_weights(c, w, l, d);
+      T* const db_x = loop_bias ? gw[base + 2].data_ptr<T>() : nullptr;
+      T* const db_h = loop_bias && gru ? gw[base + 3].data_ptr<T>() : nullptr;
+      const auto p = backward_params<T>(c, lw, l, d, io, s, go, db_x, db_h);
       run_backward<T>(p, x.device(), c.bf16);
       if (c.ln())
-        ln_gradients<T>(c, reserve.data_ptr<T>() + c.gates_offset(idx), extra, dgx, dgh, dln_c,
-                        w, gw, l, d);
-
-      // Weight and input gradients: one GEMM each over all time steps.
-      matmul<T>(gw[base + 0], dgx, true, xl, false, false, nullptr, nullptr, c.bf16);
-      if (rb) {  // W_h[r,z] from h_{t-1}, W_hn from r * h_{t-1}
-        const int64_t H = c.H;
-        matmul<T>(gw[base + 1].narrow(0, 0, 2 * H), dgh.narrow(1, 0, 2 * H), true, hprev_m, false,
-                  false, nullptr, nullptr, c.bf16);
-        matmul<T>(gw[base + 1].narrow(0, 2 * H, H), dgh.narrow(1, 2 * H, H), true, r_all, false,
-                  false, nullptr, nullptr, c.bf16);
-      } else {
-        matmul<T>(gw[base + 1], dln_rec, true, hprev_m, false, false, nullptr, nullptr, c.bf16);
-      }
-      if (c.bias && !c.ln()) {
-        if (!loop_bias) {
-          at::sum_out(const_cast<Tensor&>(gw[base + 2]), dgx, {0});
-          if (gru) at::sum_out(const_cast<Tensor&>(gw[base + 3]), dgh, {0});
-        }
-        // LSTM/RNN: both biases enter the same pre-activation.
-        if (!gru) gw[base + 3].copy_(gw[base + 2]);
-      }
-      if (proj)
-        matmul<T>(gw[base + c.hr_index()], dh_all, true, r_all, false, false, nullptr, nullptr,
-                  c.bf16);
+        ln_gradients<T>(c, p.gates, p.extra, s.dgx, s.dgh, s.dln_c, w, gw, l, d);
+      weight_gradients<T>(c, idx, xl, s, gw, loop_bias);
       // Layer 0's input gradient only when the caller wants it (autograd asks
       // for it only if the input requires grad): a whole GEMM saved otherwise.
-      if (l > 0 || need_grad_input) matmul<T>(dxl, dgx, false, w_ih, false, d > 0);
+      if (l > 0 || need_grad_input) matmul<T>(dxl, s.dgx, false, *lw.w_ih, false, d > 0);
     }
     if (l > 0) {
       go = masks.has_value() ? dxl * masks->select(0, l - 1).reshape({c.N, c.D * c.P}) : dxl;
@@ -1131,20 +1180,14 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
-    const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
-    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks, const Tensor& reserve,
-    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
-    const std::optional<Tensor>& grad_cy, bool need_grad_input,
-    const std::optional<Tensor>& grad_reserve, const std::optional<Tensor>& zoneout,
-    const std::optional<Tensor>& recurrent_masks) {
-  const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
-                                bidirectional, has_biases, proj_size, dropout_masks);
-  check_zoneout(c, input, zoneout);
-  check_rmasks(c, input, recurrent_masks);
-  const at::ScalarType cd = compute_type(input.scalar_type());
+// rnn_backward's own arguments: the reserve and the incoming gradients.
+// Returns whether the gradient w.r.t. the reserve is read (an LSTM's cell
+// states).
+bool check_backward_inputs(const Config& c, const Tensor& input, at::ScalarType cd,
+                           const Tensor& reserve, const std::optional<Tensor>& grad_output,
+                           const std::optional<Tensor>& grad_hy,
+                           const std::optional<Tensor>& grad_cy,
+                           const std::optional<Tensor>& grad_reserve) {
   std::vector<int64_t> out_shape = c.packed ? std::vector<int64_t>{c.N, c.D * c.P}
                                             : std::vector<int64_t>{c.T, c.B, c.D * c.P};
   TORCH_CHECK(reserve.defined() && reserve.dim() == 1 && reserve.size(0) == c.reserve_size() &&
@@ -1175,6 +1218,26 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
                 "computed by the CPU backend only; got `grad_reserve` on ", input.device(),
                 ", expected cpu");
   }
+  return use_grad_reserve;
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
+    const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
+    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
+    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
+    const std::optional<Tensor>& dropout_masks, const Tensor& reserve,
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
+    const std::optional<Tensor>& grad_cy, bool need_grad_input,
+    const std::optional<Tensor>& grad_reserve, const std::optional<Tensor>& zoneout,
+    const std::optional<Tensor>& recurrent_masks) {
+  const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
+                                bidirectional, has_biases, proj_size, dropout_masks);
+  check_zoneout(c, input, zoneout);
+  check_rmasks(c, input, recurrent_masks);
+  const at::ScalarType cd = compute_type(input.scalar_type());
+  const bool lstm = kernels::has_cell_state(static_cast<int>(c.mode));
+  const bool use_grad_reserve = check_backward_inputs(c, input, cd, reserve, grad_output, grad_hy,
+                                                      grad_cy, grad_reserve);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
 #ifdef WITH_CUDA
   const c10::OptionalDeviceGuard guard(input.device());
