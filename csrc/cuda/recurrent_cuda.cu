@@ -55,20 +55,15 @@ using kernels::kLSTM;
 
 // ------------------------------------------------------------------ helpers
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fastcells CUDA: ") + what + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
-
 void check_call(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("fastcells CUDA: ") + what + " failed: " +
                              cudaGetErrorString(err));
   }
 }
+
+// After a kernel launch: the launch's own error, if any.
+void check_launch(const char* what) { check_call(cudaGetLastError(), what); }
 
 constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -607,10 +602,9 @@ __global__ void __launch_bounds__(1024) backward_persistent_kernel(const LayerBa
     const int na = min(nrows, bs - b0);
     if (na <= 0) continue;  // uniform across the block
     // Where each row's previous state came from in forward.
-    const int tp = p.reverse ? t + 1 : t - 1;
-    int bsp = 0;
-    int64_t offp = 0;
-    if (tp >= 0 && tp < T_) kernels::step_rows(p.batch_sizes_dev, p.row_offsets_dev, tp, B, bsp, offp);
+    int bsp;
+    int64_t offp;
+    kernels::prev_step_rows(p.batch_sizes_dev, p.row_offsets_dev, T_, B, t, p.reverse, bsp, offp);
     // Saved values of this thread's first pointwise element, loaded now so
     // that the loads overlap the dh_t and projection phases.
     SavedIn<T> pre{};
@@ -989,10 +983,9 @@ void recurrent_backward(const kernels::LayerBackwardParams<scalar_t>& p, void* w
     int64_t off;
     kernels::step_rows(p.batch_sizes, p.row_offsets, t, p.B, bs, off);
     if (bs <= 0) continue;
-    const int tp = p.reverse ? t + 1 : t - 1;
-    int bsp = 0;
-    int64_t offp = 0;
-    if (tp >= 0 && tp < p.T) kernels::step_rows(p.batch_sizes, p.row_offsets, tp, p.B, bsp, offp);
+    int bsp;
+    int64_t offp;
+    kernels::prev_step_rows(p.batch_sizes, p.row_offsets, p.T, p.B, t, p.reverse, bsp, offp);
     T* dh_cur = w.dh[cur];
     T* dh_next = w.dh[1 - cur];
     backward_step_prep_kernel<T><<<prep_blocks, 256, 0, stream>>>(p, bs, off, bsp, offp, dh_cur,

@@ -162,15 +162,24 @@ FC_HD void step_rows(const int64_t* bs, const int64_t* off, int t, int B, int& n
   }
 }
 
+// The step whose states step t continues from (t-1 going forward, t+1 in
+// reverse): its active rows n and first row row0; n = 0 for the first step
+// processed (every row starts from h0).
+FC_HD void prev_step_rows(const int64_t* bs, const int64_t* off, int T, int B, int t,
+                          bool reverse, int& n, int64_t& row0) {
+  const int tp = reverse ? t + 1 : t - 1;
+  n = 0;
+  row0 = 0;
+  if (tp >= 0 && tp < T) step_rows(bs, off, tp, B, n, row0);
+}
+
 // Row whose state row b of step t continues from, or -1 for h0: step t-1
 // going forward; going in reverse, step t+1 if b is still active there.
 FC_HD int64_t prev_row(const int64_t* bs, const int64_t* off, int T, int B, int t, int64_t b,
                        bool reverse) {
-  const int tp = reverse ? t + 1 : t - 1;
-  if (tp < 0 || tp >= T) return -1;
   int n;
   int64_t row0;
-  step_rows(bs, off, tp, B, n, row0);
+  prev_step_rows(bs, off, T, B, t, reverse, n, row0);
   return b < n ? row0 + b : -1;
 }
 
