@@ -386,6 +386,14 @@ def op_call_args(c: dict) -> tuple:
             c["dropout_masks"])
 
 
+def random_batch_sizes(T: int, B: int, g: torch.Generator) -> list[int]:
+    """PackedSequence batch sizes of B sequences with random lengths in [1, T], the
+    longest T."""
+    lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
+    lengths[0] = T
+    return [sum(1 for n in lengths if n > t) for t in range(T)]
+
+
 def state_option_case(cell: str, layers: int, D: int, proj: int, packed: bool, B: int = 4,
                       H: int = 5, T: int = 6, seed: int = 0):
     """Float64 leaves for fastcells._ops.rnn over any cell of the table (the
@@ -404,11 +412,7 @@ def state_option_case(cell: str, layers: int, D: int, proj: int, packed: bool, B
     g = torch.Generator().manual_seed(seed + 1)
     ws = [w.detach().clone().requires_grad_()
           for w in with_layer_norm(c, list(m._flat_weights), H, g)]
-    batch_sizes = None
-    if packed:
-        lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
-        lengths[0] = T
-        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(T)]
+    batch_sizes = random_batch_sizes(T, B, g) if packed else None
     rows = (sum(batch_sizes),) if packed else (T, B)
     x = torch.randn(*rows, I, generator=g, dtype=torch.double, requires_grad=True)
     h0 = torch.randn(layers * D, B, P, generator=g, dtype=torch.double, requires_grad=True)

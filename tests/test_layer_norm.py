@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (HAVE_FASTCELLS, TOL, assert_close_list, assert_op_matches_reference,
-                      with_layer_norm)
+                      random_batch_sizes, with_layer_norm)
 
 pytestmark = pytest.mark.skipif(not HAVE_FASTCELLS, reason="fastcells extension not built")
 
@@ -44,11 +44,7 @@ def _case(name, layers=1, D=1, packed=False, bias=True, T=6, B=4, I=3, H=5, seed
                 ws += [rnd(c.gates * H, scale=0.2), rnd(c.gates * H, scale=0.2)]
     ws = with_layer_norm(c, ws, H, g, per=4 if bias else 2)
     ws = [w.requires_grad_() for w in ws]
-    batch_sizes = None
-    if packed:
-        lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
-        lengths[0] = T
-        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(T)]
+    batch_sizes = random_batch_sizes(T, B, g) if packed else None
     rows = (sum(batch_sizes),) if packed else (T, B)
     x = rnd(*rows, I, scale=1.0).requires_grad_()
     h0 = rnd(layers * D, B, H, scale=1.0).requires_grad_()
