@@ -801,7 +801,7 @@ struct ForwardRows {
       if (ln) {  // (whole rows: u0 = 0, u1 = H)
         T* a = rec.data() + b * GH;
         ln_rec_row(GH, a, p.ln_hh, p.save ? p.ln_rec + (row0 + b) * GH : nullptr);
-        if (lstm) {
+        if (lstm) {  // the LSTM's step, then h_t again from LN(c_t) in place of c_t
           accumulate_row(0, GH, gt, a);
           lstm_forward_row(H, 0, H, gt, c.data() + b * H, e, hn);
           ln_lstm_out_row(H, gt + 3 * H, c.data() + b * H, p.ln_c_w, p.ln_c_b, hn);
