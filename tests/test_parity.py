@@ -441,16 +441,17 @@ def test_inference_forward_has_the_training_forward_bits(mode, hidden, proj):
 
 
 STEP_CASES = ["LSTM", "LSTM-proj", "LSTM-packed", "GRU", "GRU-reset_before", "RNN_TANH",
-              "LSTM-bfloat16", "GRU-float64"]
+              "LSTM-bfloat16", "GRU-float64", "LSTM-units", "GRU-units"]
 
 
 @pytest.mark.parametrize("case", STEP_CASES)
 def test_inference_with_the_input_product_per_step(case):
     """Inference calls whose gates outgrow the L2 cache run the input product
     inside the time loop, step by step (csrc/ops.cpp, input_product_per_step;
-    these sizes hold 5-11 MB of gates, over the threshold on any host): the
+    these sizes hold 4-11 MB of gates, over the threshold on any host): the
     bits of the training forward, which runs it as one product, on one thread
-    and on two."""
+    and on two. "units": batch 8 with hidden 512, where two threads split the
+    hidden units (each computes its own columns of the input product)."""
     import fastcells
 
     name, _, opt = case.partition("-")
@@ -461,14 +462,17 @@ def test_inference_with_the_input_product_per_step(case):
     if opt == "reset_before":
         kw["reset_after"] = False
     H = 256 if name.startswith("RNN") else 64
+    T, B = 160, 64
+    if opt == "units":
+        H, T, B, kw = 512, 96, 8, {}
     torch.manual_seed(0)
     cls = fastcells.RNN if name.startswith("RNN") else getattr(fastcells, name)
     mod = cls(7, H, **kw).to(dtype)
-    x = torch.randn(160, 64, 7, dtype=dtype)
+    x = torch.randn(T, B, 7, dtype=dtype)
     inp = x
     if opt == "packed":
-        lengths = torch.randint(100, 161, (64,))
-        lengths[0] = 160
+        lengths = torch.randint(100, T + 1, (B,))
+        lengths[0] = T
         inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
     threads = torch.get_num_threads()
     try:

@@ -851,7 +851,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   const auto holds = [&](ForwardPack<T>& f) {
     return PackedB<T>(f.w_hh_t).holds(P, GH, seg, Pairs) &&
            (!proj || PackedB<T>(f.w_hr_t).holds(H, P, P, Pairs)) &&
-           (!step_x || PackedB<T>(f.w_ih_t).holds(p.I, GH, GH, Pairs));
+           (!step_x || PackedB<T>(f.w_ih_t).holds(p.I, GH, seg, Pairs));
   };
   ForwardPack<T> local;
   ForwardPack<T>& wp = keep && (!keep->w_hh_t.ready || holds(*keep)) ? *keep : local;
@@ -860,7 +860,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   if (fill) {
     w_hh_t.init(P, GH, seg, Pairs);
     if (proj) w_hr_t.init(H, P, P, Pairs);
-    if (step_x) w_ih_t.init(p.I, GH, GH, Pairs);
+    if (step_x) w_ih_t.init(p.I, GH, seg, Pairs);
   }
   constexpr int64_t q = PackedB<T>::NB;
 
@@ -885,11 +885,16 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       // Recurrent product of gates [g0, g1) for this thread's rows, or its
       // units of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}.
       T* const g0 = st.step_gates(row0);
-      if (step_x) {  // x_t W_ih^T + bias: own rows, or a share of all rows with units split
-        const auto xr = pt.sync ? share(M, tid, team, 1) : std::make_pair(b0, b1);
-        w_ih_t.mm(xr.second - xr.first, 0, w_ih_t.panels(), p.x + (row0 + xr.first) * p.ld_x,
-                  p.ld_x, 1, g0 + xr.first * GH, GH, false, p.x_bias);
-        part_barrier(pt, barrier);
+      if (step_x) {  // x_t W_ih^T + bias: the columns this thread's product and gates use
+        const T* xt = p.x + row0 * p.ld_x;
+        if (!pt.sync) {
+          w_ih_t.mm(b1 - b0, 0, w_ih_t.panels(), xt + b0 * p.ld_x, p.ld_x, 1, g0 + b0 * GH, GH,
+                    false, p.x_bias);
+        } else if (u1 > u0) {  // (W_ih^T in one segment per gate, as W_hh^T)
+          for (int64_t g = 0; g < G; ++g)
+            w_ih_t.mm(M, w_ih_t.panel_at(g * H + u0), w_ih_t.panel_at(g * H + u1 - 1) + 1, xt,
+                      p.ld_x, 1, g0, GH, false, p.x_bias);
+        }
       }
       const bool apart = gru || st.ln;  // the product goes to st.rec
       T* const prod = apart ? st.rec.data() : g0;
