@@ -243,7 +243,7 @@ def test_avx512_bf16_products_are_bfloat16_and_accurate(case):
     assert not torch.equal(wide[0], native[0]), "the bfloat16 products did not run"
 
 
-# Per-step products of 2 Mi multiply-adds and more (kPairsBackwardWork): the
+# Per-step products of 256 Ki multiply-adds and more (kPairsBackwardWork): the
 # bfloat16 backward runs them on bfloat16 operands; a projection's W_hr too.
 BF16_BACKWARD_CASES = [
     ("LSTM", 4, 32, 8, 128, 0, False),
@@ -282,14 +282,14 @@ def test_avx512_bf16_backward_products_are_bfloat16_and_accurate(case):
 
 
 def test_avx512_bf16_backward_chooses_products_by_size():
-    """Below kPairsBackwardWork (here 512 Ki multiply-adds per step) the
+    """Below kPairsBackwardWork (here 128 Ki multiply-adds per step) the
     bfloat16 backward's time loop widens, as the avx512 path does, and so do
     weight gradients with fewer than kPairsGemmRows rows (dW_ih: 8 input
     features): those gradients keep the same bits. dW_hh (128 rows, the hidden
     size, over 512 gate units) runs on bfloat16 operands, and stays as accurate
     as widening."""
     _needs_bf16_path()
-    case = ("LSTM", 4, 8, 8, 128, 0, False)
+    case = ("LSTM", 4, 2, 8, 128, 0, False)
     wide = _backward_from("avx512_bf16", "avx512", case)
     native = _backward_from("avx512_bf16", "avx512_bf16", case)
     names = ["input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]

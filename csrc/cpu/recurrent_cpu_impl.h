@@ -51,12 +51,13 @@ constexpr int64_t kParallelGemm = 1 << 20;
 
 // From this many multiply-adds per step a bfloat16 backward runs its per-step
 // products on bfloat16 operands (Pairs). Measured on a 2-core AVX-512-BF16
-// host (LSTM, bfloat16, time loop of the backward alone, paired against
-// widening in one build): 1.1-1.3x faster from 2 Mi (batch 8 hidden 256,
-// batch 64 hidden 128, batch 256 hidden 64; 1.5x at batch 64 hidden 256),
-// 10-20% slower at 1 Mi and below (batch 64 hidden 64, batch 1 hidden 256),
-// where rounding each step's gate gradients costs more than it saves.
-constexpr int64_t kPairsBackwardWork = 1 << 21;
+// host (LSTM, bfloat16, module forward+backward, the two thresholds in
+// separate processes, alternating, at one and at two threads): 1.05-1.6x
+// faster from 256 Ki (batch 32 hidden 64 1.1x, batch 64 hidden 64 1.13x,
+// batch 16 hidden 128 1.14x, batch 4 hidden 256 1.6x; with the batch rows
+// split among threads as they are now); below 256 Ki within 4% either way,
+// where rounding each step's gate gradients costs what the products save.
+constexpr int64_t kPairsBackwardWork = 1 << 18;
 
 using gemm::PackedB;
 
