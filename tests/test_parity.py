@@ -441,7 +441,7 @@ def test_inference_forward_has_the_training_forward_bits(mode, hidden, proj):
 
 
 STEP_CASES = ["LSTM", "LSTM-proj", "LSTM-packed", "GRU", "GRU-reset_before", "RNN_TANH",
-              "LSTM-bfloat16", "GRU-float64", "LSTM-units", "GRU-units"]
+              "LSTM-bfloat16", "GRU-float64", "LSTM-units", "GRU-units", "LSTM-zoneout"]
 
 
 @pytest.mark.parametrize("case", STEP_CASES)
@@ -461,6 +461,8 @@ def test_inference_with_the_input_product_per_step(case):
         kw["proj_size"] = 24
     if opt == "reset_before":
         kw["reset_after"] = False
+    if opt == "zoneout":
+        kw["zoneout"] = 0.3
     H = 256 if name.startswith("RNN") else 64
     T, B = 160, 64
     if opt == "units":
@@ -468,6 +470,8 @@ def test_inference_with_the_input_product_per_step(case):
     torch.manual_seed(0)
     cls = fastcells.RNN if name.startswith("RNN") else getattr(fastcells, name)
     mod = cls(7, H, **kw).to(dtype)
+    if opt == "zoneout":
+        mod.eval()  # (the expectation: the same weights in both calls)
     x = torch.randn(T, B, 7, dtype=dtype)
     inp = x
     if opt == "packed":
