@@ -987,30 +987,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
   return {output.to(out_t), hy.to(out_t), cy.to(out_t), reserve};
 }
 
-// The LayerNorm cells' parameter gradients of layer l, direction d, after
-// the time loop: the biases and LN gains from the gradients w.r.t. the
-// normalised pre-activations (dgx; the GRU's recurrent side dgh), the cell
-// state's LN from dln_c; then dgx becomes the gradient w.r.t. the raw
-// x W_ih^T, which the weight and input GEMMs read. Sums in row order.
-template <typename T>
-void ln_gradients(const Config& c, const T* gates, const T* extra, const Tensor& dgx,
-                  const Tensor& dgh, const Tensor& dln_c, const std::vector<Tensor>& w,
-                  const std::vector<Tensor>& gw, int64_t l, int64_t d) {
-  const int64_t N = c.N, H = c.H, GH = c.GH();
-  const int64_t base = (l * c.D + d) * c.per_dir, k = base + c.ln_index();
-  const T* rec = extra + N * H;  // raw h_{t-1} W_hh^T, then raw x W_ih^T
-  const T* raw_x = rec + N * GH;
-  T* const db_ih = c.bias ? gw[base + 2].data_ptr<T>() : nullptr;
-  T* const db_hh = c.bias ? gw[base + 3].data_ptr<T>() : nullptr;
-  ln_backward<T>(N, GH, rec, w[k + 1].data_ptr<T>(), dgh.data_ptr<T>(), gw[k + 1].data_ptr<T>(),
-                 db_hh, nullptr);
-  ln_backward<T>(N, GH, raw_x, w[k].data_ptr<T>(), dgx.data_ptr<T>(), gw[k].data_ptr<T>(), db_ih,
-                 dgx.data_ptr<T>());
-  if (dln_c.defined()) {  // y = LN(c_t; w_c, b_c): c_t is extra's first block
-    ln_backward<T>(N, H, extra, w[k + 2].data_ptr<T>(), dln_c.data_ptr<T>(),
-                   gw[k + 2].data_ptr<T>(), gw[k + 3].data_ptr<T>(), nullptr);
-  }
-}
 
 // The backward's scratch, reused by every layer and direction. r_all: a
 // projection's r_t, or the reset-before GRU's r * h_{t-1} (W_hn's operand);
@@ -1108,6 +1084,28 @@ kernels::LayerBackwardParams<T> backward_params(const Config& c, const LayerWeig
   return p;
 }
 
+// The LayerNorm cells' parameter gradients of one layer and direction
+// (`grad`: its gradient tensors by name) after the time loop: the biases and
+// LN gains from the gradients w.r.t. the normalised pre-activations (dgx; the
+// GRU's recurrent side dgh), the cell state's LN from dln_c; then dgx becomes
+// the gradient w.r.t. the raw x W_ih^T, which the weight and input GEMMs
+// read. Sums in row order.
+template <typename T>
+void ln_gradients(const Config& c, const T* extra, const BackwardScratch& s,
+                  const LayerWeights& lw, const LayerWeights& grad) {
+  const int64_t N = c.N, H = c.H, GH = c.GH();
+  const T* rec = extra + N * H;  // raw h_{t-1} W_hh^T, then raw x W_ih^T
+  const T* raw_x = rec + N * GH;
+  ln_backward<T>(N, GH, rec, lw.ln_hh->data_ptr<T>(), s.dgh.data_ptr<T>(),
+                 grad.ln_hh->data_ptr<T>(), ptr_or_null<T>(grad.b_hh), nullptr);
+  ln_backward<T>(N, GH, raw_x, lw.ln_ih->data_ptr<T>(), s.dgx.data_ptr<T>(),
+                 grad.ln_ih->data_ptr<T>(), ptr_or_null<T>(grad.b_ih), s.dgx.data_ptr<T>());
+  if (lw.ln_c_w != nullptr) {  // y = LN(c_t; w_c, b_c): c_t is extra's first block
+    ln_backward<T>(N, H, extra, lw.ln_c_w->data_ptr<T>(), s.dln_c.data_ptr<T>(),
+                   grad.ln_c_w->data_ptr<T>(), grad.ln_c_b->data_ptr<T>(), nullptr);
+  }
+}
+
 // Layer l, direction d's weight gradients after its loop: one GEMM each over
 // all time steps; the biases' where the loop did not sum them (`loop_bias`).
 template <typename T>
@@ -1167,8 +1165,7 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
       T* const db_h = loop_bias && gru ? gw[base + 3].data_ptr<T>() : nullptr;
       const auto p = backward_params<T>(c, lw, l, d, io, s, go, db_x, db_h);
       run_backward<T>(p, x.device(), c.bf16);
-      if (c.ln())
-        ln_gradients<T>(c, p.gates, p.extra, s.dgx, s.dgh, s.dln_c, w, gw, l, d);
+      if (c.ln()) ln_gradients<T>(c, p.extra, s, lw, layer_weights(c, gw, l, d));
       weight_gradients<T>(c, idx, xl, s, gw, loop_bias);
       // Layer 0's input gradient only when the caller wants it (autograd asks
       // for it only if the input requires grad): a whole GEMM saved otherwise.
