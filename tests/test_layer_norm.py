@@ -286,3 +286,28 @@ def test_compile_fullgraph(name):
     want = m(x)[0]
     got = torch.compile(m, backend="aot_eager", fullgraph=True)(x)[0]
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", LN_CELLS)
+def test_second_derivatives_run_the_reference(name):
+    """create_graph=True (a gradient penalty) goes through the reference, as for
+    every cell (fastcells/_transforms.py): the penalty's gradients equal the
+    reference's own double backward."""
+    import warnings
+
+    c = cell_named(name)
+    m = _module_and_reference(name, batch_first=False)
+    x = torch.randn(4, 2, 3, dtype=torch.double, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the reference path warns once per process)
+        g, = torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
+    g.square().sum().backward()
+    x2 = x.detach().requires_grad_()
+    ws = [w.detach().requires_grad_() for w in m._flat_weights]
+    h0 = torch.zeros(4, 2, 5, dtype=torch.double)
+    out = reference.rnn_reference(x2, ws, h0, h0 if c.has_cell_state else None, None, c.code, 2,
+                                  True, True, 0)[0]
+    g2, = torch.autograd.grad(out.square().sum(), x2, create_graph=True)
+    g2.square().sum().backward()
+    assert_close_list([g] + [w.grad for w in m._flat_weights],
+                      [g2] + [w.grad for w in ws], torch.float64)
