@@ -721,9 +721,10 @@ void ln_backward(int64_t N, int64_t n, const T* a, const T* g, T* dy, T* dg, T* 
 // faster as one product. Measured on a 2-core AVX-512 host, no_grad forward,
 // both forms in separate processes, alternating: 1.04-1.18x from 3.7 MB of
 // gates (LSTM 112,8,16,256 1.08x, 168,64,16,64 1.14x, 112,256,16,32 1.14x,
-// 64,128,256,512 1.07x; GRU and RNN alike); 0.4-0.8x below 1 MB or at batch
-// 1-4 (a product call per step for a few rows, and with units split among
-// threads a barrier more per step).
+// 64,128,256,512 1.07x; GRU and RNN alike; level where threads split hidden
+// units, batch 8 hidden 512); 0.4-0.8x below 1 MB or at batch 1-4, measured
+// when a split of units still added a barrier per step (a product call per
+// step for a few rows).
 bool input_product_per_step(const Config& c, bool keep, bool cpu) {
   if (!cpu || keep || c.ln() || c.B < 8) return false;
   return c.N * c.GH() * static_cast<int64_t>(sizeof(float)) >= 4 * cpu::row_split_bytes();
@@ -782,16 +783,20 @@ Chunk chunk_of(const Config& c, std::pair<int64_t, int64_t> steps) {
   return k;
 }
 
-// What the forward of every layer and direction reads and writes besides the
-// weights and the layer's input and output.
-struct ForwardIO {
+// What both passes of every layer and direction read besides the weights:
+// the initial states, the per-step options and the schedule.
+struct LayerIO {
   const Tensor& h0;
   const std::optional<Tensor>& c0;
-  const Tensor& hy;
-  const Tensor& cy;
   const std::optional<Tensor>& zone;
   const std::optional<Tensor>& rmasks;
   const DeviceSchedule& sched;
+};
+
+// The forward's own: the final states, and where gates and outputs go.
+struct ForwardIO : LayerIO {
+  const Tensor& hy;
+  const Tensor& cy;
   bool keep;  // training: gates and outputs go to the reserve
 };
 
@@ -911,7 +916,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
     if (step_x) rows = c.B;
     scratch = alloc({rows * (c.GH() + c.EH())}, opts, poison);
   }
-  const ForwardIO io{h0, c0, hy, cy, zone, rmasks, sched, keep};
+  const ForwardIO io{{h0, c0, zone, rmasks, sched}, hy, cy, keep};
   Tensor prev_out;  // output of layer l-1 (N, D*P)
   for (const auto l : c10::irange(c.L)) {
     Tensor xl = x;
@@ -1014,20 +1019,16 @@ BackwardScratch backward_scratch(const Config& c, const at::TensorOptions& opts,
   return s;
 }
 
-// What the backward of every layer and direction reads and writes besides
-// the weights, the scratch and the gradient w.r.t. the layer's output.
-struct BackwardIO {
-  const Tensor& h0;
-  const std::optional<Tensor>& c0;
+// The backward's own, besides the scratch and the gradient w.r.t. the
+// layer's output: the saved reserve, the incoming state gradients and the
+// state gradients it writes.
+struct BackwardIO : LayerIO {
   const Tensor& reserve;
   const std::optional<Tensor>& grad_hy;
   const std::optional<Tensor>& grad_cy;
   const std::optional<Tensor>& grad_reserve;
   const Tensor& dhx;
   const Tensor& dcx;
-  const std::optional<Tensor>& zone;
-  const std::optional<Tensor>& rmasks;
-  const DeviceSchedule& sched;
 };
 
 // The loop's params for layer l, direction d; `go` the gradient w.r.t. the
@@ -1149,8 +1150,8 @@ void backward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>&
   const bool gru = kernels::base_cell(static_cast<int>(c.mode)) == kernels::kGRU;
   const auto opts = x.options();
   const BackwardScratch s = backward_scratch(c, opts, poison, rmasks.has_value());
-  const BackwardIO io{h0, c0, reserve, grad_hy, grad_cy, grad_reserve, dhx, dcx, zone, rmasks,
-                      sched};
+  const BackwardIO io{{h0, c0, zone, rmasks, sched}, reserve, grad_hy, grad_cy, grad_reserve, dhx,
+                      dcx};
   // The CPU backend sums the bias gradients inside its time loop (the
   // LayerNorm cells': ln_gradients, after it).
   const bool loop_bias = c.bias && x.is_cpu() && !c.ln();

@@ -183,6 +183,24 @@ inline Part part_of(bool by_rows, int64_t B, int64_t H, int64_t P, int tid, int 
   return {0, B, units.first, units.second, cols.first, cols.second, true};
 }
 
+// The team of a time loop with `work` multiply-adds per step over `steps`
+// steps: its size and whether its threads split batch rows (split_by_rows,
+// W_hh of w_hh_elems values of w_elem bytes). `whole_rows` (the LayerNorm
+// cells: row statistics need every unit of a row) runs on one thread where
+// the rows would not be split.
+struct LoopTeam {
+  int nt;
+  bool by_rows;
+};
+
+inline LoopTeam loop_team(int64_t B, int64_t work, int steps, int64_t w_hh_elems,
+                          size_t w_elem, bool whole_rows) {
+  LoopTeam lt{team_size(work, kParallelWork, steps), false};
+  lt.by_rows = split_by_rows(lt.nt, B, w_hh_elems, w_elem);
+  if (whole_rows && !lt.by_rows) lt.nt = 1;
+  return lt;
+}
+
 // Thread tid's share of the panels of b (after b.init); the team must meet
 // at a barrier before any thread reads b.
 template <typename T>
@@ -759,11 +777,11 @@ struct ForwardRows {
   const std::vector<T> no_bias;
   const T* b_hn;
 
-  // Where step row0's gates and extra rows start (one step's buffer when the
-  // input product runs per step, p.x).
-  T* step_gates(int64_t row0) const { return p.x ? p.gates : p.gates + row0 * GH; }
-  T* step_extra(int64_t row0) const {
-    return p.extra == nullptr ? nullptr : p.x ? p.extra : p.extra + row0 * H;
+  // Row b of step row0's gates and extra (one step's buffer when the input
+  // product runs per step, p.x; extra null when the cell saves none).
+  T* step_gates(int64_t row0, int64_t b) const { return p.gates + ((p.x ? 0 : row0) + b) * GH; }
+  T* step_extra(int64_t row0, int64_t b) const {
+    return p.extra ? p.extra + ((p.x ? 0 : row0) + b) * H : nullptr;
   }
 
   explicit ForwardRows(const kernels::LayerForwardParams<T>& params)
@@ -789,14 +807,14 @@ struct ForwardRows {
     if constexpr (std::is_same<T, float>::value) {
       packed_rows = lstm && !ln && !sync && H <= kPackedRowsMaxH && p.zone == nullptr;
       if (packed_rows)
-        lstm_forward_rows(b1 - b0, H, step_gates(row0) + b0 * GH, GH, c.data() + b0 * H,
-                          step_extra(row0) + b0 * H,
+        lstm_forward_rows(b1 - b0, H, step_gates(row0, b0), GH, c.data() + b0 * H,
+                          step_extra(row0, b0),
                           proj ? r.data() + b0 * H : h_next + b0 * P, proj ? H : P);
     }
 #endif
     for (int64_t b = packed_rows ? b1 : b0; b < b1; ++b) {
-      T* gt = step_gates(row0) + b * GH;
-      T* e = p.extra ? step_extra(row0) + b * H : nullptr;
+      T* gt = step_gates(row0, b);
+      T* e = step_extra(row0, b);
       const T* hp = h_cur + b * P;
       T* hn = h_next + b * P;
       if (ln) {  // (whole rows: u0 = 0, u1 = H)
@@ -837,10 +855,11 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   const bool lstm = st.lstm, gru = st.gru, proj = st.proj, rb = st.rb;
   // Double-buffered hidden state: step t reads h[cur], writes h[1 - cur].
   LineVector<T> h_a(p.h0, p.h0 + B * P), h_b(h_a);
-  int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
   // Pairs pack two bfloat16 values in each float slot: half the bytes.
-  const bool by_rows = split_by_rows(nt, B, GH * P, Pairs ? sizeof(T) / 2 : sizeof(T));
-  if (st.ln && !by_rows) nt = 1;  // whole rows per thread (see ln_rec_row)
+  const int64_t work = int64_t(B) * GH * P;
+  const LoopTeam lt = loop_team(B, work, p.T, GH * P, Pairs ? sizeof(T) / 2 : sizeof(T), st.ln);
+  const int nt = lt.nt;
+  const bool by_rows = lt.by_rows;
   // W_hh^T (P, G*H), one segment per gate when the units are split among
   // threads or the gates' products run apart (reset-before GRU), and W_hr^T
   // (H, P); packed by the team unless `keep` holds them. A `keep` already
@@ -885,7 +904,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
         copy_row(pt.c0, pt.c1, h_cur + b * P, h_next + b * P);
       // Recurrent product of gates [g0, g1) for this thread's rows, or its
       // units of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}.
-      T* const g0 = st.step_gates(row0);
+      T* const g0 = st.step_gates(row0, 0);
       if (step_x) {  // x_t W_ih^T + bias: the columns this thread's product and gates use
         const T* xt = p.x + row0 * p.ld_x;
         if (!pt.sync) {
@@ -948,7 +967,7 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
       std::copy(h_cur + b0 * P, h_cur + pt.b1 * P, p.hy + b0 * P);
       if (lstm) std::copy(st.c.begin() + b0 * H, st.c.begin() + pt.b1 * H, p.cy + b0 * H);
     }
-  }, loop_key(false, int64_t(B) * GH * P, p.T));
+  }, loop_key(false, work, p.T));
   if (fill) {  // (a pack it did not fill may be shared: no write at all)
     w_hh_t.set_ready();
     if (proj) w_hr_t.set_ready();
@@ -1132,9 +1151,10 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
   const bool gru = st.gru, rb = st.rb, proj = st.proj;
   // The per-step product's operand: the gradient w.r.t. h_{t-1} W_hh^T.
   const T* dgh_base = st.ln ? p.dln_rec : gru ? p.dgates_h : p.dgates_x;
-  int nt = team_size(int64_t(B) * GH * P, kParallelWork, p.T);
-  const bool by_rows = split_by_rows(nt, B, GH * P, sizeof(T));
-  if (st.ln && !by_rows) nt = 1;  // whole rows per thread, as forward
+  const int64_t work = int64_t(B) * GH * P;
+  const LoopTeam lt = loop_team(B, work, p.T, GH * P, sizeof(T), st.ln);
+  const int nt = lt.nt;
+  const bool by_rows = lt.by_rows;
   // W_hh (G*H, P) for dh_{t-1} = dgates_h W_hh; the reset-before GRU takes
   // its rows apart: W_h[r,z] (2H, P) for that product, W_hn (H, P) for
   // d(r * h_{t-1}) = da_n W_hn. W_hr (P, H) of a projection.
@@ -1193,7 +1213,7 @@ void recurrent_backward(const kernels::LayerBackwardParams<T>& p) {
       if (st.lstm)
         std::copy(st.dc.begin() + pt.b0 * H, st.dc.begin() + pt.b1 * H, p.dc0 + pt.b0 * H);
     }
-  }, loop_key(true, int64_t(B) * GH * P, p.T));
+  }, loop_key(true, work, p.T));
   st.reduce_biases();
 }
 
