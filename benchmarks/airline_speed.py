@@ -37,7 +37,7 @@ import _common as C  # noqa: E402
 
 AIRLINE = (112, 1, 3, 6)
 GRID = [(128, 32, 8, 32), (168, 64, 16, 64), (168, 64, 64, 128), (256, 32, 128, 256), (64, 128, 256, 512)]
-# Issue 3 targets on CPU float32: minimum speed-ups.
+# The project's speed targets for the airline model (CPU float32): minimum speed-ups.
 AIRLINE_TARGETS = {("lstm", "fwd+bwd"): 10.0, ("lstm", "epoch"): 2.5, ("gru", "fwd+bwd"): 50.0, ("gru", "epoch"): 20.0}
 GRID_TARGET = 1.0  # never slower
 
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     C.write_json(args.out / f"{stem}.json", out)
     with open(args.out / f"{stem}.md", "w", encoding="utf-8") as f:
-        f.write(f"# fastcells vs torch.nn: issue-3 speed targets ({device}, {args.dtype})\n\n")
+        f.write(f"# fastcells vs torch.nn: speed targets of the airline model ({device}, {args.dtype})\n\n")
         f.write(f"Machine: {C.machine_line(machine)}. Medians of {args.repeats} (airline) / {args.grid_repeats} "
                 f"(grid) interleaved rounds of blocked_autorange; speed-up = torch.nn / fastcells.\n\n")
         f.write(table)

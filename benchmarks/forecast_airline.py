@@ -38,7 +38,7 @@ LAYERS = 2
 LR = 0.1
 TRAIN_RATE = 0.8
 CELLS = ("lstm", "gru", "rnn")
-# Issue 4 targets for the training epoch (2-core CPU, float32).
+# The project's targets for the training epoch (2-core CPU, float32).
 TARGETS = {"lstm": 2.5, "gru": 20.0}
 
 

@@ -40,7 +40,7 @@ import _common as C  # noqa: E402
 LOOKBACK = 168
 HORIZON = 24
 TRAIN_FRACTION = 0.8
-# Issue 4 targets (2-core CPU, float32): minimum epoch speed-up by hidden size.
+# The project's targets (2-core CPU, float32): minimum epoch speed-up by hidden size.
 TARGETS = {64: 2.0, 128: 1.0}
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from registry import result_name  # noqa: E402
 
 
 def x(v: float) -> str:
@@ -251,15 +252,6 @@ def variants_section(d: dict, slower: list[str]) -> str:
     out.append(C.md_table(["variant", "mode", "T,B,I,H", "reference ms", "fastcells ms",
                            "speed-up", "target"], rows))
     return "".join(out)
-
-
-CPU_ONLY = ("cpu_peak", "shared_cores")  # named <stem>_<isa>.json
-
-
-def result_name(stem: str, device: str) -> str | None:
-    if stem in CPU_ONLY:
-        return f"{stem}_{device[4:]}.json" if device.startswith("cpu_") else None
-    return f"{stem}_{device}.json"
 
 
 def result_tag(d: dict) -> str:

@@ -280,3 +280,45 @@ def test_variants_runs(tmp_path):
     for r in out["rows"]:
         assert r["speedup"]["median"] > 0
     assert "| variant | mode |" in (tmp_path / f"variants_{TAG}_quick.md").read_text()
+
+
+def _run_py(*args, timeout=300):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "run.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_registry_lists_every_benchmark_script():
+    """Every script that measures is in benchmarks/registry.py, and run.py lists it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from registry import BENCHMARKS
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    helpers = {"_common.py", "registry.py", "run.py", "make_readme_tables.py"}
+    scripts = {p.name for p in (REPO / "benchmarks").glob("*.py")} - helpers
+    assert {b.script for b in BENCHMARKS} == scripts
+    proc = _run_py("list")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == [b.name for b in BENCHMARKS]
+
+
+def test_ab_against_a_built_checkout(tmp_path):
+    """run.py ab times two builds in alternating processes (here the same
+    checkout on both sides) and writes the per-case times and ratios."""
+    cases = ["LSTM:1,4,3,6:2:step:float32", "GRU:5,2,3,6:fb:float32"]
+    proc = _run_py("ab", "--base-root", str(REPO), "--cases", *cases, "--rounds", "2",
+                   "--min-run-time", "0.01", "--threads", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [path] = tmp_path.glob("ab_*.json")
+    out = json.loads(path.read_text())
+    assert out["base"]["commit"] == out["head"]["commit"]
+    assert [r["case"] for r in out["rows"]] == cases
+    for r in out["rows"]:
+        assert r["base_ms"] > 0 and r["head_ms"] > 0 and r["speedup"]["n"] == 2
+    assert "| case | base ms | head ms | speed-up |" in path.with_suffix(".md").read_text()
+
+
+def test_ab_refuses_a_malformed_case():
+    proc = _run_py("ab", "--base-root", str(REPO), "--cases", "LSTM:1,4,3:fb:float32")
+    assert proc.returncode != 0
+    assert "CELL:T,B,I,H[:LAYERS]:MODE:DTYPE" in proc.stderr
