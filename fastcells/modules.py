@@ -205,6 +205,14 @@ def _initial_state(m, hx, has_cell_state: bool, B: int, batched: bool, sorted_in
     """(h_0, c_0) in the op's layout, or (None, None) for zero states."""
     if hx is None:
         return None, None  # zero initial states, created inside the op
+    D, H, P = _sizes(m)
+    L = m.num_layers
+    if batched and sorted_indices is None:  # the common case: shapes checked at once
+        h0, c0 = hx if has_cell_state and isinstance(hx, tuple) and len(hx) == 2 else (hx, None)
+        if isinstance(h0, Tensor) and h0.shape == (L * D, B, P) and (
+                (c0 is None and not has_cell_state) or
+                (isinstance(c0, Tensor) and c0.shape == (L * D, B, H))):
+            return h0, c0
     name = type(m).__name__
     if has_cell_state:
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -224,8 +232,6 @@ def _initial_state(m, hx, has_cell_state: bool, B: int, batched: bool, sorted_in
     if sorted_indices is not None:
         h0 = h0.index_select(1, sorted_indices)
         c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
-    D, H, P = _sizes(m)
-    L = m.num_layers
     if h0.shape != (L * D, B, P):  # (torch.Size compares with a tuple)
         raise RuntimeError(f"{name}: Expected hidden{'[0]' if has_cell_state else ''} size "
                            f"{(L * D, B, P)}, got {list(h0.shape)}")
