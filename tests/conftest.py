@@ -338,8 +338,11 @@ def module_grid(seed: int = 0) -> list[dict]:
 
 def op_case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_size: int = 0,
           bias: bool = True, masks: bool = False, T: int = 3, B: int = 2, I: int = 2, H: int = 3,
-          dtype: torch.dtype = torch.float64, seed: int = 0) -> dict:
-    """Arguments of functional.rnn / the ops for one configuration, random values."""
+          dtype: torch.dtype = torch.float64, seed: int = 0,
+          batch_sizes: list[int] | None = None) -> dict:
+    """Arguments of functional.rnn / the ops for one configuration, random values
+    (`batch_sizes`: packed input of these batch sizes instead of drawn lengths).
+    The one sample-input factory of the op tests."""
     g = torch.Generator().manual_seed(seed)
     cl = cell_named(mode)  # any row of the table
     mode_id = cl.code
@@ -361,8 +364,9 @@ def op_case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_
             # The LayerNorm cells' gains and LN bias (G*H, G*H[, H, H]).
             weights += [1 + 0.2 * rnd(n) for n in [G * H, G * H, H, H][:cl.norms]]
     if packed:
-        lengths = sorted(packed_lengths(T, B), reverse=True)
-        batch_sizes = [sum(1 for n in lengths if n > t) for t in range(max(lengths))]
+        if batch_sizes is None:
+            lengths = sorted(packed_lengths(T, B), reverse=True)
+            batch_sizes = [sum(1 for n in lengths if n > t) for t in range(max(lengths))]
         x = rnd(sum(batch_sizes), I)
         rows = (sum(batch_sizes),)
     else:

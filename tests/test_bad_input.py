@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from conftest import (CELLS, MODE_NAMES, MODES, assert_close_list, flatten_result, gates, grads_of,
+from conftest import (CELLS, op_case, MODE_NAMES, MODES, assert_close_list, flatten_result, gates, grads_of,
                       make_fastcells_like, make_nn, needs_fastcells, weighted_loss)
 
 pytestmark = needs_fastcells
@@ -354,16 +354,9 @@ def test_expanded_input(mode):
 
 
 def _op_args(mode: str, proj_size: int = 0, packed: bool = False) -> dict:
-    kw = dict(proj_size=proj_size) if proj_size else {}
-    ref = make_nn(mode, I, H, dtype=torch.float64, num_layers=2, bidirectional=True, **kw)
-    P = proj_size or H
-    batch_sizes = [2, 2, 1] if packed else None
-    x = torch.randn(5, I, dtype=torch.float64) if packed else torch.randn(T, B, I, dtype=torch.float64)
-    return dict(input=x, weights=[w.detach() for w in ref._flat_weights],
-                hx=torch.zeros(4, B, P, dtype=torch.float64),
-                cx=torch.zeros(4, B, H, dtype=torch.float64) if mode == "LSTM" else None,
-                batch_sizes=batch_sizes, mode=MODES[mode][1], num_layers=2, bidirectional=True,
-                has_biases=True, proj_size=proj_size, dropout_masks=None)
+    # Packed: 5 rows in steps of [2, 2, 1] (the cases below change these).
+    return op_case(mode, packed, 2, True, proj_size, T=T, B=B, I=I, H=H,
+                   batch_sizes=[2, 2, 1] if packed else None)
 
 
 def _call(a: dict):

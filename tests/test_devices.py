@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import fastcells
-from conftest import MODE_NAMES, MODES, make_fastcells_like, make_nn, needs_fastcells
+from conftest import (MODE_NAMES, MODES, make_fastcells_like, make_nn, needs_fastcells, op_call_args,
+                      op_case)
 
 pytestmark = needs_fastcells
 
@@ -98,11 +99,7 @@ def test_cells_meta_state(cell):
 
 
 def _op_args(mode):
-    ref = make_nn(mode, I, H, num_layers=2)
-    x = torch.randn(T, B, I, dtype=torch.float64)
-    h, c = (_hx(mode) if mode == "LSTM" else (_hx(mode), None))
-    return [x, [w.detach() for w in ref._flat_weights], h, c, None, MODES[mode][1], 2, False,
-            True, 0, None]
+    return list(op_call_args(op_case(mode, False, 2, False, T=T, B=B, I=I, H=H)))
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
