@@ -24,27 +24,40 @@ namespace {
 
 using at::Tensor;
 
+// Each argument as the op sees it inside the region: its tensors cast to the
+// region's dtype, everything else as given.
+template <c10::DeviceType device>
+struct AutocastArg {
+  at::ScalarType dt;
+  Tensor operator()(const Tensor& t) const { return at::autocast::cached_cast(dt, t, device); }
+  std::optional<Tensor> operator()(const std::optional<Tensor>& t) const {
+    return t.has_value() ? std::optional<Tensor>((*this)(*t)) : std::nullopt;
+  }
+  std::vector<Tensor> operator()(at::TensorList ts) const {
+    std::vector<Tensor> out;
+    out.reserve(ts.size());
+    for (const auto& t : ts) out.push_back((*this)(t));
+    return out;
+  }
+  template <typename T>
+  T operator()(T value) const {
+    return value;
+  }
+};
+
+// Passes every argument of the table through `cast` (the vector a Tensor[]
+// becomes lives until the call returns).
+#define FASTCELLS_CAST_ARG_(type, name, schema_type, schema_default) , cast(name)
+
 template <c10::DeviceType device, c10::DispatchKey key>
-std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autocast(
-    const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
-    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks, bool need_reserve,
-    const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_masks) {
+ForwardResult rnn_forward_autocast(FASTCELLS_PARAMS(FASTCELLS_RNN_FORWARD_ARGS)) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
-  const at::ScalarType dt = at::autocast::get_autocast_dtype(device);
-  const auto cast = [dt](const Tensor& t) { return at::autocast::cached_cast(dt, t, device); };
-  const auto cast_opt = [&](const std::optional<Tensor>& t) -> std::optional<Tensor> {
-    return t.has_value() ? std::optional<Tensor>(cast(*t)) : std::nullopt;
-  };
-  std::vector<Tensor> w;
-  w.reserve(weights.size());
-  for (const auto& t : weights) w.push_back(cast(t));
-  return forward_op().call(cast(input), w, cast_opt(hx), cast_opt(cx), batch_sizes, mode,
-                           num_layers, bidirectional, has_biases, proj_size,
-                           cast_opt(dropout_masks), need_reserve, cast_opt(zoneout),
-                           cast_opt(recurrent_masks));
+  const AutocastArg<device> cast{at::autocast::get_autocast_dtype(device)};
+  return forward_op().call(
+      FASTCELLS_DROP_FIRST(FASTCELLS_RNN_FORWARD_ARGS(FASTCELLS_CAST_ARG_)));
 }
+
+#undef FASTCELLS_CAST_ARG_
 
 }  // namespace
 

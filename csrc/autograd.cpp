@@ -26,19 +26,16 @@ std::optional<Tensor> defined_or_null(const Tensor& t) {
 
 class RnnFunction : public torch::autograd::Function<RnnFunction> {
  public:
-  // Saved: input, hx, cx, dropout_masks, reserve, zoneout, weights... Not `output`:
-  // the reserve holds a copy of it, so the caller may modify it in place.
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, at::TensorList weights,
-                               const std::optional<Tensor>& hx, const std::optional<Tensor>& cx,
-                               at::OptionalIntArrayRef batch_sizes, int64_t mode,
-                               int64_t num_layers, bool bidirectional, bool has_biases,
-                               int64_t proj_size, const std::optional<Tensor>& dropout_masks,
-                               const std::optional<Tensor>& zoneout,
-                               const std::optional<Tensor>& recurrent_masks) {
+  // Saved: input, hx, cx, dropout_masks, reserve, zoneout, recurrent_masks,
+  // weights... Not `output`: the reserve holds a copy of it, so the caller
+  // may modify it in place.
+  static variable_list forward(AutogradContext* ctx,
+                               FASTCELLS_PARAMS(FASTCELLS_RNN_FORWARD_ARGS)) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // Backward reads the reserve, whatever the caller asked for.
+    need_reserve = true;
     auto [output, hy, cy, reserve] =
-        forward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers, bidirectional,
-                          has_biases, proj_size, dropout_masks, true, zoneout, recurrent_masks);
+        forward_op().call(FASTCELLS_NAMES(FASTCELLS_RNN_FORWARD_ARGS));
     variable_list to_save{input, hx.value_or(Tensor()), cx.value_or(Tensor()),
                           dropout_masks.value_or(Tensor()), reserve, zoneout.value_or(Tensor()),
                           recurrent_masks.value_or(Tensor())};
@@ -64,15 +61,16 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     const Tensor& input = saved[0];
     const std::optional<Tensor> hx = defined_or_null(saved[1]);
     const std::optional<Tensor> cx = defined_or_null(saved[2]);
-    const std::optional<Tensor> masks = defined_or_null(saved[3]);
+    const std::optional<Tensor> dropout_masks = defined_or_null(saved[3]);
+    const Tensor& reserve = saved[4];
     const std::optional<Tensor> zoneout = defined_or_null(saved[5]);
-    const std::optional<Tensor> rmasks = defined_or_null(saved[6]);
+    const std::optional<Tensor> recurrent_masks = defined_or_null(saved[6]);
     const std::vector<Tensor> weights(saved.begin() + 7, saved.end());
     const int64_t mode = ctx->saved_data["mode"].toInt();
     const std::vector<int64_t> bs = ctx->saved_data["batch_sizes"].toIntVector();
     const at::OptionalIntArrayRef batch_sizes =
         ctx->saved_data["packed"].toBool() ? at::OptionalIntArrayRef(bs) : std::nullopt;
-    const std::optional<Tensor> grad_out = defined_or_null(grads[0]);
+    const std::optional<Tensor> grad_output = defined_or_null(grads[0]);
     const std::optional<Tensor> grad_hy = defined_or_null(grads[1]);
     // forward ran, so `mode` is valid.
     const std::optional<Tensor> grad_cy = kernels::has_cell_state(static_cast<int>(mode))
@@ -82,11 +80,11 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
 
     // Gradients in the order of forward's arguments, a TensorList counting
     // one slot per tensor; non-tensor arguments get undefined gradients.
-    variable_list result(1 + weights.size() + 11);
-    if (!grad_out && !grad_hy && !grad_cy && !grad_reserve) return result;
+    variable_list result(FASTCELLS_NUM_ARGS(FASTCELLS_RNN_FORWARD_ARGS) - 1 + weights.size());
+    if (!grad_output && !grad_hy && !grad_cy && !grad_reserve) return result;
     // The input gradient is a whole GEMM of the first layer: skip it when
     // the input does not require grad (the usual case in training).
-    const bool need_input = ctx->needs_input_grad(0);
+    const bool need_grad_input = ctx->needs_input_grad(0);
     // Under create_graph=True (grad mode on here) the gradients must be
     // differentiable again: rnn_backward has no derivative formula, so they
     // come from the pure-PyTorch reference instead (second derivatives at the
@@ -96,7 +94,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
     const bool has_biases = ctx->saved_data["has_biases"].toBool();
     const int64_t proj_size = ctx->saved_data["proj_size"].toInt();
-    TORCH_CHECK(!create_graph || (!zoneout && !rmasks),
+    TORCH_CHECK(!create_graph || (!zoneout && !recurrent_masks),
                 "fastcells: second derivatives with zoneout or recurrent dropout are not "
                 "supported (their reference path is not written); use create_graph=False, or "
                 "zoneout=0 and recurrent_dropout=0");
@@ -104,18 +102,16 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
                 "fastcells: second derivatives through the cell states (return_cell_states=True) "
                 "are not supported: differentiate a loss that uses the output and final states "
                 "only, or use create_graph=False");
+    // Both ops take the variables of their arguments' names defined above.
     auto [grad_input, grad_hx, grad_cx, grad_weights] = [&] {
       if (create_graph)
-        return backward_reference_op().call(input, weights, hx, cx, batch_sizes, mode,
-                                            num_layers, bidirectional, has_biases, proj_size,
-                                            masks, grad_out, grad_hy, grad_cy, need_input);
+        return backward_reference_op().call(
+            FASTCELLS_NAMES(FASTCELLS_RNN_BACKWARD_REFERENCE_ARGS));
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return backward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers,
-                                bidirectional, has_biases, proj_size, masks, saved[4], grad_out,
-                                grad_hy, grad_cy, need_input, grad_reserve, zoneout, rmasks);
+      return backward_op().call(FASTCELLS_NAMES(FASTCELLS_RNN_BACKWARD_ARGS));
     }();
     size_t k = 0;
-    result[k++] = need_input ? grad_input : Tensor();
+    result[k++] = need_grad_input ? grad_input : Tensor();
     for (auto& g : grad_weights) result[k++] = std::move(g);
     result[k++] = hx.has_value() ? grad_hx : Tensor();
     result[k++] = cx.has_value() ? grad_cx : Tensor();
@@ -123,12 +119,7 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autograd(
-    const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
-    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks, bool need_reserve,
-    const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_masks) {
+ForwardResult rnn_forward_autograd(FASTCELLS_PARAMS(FASTCELLS_RNN_FORWARD_ARGS)) {
   const auto requires_grad = [](const std::optional<Tensor>& t) {
     return t.has_value() && t->defined() && t->requires_grad();
   };
@@ -140,13 +131,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward_autograd(
   if (!wants_grad) {
     // No graph will be recorded: run the inference form, which saves nothing.
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return forward_op().call(input, weights, hx, cx, batch_sizes, mode, num_layers,
-                             bidirectional, has_biases, proj_size, dropout_masks, need_reserve,
-                             zoneout, recurrent_masks);
+    return forward_op().call(FASTCELLS_NAMES(FASTCELLS_RNN_FORWARD_ARGS));
   }
-  auto out = RnnFunction::apply(input, weights, hx, cx, batch_sizes, mode, num_layers,
-                                bidirectional, has_biases, proj_size, dropout_masks, zoneout,
-                                recurrent_masks);
+  auto out = RnnFunction::apply(FASTCELLS_NAMES(FASTCELLS_RNN_FORWARD_ARGS));
   return {out[0], out[1], out[2], out[3]};
 }
 

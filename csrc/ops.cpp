@@ -53,6 +53,7 @@
 #include "kernels/cells.h"
 #include "kernels/layer_norm.h"
 #include "kernels/params.h"
+#include "op_schema.h"
 #include "weight_cache.h"
 
 #ifdef WITH_CUDA
@@ -933,12 +934,8 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(
-    const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
-    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks, bool need_reserve,
-    const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_masks) {
+// Arguments: FASTCELLS_RNN_FORWARD_ARGS (op_schema.h).
+ForwardResult rnn_forward(FASTCELLS_PARAMS(FASTCELLS_RNN_FORWARD_ARGS)) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
   check_zoneout(c, input, zoneout);
@@ -1219,15 +1216,8 @@ bool check_backward_inputs(const Config& c, const Tensor& input, at::ScalarType 
   return use_grad_reserve;
 }
 
-std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
-    const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes, int64_t mode,
-    int64_t num_layers, bool bidirectional, bool has_biases, int64_t proj_size,
-    const std::optional<Tensor>& dropout_masks, const Tensor& reserve,
-    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
-    const std::optional<Tensor>& grad_cy, bool need_grad_input,
-    const std::optional<Tensor>& grad_reserve, const std::optional<Tensor>& zoneout,
-    const std::optional<Tensor>& recurrent_masks) {
+// Arguments: FASTCELLS_RNN_BACKWARD_ARGS (op_schema.h).
+BackwardResult rnn_backward(FASTCELLS_PARAMS(FASTCELLS_RNN_BACKWARD_ARGS)) {
   const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
                                 bidirectional, has_biases, proj_size, dropout_masks);
   check_zoneout(c, input, zoneout);
@@ -1326,27 +1316,15 @@ std::string cpu_host_features() { return cpu::host_features(); }
 }  // namespace
 
 TORCH_LIBRARY(fastcells, m) {
-  m.def(
-      "rnn_forward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
-      "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
-      "Tensor? dropout_masks, bool need_reserve=True, Tensor? zoneout=None, "
-      "Tensor? recurrent_masks=None) -> (Tensor output, Tensor hy, Tensor cy, Tensor reserve)");
-  m.def(
-      "rnn_backward(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, int[]? batch_sizes, "
-      "int mode, int num_layers, bool bidirectional, bool has_biases, int proj_size, "
-      "Tensor? dropout_masks, Tensor reserve, Tensor? grad_output, "
-      "Tensor? grad_hy, Tensor? grad_cy, bool need_grad_input=True, Tensor? grad_reserve=None, "
-      "Tensor? zoneout=None, Tensor? recurrent_masks=None) -> (Tensor grad_input, "
-      "Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
+  // The schemas are generated from the argument tables of op_schema.h.
+  m.def(FASTCELLS_SCHEMA("rnn_forward", FASTCELLS_RNN_FORWARD_ARGS, kForwardReturns).c_str());
+  m.def(FASTCELLS_SCHEMA("rnn_backward", FASTCELLS_RNN_BACKWARD_ARGS, kBackwardReturns).c_str());
   // Gradients of rnn_forward computed through the pure-PyTorch reference
   // (fastcells/_transforms.py registers its CompositeImplicitAutograd kernel):
   // the backward under create_graph=True, whose results must be differentiable.
-  m.def(
-      "rnn_backward_reference(Tensor input, Tensor[] weights, Tensor? hx, Tensor? cx, "
-      "int[]? batch_sizes, int mode, int num_layers, bool bidirectional, bool has_biases, "
-      "int proj_size, Tensor? dropout_masks, Tensor? grad_output, Tensor? grad_hy, "
-      "Tensor? grad_cy, bool need_grad_input) -> (Tensor grad_input, Tensor grad_hx, "
-      "Tensor grad_cx, Tensor[] grad_weights)");
+  m.def(FASTCELLS_SCHEMA("rnn_backward_reference", FASTCELLS_RNN_BACKWARD_REFERENCE_ARGS,
+                         kBackwardReturns)
+            .c_str());
   m.def("build_info() -> str", &build_info);
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("set_cpu_isa(str name) -> str", &set_cpu_isa);

@@ -1,9 +1,12 @@
 """The registered ops: torch.library.opcheck on fastcells::rnn_forward and
 fastcells::rnn_backward, torch.autograd.gradcheck (float64) on
-fastcells.functional.rnn, and the functional API against fastcells.reference
-with explicit dropout masks."""
+fastcells.functional.rnn, the functional API against fastcells.reference
+with explicit dropout masks, and the Python functions that take the ops'
+arguments against the registered schemas."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -161,6 +164,40 @@ def test_ops_with_none_initial_states(name):
         grads.append(torch.autograd.grad(out.pow(2).sum() + hn.sum(), ws))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def _schema_arguments(op) -> list:
+    """(name, default) of each argument of the registered schema, in order;
+    inspect.Parameter.empty where the schema gives no default."""
+    return [(a.name, a.default_value if a.has_default_value() else inspect.Parameter.empty)
+            for a in op.default._schema.arguments]
+
+
+def test_fake_kernels_take_the_schema_arguments():
+    """The Python functions the dispatcher calls with an op's arguments (fake
+    kernels, the reference backward) take them under the schema's names, in
+    its order, with its defaults. The C++ side writes each argument list once
+    (csrc/op_schema.h); a change there that Python does not follow fails here."""
+    from fastcells import _ops, _transforms
+
+    ops = torch.ops.fastcells
+    for fn, op in ((_ops._forward_fake, ops.rnn_forward),
+                   (_ops._backward_fake, ops.rnn_backward),
+                   (_transforms.rnn_backward_reference, ops.rnn_backward_reference)):
+        params = inspect.signature(fn).parameters.values()
+        assert [(p.name, p.default) for p in params] == _schema_arguments(op), fn.__name__
+
+
+def test_onnx_translations_take_the_schema_arguments():
+    """The ONNX translations of rnn_forward (TorchScript symbolic after its
+    graph argument, ONNX Script function) name its arguments as the schema
+    does, in its order; their defaults are the exporters' own."""
+    from fastcells import onnx
+
+    names = [name for name, _ in _schema_arguments(torch.ops.fastcells.rnn_forward)]
+    assert list(inspect.signature(onnx._symbolic).parameters)[1:] == names
+    pytest.importorskip("onnxscript")
+    assert list(inspect.signature(onnx._make_translation()).parameters) == names
 
 
 def test_lstm_op_needs_both_states_or_neither():
