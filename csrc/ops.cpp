@@ -360,10 +360,8 @@ void check_zoneout(const Config& c, const Tensor& input, const std::optional<Ten
               "`zoneout` on ", input.device(), ", expected cpu");
 }
 
-Config check_inputs(const Tensor& input, at::TensorList weights, const std::optional<Tensor>& hx,
-                    const std::optional<Tensor>& cx, at::OptionalIntArrayRef batch_sizes,
-                    int64_t mode, int64_t num_layers, bool bidirectional, bool has_biases,
-                    int64_t proj_size, const std::optional<Tensor>& dropout_masks) {
+// Arguments: FASTCELLS_RNN_STACK_ARGS (op_schema.h), the first ones of every op.
+Config check_inputs(FASTCELLS_PARAMS(FASTCELLS_RNN_STACK_ARGS)) {
   Config c;
   TORCH_CHECK(kernels::is_valid_mode(mode), "fastcells: `mode` must be ", kernels::valid_modes(),
               ", got ", mode);
@@ -936,8 +934,7 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
 
 // Arguments: FASTCELLS_RNN_FORWARD_ARGS (op_schema.h).
 ForwardResult rnn_forward(FASTCELLS_PARAMS(FASTCELLS_RNN_FORWARD_ARGS)) {
-  const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
-                                bidirectional, has_biases, proj_size, dropout_masks);
+  const Config c = check_inputs(FASTCELLS_NAMES(FASTCELLS_RNN_STACK_ARGS));
   check_zoneout(c, input, zoneout);
   check_rmasks(c, input, recurrent_masks);
   // The ATen calls below are internal arithmetic of a kernel that autograd
@@ -1218,8 +1215,7 @@ bool check_backward_inputs(const Config& c, const Tensor& input, at::ScalarType 
 
 // Arguments: FASTCELLS_RNN_BACKWARD_ARGS (op_schema.h).
 BackwardResult rnn_backward(FASTCELLS_PARAMS(FASTCELLS_RNN_BACKWARD_ARGS)) {
-  const Config c = check_inputs(input, weights, hx, cx, batch_sizes, mode, num_layers,
-                                bidirectional, has_biases, proj_size, dropout_masks);
+  const Config c = check_inputs(FASTCELLS_NAMES(FASTCELLS_RNN_STACK_ARGS));
   check_zoneout(c, input, zoneout);
   check_rmasks(c, input, recurrent_masks);
   const at::ScalarType cd = compute_type(input.scalar_type());
