@@ -847,132 +847,202 @@ struct ForwardRows {
   }
 };
 
+// The packed weights of one forward call: W_hh^T (P, G*H) in segments of
+// `seg` (one per gate when the units are split among threads or the gates'
+// products run apart), W_hr^T (H, P) with a projection, and W_ih^T (I, G*H)
+// when the input product runs per step (p.x). They live in `keep` when it is
+// empty or already holds them in this layout; a `keep` filled in another
+// layout (another team split) is left as it is, since other calls may be
+// reading it (csrc/weight_cache.h), and the call packs its own.
+template <typename T>
+class ForwardWeights {
+ public:
+  ForwardWeights(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* keep, int64_t seg,
+                 bool pairs)
+      : p_(p), GH_(kernels::num_gates(p.mode) * p.H), seg_(seg), pairs_(pairs),
+        proj_(p.w_hr != nullptr), step_x_(p.x != nullptr),
+        store_(keep && (!keep->w_hh_t.ready || holds(*keep)) ? *keep : local_),
+        w_hh_t(store_.w_hh_t), w_hr_t(store_.w_hr_t), w_ih_t(store_.w_ih_t),
+        fill(!holds(store_)) {
+    if (!fill) return;
+    w_hh_t.init(p.P, GH_, seg, pairs);
+    if (proj_) w_hr_t.init(p.H, p.P, p.P, pairs);
+    if (step_x_) w_ih_t.init(p.I, GH_, seg, pairs);
+  }
+  ForwardWeights(const ForwardWeights&) = delete;
+  ForwardWeights& operator=(const ForwardWeights&) = delete;
+
+  // Thread tid's share of the packing, when the call fills the packs; the
+  // team meets at a barrier before any product reads them.
+  void pack(int tid, int team, StepBarrier& barrier) {
+    if (!fill) return;
+    pack_share(w_hh_t, p_.w_hh, p_.P, true, tid, team);
+    if (proj_) pack_share(w_hr_t, p_.w_hr, p_.H, true, tid, team);
+    if (step_x_) pack_share(w_ih_t, p_.w_ih, p_.I, true, tid, team);
+    team_barrier(team, barrier);
+  }
+
+  // After the team: a pack this call filled may serve later calls (a pack it
+  // did not fill may be shared: no write at all).
+  void finish() {
+    if (!fill) return;
+    w_hh_t.set_ready();
+    if (proj_) w_hr_t.set_ready();
+    if (step_x_) w_ih_t.set_ready();
+  }
+
+ private:
+  bool holds(ForwardPack<T>& f) const {
+    return PackedB<T>(f.w_hh_t).holds(p_.P, GH_, seg_, pairs_) &&
+           (!proj_ || PackedB<T>(f.w_hr_t).holds(p_.H, p_.P, p_.P, pairs_)) &&
+           (!step_x_ || PackedB<T>(f.w_ih_t).holds(p_.I, GH_, seg_, pairs_));
+  }
+
+  const kernels::LayerForwardParams<T>& p_;
+  const int64_t GH_, seg_;
+  const bool pairs_, proj_, step_x_;
+  ForwardPack<T> local_;
+  ForwardPack<T>& store_;
+
+ public:
+  PackedB<T> w_hh_t, w_hr_t, w_ih_t;
+  const bool fill;
+};
+
+// One step of a forward time loop for a thread's Part: the input product
+// (p.x), the recurrent product, the gates, the projection and the outputs.
+// h_cur is h_{t-1}, h_next receives h_t.
+template <typename T>
+struct ForwardStep {
+  ForwardRows<T>& st;
+  ForwardWeights<T>& w;
+  const Part& pt;
+  StepBarrier& barrier;
+
+  void run(int t, const T* h_cur, T* h_next) const {
+    const auto& p = st.p;
+    const int64_t P = st.P;
+    const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
+    const int64_t b1 = std::min<int64_t>(M, pt.b1);  // this thread's active rows: [pt.b0, b1)
+    // Inactive rows keep their state in the buffer written this step.
+    for (int64_t b = std::max<int64_t>(M, pt.b0); b < pt.b1; ++b)
+      copy_row(pt.c0, pt.c1, h_cur + b * P, h_next + b * P);
+    if (p.x) input_product(M, row0, b1);
+    recurrent_products(M, row0, b1, operand(M, b1, h_cur));
+    st.gates(row0, pt.b0, b1, pt.u0, pt.u1, pt.sync, h_cur, h_next);
+    if (st.proj) {
+      part_barrier(pt, barrier);  // every unit of r is written
+      w.w_hr_t.mm_cols(b1 - pt.b0, pt.c0, pt.c1, st.r.data() + pt.b0 * st.H, st.H,
+                       h_next + pt.b0 * P, P, false);
+    }
+    outputs(row0, b1, h_cur, h_next);
+  }
+
+  // x_t W_ih^T + bias: the columns this thread's product and gates use
+  // (W_ih^T in one segment per gate when the units are split, as W_hh^T).
+  void input_product(int64_t M, int64_t row0, int64_t b1) const {
+    const auto& p = st.p;
+    const int64_t GH = st.GH, b0 = pt.b0;
+    const T* xt = p.x + row0 * p.ld_x;
+    T* const g0 = st.step_gates(row0, 0);
+    if (!pt.sync) {
+      w.w_ih_t.mm(b1 - b0, 0, w.w_ih_t.panels(), xt + b0 * p.ld_x, p.ld_x, 1, g0 + b0 * GH, GH,
+                  false, p.x_bias);
+      return;
+    }
+    if (pt.u1 <= pt.u0) return;
+    for (int64_t g = 0; g < st.G; ++g)
+      w.w_ih_t.mm(M, w.w_ih_t.panel_at(g * st.H + pt.u0), w.w_ih_t.panel_at(g * st.H + pt.u1 - 1) + 1,
+                  xt, p.ld_x, 1, g0, GH, false, p.x_bias);
+  }
+
+  // The recurrent product's operand: h_{t-1}, or h_{t-1} * m with recurrent
+  // dropout (this thread's rows, or its columns of every row, which every
+  // thread's product then reads).
+  const T* operand(int64_t M, int64_t b1, const T* h_cur) const {
+    const auto& p = st.p;
+    if (!p.rmask) return h_cur;
+    const int64_t P = st.P, r0 = pt.sync ? 0 : pt.b0, r1 = pt.sync ? M : b1;
+    for (int64_t b = r0; b < r1; ++b)
+      mask_row(pt.sync ? pt.c0 : 0, pt.sync ? pt.c1 : P, p.rmask + b * P, h_cur + b * P,
+               st.hm.data() + b * P);
+    part_barrier(pt, barrier);
+    return st.hm.data();
+  }
+
+  // Recurrent product of gates [g0, g1) for this thread's rows, or its units
+  // of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}. GRU and the
+  // LayerNorm cells take it apart (st.rec), the others onto the gates.
+  void product(int64_t M, int64_t row0, int64_t b1, int64_t g0, int64_t g1, const T* x,
+               int64_t ldx) const {
+    const bool apart = st.gru || st.ln;
+    const int64_t H = st.H, GH = st.GH, b0 = pt.b0;
+    T* const prod = apart ? st.rec.data() : st.step_gates(row0, 0);
+    if (!pt.sync) {
+      w.w_hh_t.mm_cols(b1 - b0, g0 * H, g1 * H, x + b0 * ldx, ldx, prod + b0 * GH, GH, !apart);
+      return;
+    }
+    for (int64_t g = g0; g < g1; ++g)
+      w.w_hh_t.mm_cols(M, g * H + pt.u0, g * H + pt.u1, x, ldx, prod, GH, !apart);
+  }
+
+  // All gates at once, or for the reset-before GRU r and z first, then n
+  // from (r * h_{t-1}) W_hn^T.
+  void recurrent_products(int64_t M, int64_t row0, int64_t b1, const T* hx) const {
+    if (!st.rb) {
+      product(M, row0, b1, 0, st.G, hx, st.P);
+      return;
+    }
+    product(M, row0, b1, 0, 2, hx, st.P);
+    T* const g0 = st.step_gates(row0, 0);
+    for (int64_t b = pt.b0; b < b1; ++b)
+      gru_rb_rz_row(st.H, pt.u0, pt.u1, g0 + b * st.GH, hx + b * st.P, st.r.data() + b * st.H);
+    part_barrier(pt, barrier);  // every unit of r * h_{t-1} is written
+    product(M, row0, b1, 2, 3, st.r.data(), st.H);
+  }
+
+  // h_t (after zoneout) into the output rows of this step.
+  void outputs(int64_t row0, int64_t b1, const T* h_cur, T* h_next) const {
+    const auto& p = st.p;
+    const int64_t P = st.P;
+    const int64_t j0 = st.proj ? pt.c0 : pt.u0, j1 = st.proj ? pt.c1 : pt.u1;
+    for (int64_t b = pt.b0; b < b1; ++b) {
+      if (p.zone)
+        zone_row(j0, j1, p.zone + (row0 + b) * p.ld_zone, h_cur + b * P, h_next + b * P);
+      copy_row(j0, j1, h_next + b * P, p.out + (row0 + b) * p.ld_out);
+    }
+  }
+};
+
 template <typename T, bool Pairs = false>
 void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* keep) {
   const int64_t H = p.H, P = p.P, B = p.B;
-  const int64_t G = kernels::num_gates(p.mode), GH = G * H;
+  const int64_t GH = kernels::num_gates(p.mode) * H;
   ForwardRows<T> st(p);
-  const bool lstm = st.lstm, gru = st.gru, proj = st.proj, rb = st.rb;
   // Double-buffered hidden state: step t reads h[cur], writes h[1 - cur].
   LineVector<T> h_a(p.h0, p.h0 + B * P), h_b(h_a);
   // Pairs pack two bfloat16 values in each float slot: half the bytes.
   const int64_t work = int64_t(B) * GH * P;
   const LoopTeam lt = loop_team(B, work, p.T, GH * P, Pairs ? sizeof(T) / 2 : sizeof(T), st.ln);
-  const int nt = lt.nt;
-  const bool by_rows = lt.by_rows;
-  // W_hh^T (P, G*H), one segment per gate when the units are split among
-  // threads or the gates' products run apart (reset-before GRU), and W_hr^T
-  // (H, P); packed by the team unless `keep` holds them. A `keep` already
-  // filled in another layout (another team split) is left as it is: other
-  // calls may be reading it (csrc/weight_cache.h).
-  const int64_t seg = (nt > 1 && !by_rows) || rb ? H : GH;
-  // W_ih^T (I, G*H) as well when the input product runs per step (p.x).
-  const bool step_x = p.x != nullptr;
-  const auto holds = [&](ForwardPack<T>& f) {
-    return PackedB<T>(f.w_hh_t).holds(P, GH, seg, Pairs) &&
-           (!proj || PackedB<T>(f.w_hr_t).holds(H, P, P, Pairs)) &&
-           (!step_x || PackedB<T>(f.w_ih_t).holds(p.I, GH, seg, Pairs));
-  };
-  ForwardPack<T> local;
-  ForwardPack<T>& wp = keep && (!keep->w_hh_t.ready || holds(*keep)) ? *keep : local;
-  PackedB<T> w_hh_t(wp.w_hh_t), w_hr_t(wp.w_hr_t), w_ih_t(wp.w_ih_t);
-  const bool fill = !holds(wp);
-  if (fill) {
-    w_hh_t.init(P, GH, seg, Pairs);
-    if (proj) w_hr_t.init(H, P, P, Pairs);
-    if (step_x) w_ih_t.init(p.I, GH, seg, Pairs);
-  }
-  constexpr int64_t q = PackedB<T>::NB;
+  ForwardWeights<T> w(p, keep, (lt.nt > 1 && !lt.by_rows) || st.rb ? H : GH, Pairs);
 
-  run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
-    if (fill) {
-      pack_share(w_hh_t, p.w_hh, P, true, tid, team);
-      if (proj) pack_share(w_hr_t, p.w_hr, H, true, tid, team);
-      if (step_x) pack_share(w_ih_t, p.w_ih, p.I, true, tid, team);
-      team_barrier(team, barrier);
-    }
-    const Part pt = part_of(by_rows, B, H, P, tid, team, q);
-    const int64_t u0 = pt.u0, u1 = pt.u1, b0 = pt.b0;
+  run_team(lt.nt, [&](int tid, int team, StepBarrier& barrier) {
+    w.pack(tid, team, barrier);
+    const Part pt = part_of(lt.by_rows, B, H, P, tid, team, PackedB<T>::NB);
+    const ForwardStep<T> step{st, w, pt, barrier};
     T* h_cur = h_a.data();
     T* h_next = h_b.data();
     for (int s = 0; s < p.T; ++s) {
-      const int t = p.reverse ? p.T - 1 - s : s;
-      const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
-      const int64_t b1 = std::min<int64_t>(M, pt.b1);  // this thread's active rows: [b0, b1)
-      // Inactive rows keep their state in the buffer written this step.
-      for (int64_t b = std::max<int64_t>(M, b0); b < pt.b1; ++b)
-        copy_row(pt.c0, pt.c1, h_cur + b * P, h_next + b * P);
-      // Recurrent product of gates [g0, g1) for this thread's rows, or its
-      // units of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}.
-      T* const g0 = st.step_gates(row0, 0);
-      if (step_x) {  // x_t W_ih^T + bias: the columns this thread's product and gates use
-        const T* xt = p.x + row0 * p.ld_x;
-        if (!pt.sync) {
-          w_ih_t.mm(b1 - b0, 0, w_ih_t.panels(), xt + b0 * p.ld_x, p.ld_x, 1, g0 + b0 * GH, GH,
-                    false, p.x_bias);
-        } else if (u1 > u0) {  // (W_ih^T in one segment per gate, as W_hh^T)
-          for (int64_t g = 0; g < G; ++g)
-            w_ih_t.mm(M, w_ih_t.panel_at(g * H + u0), w_ih_t.panel_at(g * H + u1 - 1) + 1, xt,
-                      p.ld_x, 1, g0, GH, false, p.x_bias);
-        }
-      }
-      const bool apart = gru || st.ln;  // the product goes to st.rec
-      T* const prod = apart ? st.rec.data() : g0;
-      const bool sync = pt.sync;  // (a lambda must not capture Part, an internal type)
-      const auto product = [&](int64_t g0, int64_t g1, const T* x, int64_t ldx) {
-        if (!sync) {
-          w_hh_t.mm_cols(b1 - b0, g0 * H, g1 * H, x + b0 * ldx, ldx, prod + b0 * GH, GH, !apart);
-        } else {
-          for (int64_t g = g0; g < g1; ++g)
-            w_hh_t.mm_cols(M, g * H + u0, g * H + u1, x, ldx, prod, GH, !apart);
-        }
-      };
-      // The recurrent product's operand: h_{t-1}, or h_{t-1} * m with
-      // recurrent dropout (this thread's rows, or its columns of every row,
-      // which every thread's product then reads).
-      const T* hx = h_cur;
-      if (p.rmask) {
-        const int64_t r0 = sync ? 0 : b0, r1 = sync ? M : b1;
-        for (int64_t b = r0; b < r1; ++b)
-          mask_row(sync ? pt.c0 : 0, sync ? pt.c1 : P, p.rmask + b * P, h_cur + b * P,
-                   st.hm.data() + b * P);
-        part_barrier(pt, barrier);
-        hx = st.hm.data();
-      }
-      if (rb) {
-        product(0, 2, hx, P);
-        for (int64_t b = b0; b < b1; ++b)
-          gru_rb_rz_row(H, u0, u1, g0 + b * GH, hx + b * P, st.r.data() + b * H);
-        part_barrier(pt, barrier);  // every unit of r * h_{t-1} is written
-        product(2, 3, st.r.data(), H);
-      } else {
-        product(0, G, hx, P);
-      }
-      st.gates(row0, b0, b1, u0, u1, pt.sync, h_cur, h_next);
-      if (proj) {
-        part_barrier(pt, barrier);  // every unit of r is written
-        w_hr_t.mm_cols(b1 - b0, pt.c0, pt.c1, st.r.data() + b0 * H, H, h_next + b0 * P, P,
-                       false);
-      }
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t j0 = proj ? pt.c0 : u0, j1 = proj ? pt.c1 : u1;
-        if (p.zone)
-          zone_row(j0, j1, p.zone + (row0 + b) * p.ld_zone, h_cur + b * P, h_next + b * P);
-        copy_row(j0, j1, h_next + b * P, p.out + (row0 + b) * p.ld_out);
-      }
+      step.run(p.reverse ? p.T - 1 - s : s, h_cur, h_next);
       std::swap(h_cur, h_next);
       part_barrier(pt, barrier);  // h_t complete before step t+1 reads it
     }
     if (!pt.sync || tid == 0) {  // final states of this thread's rows (all rows: tid 0)
-      std::copy(h_cur + b0 * P, h_cur + pt.b1 * P, p.hy + b0 * P);
-      if (lstm) std::copy(st.c.begin() + b0 * H, st.c.begin() + pt.b1 * H, p.cy + b0 * H);
+      std::copy(h_cur + pt.b0 * P, h_cur + pt.b1 * P, p.hy + pt.b0 * P);
+      if (st.lstm) std::copy(st.c.begin() + pt.b0 * H, st.c.begin() + pt.b1 * H, p.cy + pt.b0 * H);
     }
   }, loop_key(false, work, p.T));
-  if (fill) {  // (a pack it did not fill may be shared: no write at all)
-    w_hh_t.set_ready();
-    if (proj) w_hr_t.set_ready();
-    if (step_x) w_ih_t.set_ready();
-  }
+  w.finish();
 }
 
 // Pairs: the per-step products dh_{t-1} = dgates W_hh (and dr = dh W_hr) on
