@@ -113,6 +113,33 @@ def cpu_isa(request, monkeypatch):
         yield name
 
 
+def _cuda_skip_reason() -> str | None:
+    """Why the CUDA backend cannot be tested here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not HAVE_OPS or "cuda=1" not in fastcells._ops.build_info():
+        return "fastcells was built without its CUDA backend"
+    return None
+
+
+# The devices the op tests run on: the CPU, and CUDA where a device and the
+# CUDA backend are present (skipped with the reason otherwise).
+OP_DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(_cuda_skip_reason() is not None, reason=str(_cuda_skip_reason()))]),
+]
+
+
+def skip_without_kernel(cell: str, device: str) -> None:
+    """Skips a test of `cell` on `device` where the table says the device's
+    backend has no kernel for it (the op rejects such calls; test_bad_input
+    checks the error)."""
+    if device == "cuda" and not cell_named(cell).cuda:
+        pytest.skip(f"{cell} runs on the CPU only (no CUDA kernel)")
+
+
 def mode_of(module: nn.Module) -> int:
     """Op mode (the table's code) of an nn.LSTM/GRU/RNN-like module."""
     return cell_of_module(type(module).__name__, getattr(module, "nonlinearity", None)).code
@@ -339,9 +366,10 @@ def module_grid(seed: int = 0) -> list[dict]:
 def op_case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_size: int = 0,
           bias: bool = True, masks: bool = False, T: int = 3, B: int = 2, I: int = 2, H: int = 3,
           dtype: torch.dtype = torch.float64, seed: int = 0,
-          batch_sizes: list[int] | None = None) -> dict:
+          batch_sizes: list[int] | None = None, device: str = "cpu") -> dict:
     """Arguments of functional.rnn / the ops for one configuration, random values
-    (`batch_sizes`: packed input of these batch sizes instead of drawn lengths).
+    (`batch_sizes`: packed input of these batch sizes instead of drawn lengths),
+    drawn on the CPU and moved to `device` (the same values on every device).
     The one sample-input factory of the op tests."""
     g = torch.Generator().manual_seed(seed)
     cl = cell_named(mode)  # any row of the table
@@ -379,6 +407,10 @@ def op_case(mode: str, packed: bool, num_layers: int, bidirectional: bool, proj_
     if masks and num_layers > 1:
         keep = torch.rand(num_layers - 1, *rows, D * P, generator=g) > 0.3
         dropout_masks = (keep.to(torch.float64) / 0.7).to(dtype)
+    if device != "cpu":
+        x, hx, cx, dropout_masks = (None if t is None else t.to(device)
+                                    for t in (x, hx, cx, dropout_masks))
+        weights = [w.to(device) for w in weights]
     return dict(input=x, weights=weights, hx=hx, cx=cx, batch_sizes=batch_sizes, mode=mode_id,
                 num_layers=num_layers, bidirectional=bidirectional, has_biases=bias,
                 proj_size=proj_size, dropout_masks=dropout_masks)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import needs_ops, with_layer_norm
+from conftest import needs_ops, skip_without_kernel, with_layer_norm
 from fastcells._cells import CELLS, MODES, cell, cell_named, cell_of_module, valid_modes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,18 @@ def test_cpp_and_python_tables_agree():
                bool(int(r["cuda"])))
         assert got == (c.code, c.name, c.gates, c.has_cell_state, c.extra, c.proj, c.base_code,
                        c.norms, c.cuda), c.name
+
+
+@pytest.mark.parametrize("c", CELLS, ids=lambda c: c.name)
+def test_op_tests_skip_exactly_the_cells_without_a_cuda_kernel(c):
+    """The op tests' CUDA runs (conftest.OP_DEVICES) skip a cell by the table's
+    cuda column, never by a list of their own."""
+    skip_without_kernel(c.name, "cpu")  # never skips on the CPU
+    if c.cuda:
+        skip_without_kernel(c.name, "cuda")
+    else:
+        with pytest.raises(pytest.skip.Exception, match="CPU only"):
+            skip_without_kernel(c.name, "cuda")
 
 
 def test_codes_are_positions_and_names_unique():

@@ -22,7 +22,7 @@ if not hasattr(fastcells, "LSTM"):
 
 
 from fastcells._cells import CELLS, MODES  # noqa: E402
-from conftest import op_call_args, op_case  # noqa: E402
+from conftest import OP_DEVICES, op_call_args, op_case, skip_without_kernel  # noqa: E402
 
 
 class Forecaster(nn.Module):
@@ -266,11 +266,13 @@ def test_export_save_load_roundtrip(tmp_path):
 
 def _op_args(mode: int, layers: int, bidirectional: bool, bias: bool, proj: int,
              packed: bool, masks: bool, dtype: torch.dtype = torch.float64,
-             requires_grad: bool = True):
-    """Arguments for fastcells::rnn_forward (conftest.op_case), every tensor a
-    leaf that requires grad unless `requires_grad` is False."""
+             requires_grad: bool = True, device: str = "cpu"):
+    """Arguments for fastcells::rnn_forward (conftest.op_case) on `device`, every
+    tensor a leaf that requires grad unless `requires_grad` is False."""
+    skip_without_kernel(CELLS[mode].name, device)
     c = op_case(CELLS[mode].name, packed, layers, bidirectional, proj_size=proj, bias=bias,
-                masks=masks, T=5, B=3, I=3, H=4, dtype=dtype, seed=10 + mode + 3 * layers)
+                masks=masks, T=5, B=3, I=3, H=4, dtype=dtype, seed=10 + mode + 3 * layers,
+                device=device)
     for t in [c["input"], c["hx"], c["cx"]] + c["weights"]:
         if t is not None:
             t.requires_grad_(requires_grad)
@@ -305,15 +307,17 @@ def _opcheck(op, args):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.parametrize("device", OP_DEVICES)
 @pytest.mark.parametrize("case", FORWARD_CASES)
-def test_opcheck_rnn_forward(case):
-    _opcheck(torch.ops.fastcells.rnn_forward.default, _op_args(*case))
+def test_opcheck_rnn_forward(case, device):
+    _opcheck(torch.ops.fastcells.rnn_forward.default, _op_args(*case, device=device))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", OP_DEVICES)
 @pytest.mark.parametrize("case", SLOW_FORWARD_CASES)
-def test_opcheck_rnn_forward_slow(case):
-    _opcheck(torch.ops.fastcells.rnn_forward.default, _op_args(*case))
+def test_opcheck_rnn_forward_slow(case, device):
+    _opcheck(torch.ops.fastcells.rnn_forward.default, _op_args(*case, device=device))
 
 
 def test_opcheck_rnn_forward_trailing_empty_steps():
@@ -333,15 +337,17 @@ def test_opcheck_rnn_forward_bfloat16_fake():
     assert set(result.values()) == {"SUCCESS"}, result
 
 
-def _backward_args(case, grads_require_grad: bool):
-    fwd = _op_args(*case, requires_grad=False)
+def _backward_args(case, grads_require_grad: bool, device: str = "cpu"):
+    fwd = _op_args(*case, requires_grad=False, device=device)
     (x, weights, hx, cx, batch_sizes, mode, layers, bidirectional, bias, proj, masks) = fwd
     output, hy, cy, reserve = torch.ops.fastcells.rnn_forward(*fwd)
     g = torch.Generator().manual_seed(99)
-    grad_output = torch.randn(output.shape, dtype=output.dtype, generator=g)
-    grad_hy = torch.randn(hy.shape, dtype=hy.dtype, generator=g)
-    grad_cy = (torch.randn(cy.shape, dtype=cy.dtype, generator=g)
-               if CELLS[mode].has_cell_state else None)
+
+    def draw(like):
+        return torch.randn(like.shape, dtype=like.dtype, generator=g).to(device)
+
+    grad_output, grad_hy = draw(output), draw(hy)
+    grad_cy = draw(cy) if CELLS[mode].has_cell_state else None
     for t in (grad_output, grad_hy, grad_cy):
         if t is not None:
             t.requires_grad_(grads_require_grad)
@@ -355,17 +361,18 @@ BACKWARD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", OP_DEVICES)
 @pytest.mark.parametrize("case", BACKWARD_CASES)
-def test_opcheck_rnn_backward(case):
+def test_opcheck_rnn_backward(case, device):
     """rnn_backward: schema, fake kernel, and a clean compile; it is the
     backward formula of rnn_forward, so its own autograd is only checked to be
-    registered correctly (no silently-differentiable CPU kernel)."""
+    registered correctly (no silently-differentiable kernel)."""
     op = torch.ops.fastcells.rnn_backward.default
-    args = _backward_args(case, grads_require_grad=False)
+    args = _backward_args(case, grads_require_grad=False, device=device)
     result = torch.library.opcheck(op, args, test_utils=(
         "test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     assert set(result.values()) == {"SUCCESS"}, result
-    args = _backward_args(case, grads_require_grad=True)
+    args = _backward_args(case, grads_require_grad=True, device=device)
     result = torch.library.opcheck(op, args, test_utils=("test_autograd_registration",))
     assert set(result.values()) == {"SUCCESS"}, result
 

@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 
-from conftest import CELLS, MODE_NAMES, MODES, gates, needs_ops
+from conftest import CELLS, MODE_NAMES, MODES, OP_DEVICES, gates, needs_ops, skip_without_kernel
 from conftest import op_call_args as _args
 from conftest import op_case as _case
 from fastcells.reference import rnn_reference
@@ -37,12 +37,17 @@ CASES["RNN_TANH-T1-B1"] = dict(mode="RNN_TANH", packed=False, num_layers=2, bidi
                                T=1, B=1)
 
 
+@pytest.mark.parametrize("device", OP_DEVICES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_functional_matches_reference(name):
+def test_functional_matches_reference(name, device):
+    """On every device, against the reference on the CPU."""
     import fastcells
 
-    c = _case(**{**dict(T=5, B=4, I=3, H=4), **CASES[name]})
-    out, hy, cy = fastcells.functional.rnn(*_args(c))
+    skip_without_kernel(CASES[name]["mode"], device)
+    kw = {**dict(T=5, B=4, I=3, H=4), **CASES[name]}
+    out, hy, cy = (t if t is None else t.cpu()
+                   for t in fastcells.functional.rnn(*_args(_case(**kw, device=device))))
+    c = _case(**kw)
     r_out, r_hy, r_cy = rnn_reference(*_args(c))
     torch.testing.assert_close(out, r_out, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(hy, r_hy, atol=1e-10, rtol=1e-10)
@@ -80,17 +85,22 @@ OPCHECK_CASES = ["LSTM-dense-1layer", "GRU-packed-bidir-2layer", "RNN_RELU-dense
 @pytest.mark.parametrize("name,grads", [(n, "all") for n in OPCHECK_CASES]
                          + [("GRU-packed-bidir-2layer", "output_only"),
                             ("LSTM-proj-bidir-2layer-packed", "states_only")])
-def test_opcheck_rnn_backward(name, grads):
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_opcheck_rnn_backward_gradient_subsets(name, grads, device):
+    """opcheck (every check) of rnn_backward given all, only the output's or
+    only the states' gradients."""
     import fastcells  # noqa: F401
 
-    c = _case(**CASES[name])
+    c = _case(**CASES[name], device=device)
     args = _args(c)
     output, hy, cy, reserve = torch.ops.fastcells.rnn_forward.default(*args)
     g = torch.Generator().manual_seed(9)
-    grad_output = torch.randn(output.shape, generator=g, dtype=output.dtype)
-    grad_hy = torch.randn(hy.shape, generator=g, dtype=hy.dtype)
-    grad_cy = (torch.randn(cy.shape, generator=g, dtype=cy.dtype)
-               if CELLS[c["mode"]].has_cell_state else None)
+
+    def draw(like):
+        return torch.randn(like.shape, generator=g, dtype=like.dtype).to(device)
+
+    grad_output, grad_hy = draw(output), draw(hy)
+    grad_cy = draw(cy) if CELLS[c["mode"]].has_cell_state else None
     if grads == "output_only":
         grad_hy = grad_cy = None
     elif grads == "states_only":
