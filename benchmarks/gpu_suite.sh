@@ -8,7 +8,8 @@
 #
 # Stages (each bounded by `timeout`; seconds in brackets):
 #   build        FORCE_CUDA=1 pip install --no-build-isolation -e .; checks cuda=1 [300]
-#   cudatests    pytest tests/test_cuda.py tests/test_cuda_compile.py (fast feedback) [150]
+#   cudatests    pytest tests/test_cuda.py tests/test_cuda_compile.py, and the op tests'
+#                CUDA runs (fast feedback) [150]
 #   tests        the full pytest suite [560]
 #   targets_fwd  the same shapes, no_grad forward only, 2 rounds [150]
 #   targets_tf32 the same shapes with TF32 allowed on both sides (torch's cuDNN default) [150]
@@ -110,7 +111,10 @@ build() {
 
 cudatests() {
   "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 \
-    --junitxml="$LOGS/junit_cuda.xml" tests/test_cuda.py tests/test_cuda_compile.py
+    --junitxml="$LOGS/junit_cuda.xml" tests/test_cuda.py tests/test_cuda_compile.py || return 1
+  # The op tests' CUDA runs (opcheck of both ops, functional against the reference).
+  "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda \
+    --junitxml="$LOGS/junit_cuda_ops.xml" tests/test_ops.py tests/test_compile_export.py
 }
 
 alltests() {
