@@ -407,6 +407,22 @@ Config check_inputs(FASTCELLS_PARAMS(FASTCELLS_RNN_STACK_ARGS)) {
   return c;
 }
 
+// The CPU backend's run-time settings (csrc/cpu/settings.h), read from the
+// environment once, when the extension loads. An unparsable or negative
+// FASTCELLS_BARRIER_SPIN_US keeps the default.
+cpu::Settings read_cpu_settings() {
+  cpu::Settings s;
+  if (const char* v = std::getenv("FASTCELLS_HUGE_PAGES")) s.huge_pages = v[0] != '0';
+  if (const char* v = std::getenv("FASTCELLS_BARRIER_SPIN_US"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long long us = std::strtoll(v, &end, 10);
+    if (end != v && us >= 0) s.barrier_spin_us = static_cast<int64_t>(us);
+  }
+  return s;
+}
+
+[[maybe_unused]] const bool kCpuSettingsRead = (cpu::settings() = read_cpu_settings(), true);
+
 // FASTCELLS_POISON=1 fills every buffer the op allocates with NaN before use,
 // so a kernel that reads memory it did not write shows up as NaN in tests.
 bool poison_enabled() {

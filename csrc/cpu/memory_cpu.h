@@ -18,6 +18,8 @@
 #include <new>
 #include <vector>
 
+#include "settings.h"
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -28,16 +30,10 @@ namespace cpu {
 // Buffers from this size up get the advice.
 constexpr size_t kHugePageAdviceBytes = size_t(4) << 20;
 
-// FASTCELLS_HUGE_PAGES=0 turns the advice off (read once per process): a
-// kernel that defragments memory to find a huge page can stall a fault on a
-// machine whose memory is fragmented.
-inline bool huge_pages_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("FASTCELLS_HUGE_PAGES");
-    return v == nullptr || v[0] != '0';
-  }();
-  return on;
-}
+// The advice can be turned off (settings.h): a kernel that defragments memory
+// to find a huge page can stall a fault on a machine whose memory is
+// fragmented.
+inline bool huge_pages_enabled() { return settings().huge_pages; }
 
 // Advises huge pages for the 2 MiB-aligned part of [p, p + bytes). Call it
 // before the buffer is first written.

@@ -29,25 +29,15 @@
 #include <immintrin.h>
 #endif
 
+#include "settings.h"
+
 namespace fastcells {
 namespace cpu {
 
 class StepBarrier {
  public:
-  static constexpr int64_t kSpinMicros = 50;
-
-  // The spin budget: kSpinMicros, or FASTCELLS_BARRIER_SPIN_US (read once;
-  // 0 makes every wait sleep, which the tests use to run the futex path).
-  static int64_t spin_micros() {
-    static const int64_t us = [] {
-      const char* v = std::getenv("FASTCELLS_BARRIER_SPIN_US");
-      if (v == nullptr || *v == '\0') return kSpinMicros;
-      char* end = nullptr;
-      const long long x = std::strtoll(v, &end, 10);
-      return (end != v && x >= 0) ? static_cast<int64_t>(x) : kSpinMicros;
-    }();
-    return us;
-  }
+  // The spin budget of a wait before it sleeps (settings.h).
+  static int64_t spin_micros() { return settings().barrier_spin_us; }
 
   // Called by one thread while no thread waits (before the team's work).
   void reset(int n) {
