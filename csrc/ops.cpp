@@ -46,6 +46,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/memory_cpu.h"
@@ -948,6 +949,36 @@ void forward_stack(const Config& c, const Tensor& x, const std::vector<Tensor>& 
   }
 }
 
+// The arguments both ops start from, in the compute type: the input as
+// (N, I) rows, the weights, the initial states (zeros where absent), the
+// inter-layer dropout masks where they apply (L > 1), the zoneout weights
+// ((L*D, T, B, Z) or (L*D, N, Z)) and the recurrent dropout masks.
+struct StackArgs {
+  at::TensorOptions opts;
+  Tensor x;
+  std::vector<Tensor> w;
+  Tensor h0;
+  std::optional<Tensor> c0, masks, zone, rmasks;
+};
+
+StackArgs stack_args(const Config& c, const Tensor& input, at::TensorList weights,
+                     const std::optional<Tensor>& hx, const std::optional<Tensor>& cx,
+                     const std::optional<Tensor>& dropout_masks,
+                     const std::optional<Tensor>& zoneout,
+                     const std::optional<Tensor>& recurrent_masks, at::ScalarType cd) {
+  StackArgs a;
+  a.opts = input.options().dtype(cd);
+  a.x = to_compute(input, cd).view({c.N, c.I});
+  a.w.reserve(weights.size());
+  for (const auto& t : weights) a.w.push_back(to_compute(t, cd));
+  std::tie(a.h0, a.c0) = initial_states(c, hx, cx, a.opts, cd);
+  const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
+  if (use_masks) a.masks = to_compute(dropout_masks, cd);
+  a.zone = to_compute(zoneout, cd);
+  a.rmasks = to_compute(recurrent_masks, cd);
+  return a;
+}
+
 // Arguments: FASTCELLS_RNN_FORWARD_ARGS (op_schema.h).
 ForwardResult rnn_forward(FASTCELLS_PARAMS(FASTCELLS_RNN_FORWARD_ARGS)) {
   const Config c = check_inputs(FASTCELLS_NAMES(FASTCELLS_RNN_STACK_ARGS));
@@ -961,18 +992,9 @@ ForwardResult rnn_forward(FASTCELLS_PARAMS(FASTCELLS_RNN_FORWARD_ARGS)) {
 #endif
   const bool poison = poison_enabled();
   const at::ScalarType cd = compute_type(input.scalar_type());
-  const auto opts = input.options().dtype(cd);
-  const Tensor x = to_compute(input, cd).view({c.N, c.I});
-  std::vector<Tensor> w;
-  w.reserve(weights.size());
-  for (const auto& t : weights) w.push_back(to_compute(t, cd));
-  const auto states = initial_states(c, hx, cx, opts, cd);
-  const Tensor& h0 = states.first;
-  const std::optional<Tensor>& c0 = states.second;
-  const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
-  const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
-  const auto zone = to_compute(zoneout, cd);  // (L*D, T, B, Z) or (L*D, N, Z)
-  const auto rmasks = to_compute(recurrent_masks, cd);
+  const StackArgs a = stack_args(c, input, weights, hx, cx, dropout_masks, zoneout,
+                                 recurrent_masks, cd);
+  const auto& opts = a.opts;
 
   Tensor reserve = alloc({need_reserve ? c.reserve_size() : 0}, opts, poison);
   Tensor output = alloc({c.N, c.D * c.P}, opts, poison);
@@ -983,8 +1005,8 @@ ForwardResult rnn_forward(FASTCELLS_PARAMS(FASTCELLS_RNN_FORWARD_ARGS)) {
   const DeviceSchedule sched = device_schedule(c, input.device());
 
   AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_forward", [&] {
-    forward_stack<scalar_t>(c, x, w, weights, h0, c0, masks, output, hy, cy, reserve, sched,
-                            need_reserve, poison, zone, rmasks);
+    forward_stack<scalar_t>(c, a.x, a.w, weights, a.h0, a.c0, a.masks, output, hy, cy, reserve,
+                            sched, need_reserve, poison, a.zone, a.rmasks);
   });
   if (need_reserve && output.numel() > 0) {
     // The last layer ran into the reserve; the caller gets its own copy.
@@ -1243,16 +1265,9 @@ BackwardResult rnn_backward(FASTCELLS_PARAMS(FASTCELLS_RNN_BACKWARD_ARGS)) {
   const c10::OptionalDeviceGuard guard(input.device());
 #endif
   const bool poison = poison_enabled();
-  const auto opts = input.options().dtype(cd);
-  const Tensor x = to_compute(input, cd).view({c.N, c.I});
-  std::vector<Tensor> w;
-  w.reserve(weights.size());
-  for (const auto& t : weights) w.push_back(to_compute(t, cd));
-  const auto states = initial_states(c, hx, cx, opts, cd);
-  const Tensor& h0 = states.first;
-  const std::optional<Tensor>& c0 = states.second;
-  const bool use_masks = dropout_masks.has_value() && dropout_masks->defined() && c.L > 1;
-  const auto masks = use_masks ? to_compute(dropout_masks, cd) : std::nullopt;
+  const StackArgs a = stack_args(c, input, weights, hx, cx, dropout_masks, zoneout,
+                                 recurrent_masks, cd);
+  const auto& opts = a.opts;
   // Saved tensors may come back from autograd in another layout
   // (saved_tensors_hooks that offload or compress); the kernels read raw
   // pointers, so every buffer is made contiguous here (a no-op when it is).
@@ -1263,8 +1278,6 @@ BackwardResult rnn_backward(FASTCELLS_PARAMS(FASTCELLS_RNN_BACKWARD_ARGS)) {
   const auto gcy = lstm ? to_compute(grad_cy, cd) : std::nullopt;
   const std::optional<Tensor> gres =
       use_grad_reserve ? to_compute(grad_reserve, cd) : std::nullopt;
-  const auto zone = to_compute(zoneout, cd);  // (L*D, T, B, Z) or (L*D, N, Z)
-  const auto rmasks = to_compute(recurrent_masks, cd);
 
   // Without need_grad_input, grad_input is an empty (0-element) tensor.
   Tensor grad_input = alloc({need_grad_input ? c.N : 0, c.I}, opts, poison);
@@ -1272,8 +1285,8 @@ BackwardResult rnn_backward(FASTCELLS_PARAMS(FASTCELLS_RNN_BACKWARD_ARGS)) {
   Tensor dcx = alloc({lstm ? c.L * c.D : 0, c.B, c.H}, opts, poison);
   if (!lstm) dcx = dcx.view({0});
   std::vector<Tensor> gw;
-  gw.reserve(w.size());
-  for (const auto& t : w) gw.push_back(alloc(t.sizes(), opts, poison));
+  gw.reserve(a.w.size());
+  for (const auto& t : a.w) gw.push_back(alloc(t.sizes(), opts, poison));
   const DeviceSchedule sched = device_schedule(c, input.device());
 
   if (c.N == 0) {
@@ -1284,8 +1297,9 @@ BackwardResult rnn_backward(FASTCELLS_PARAMS(FASTCELLS_RNN_BACKWARD_ARGS)) {
     if (lstm) { if (gcy.has_value()) dcx.copy_(*gcy); else dcx.zero_(); }
   } else {
     AT_DISPATCH_FLOATING_TYPES(cd, "fastcells::rnn_backward", [&] {
-      backward_stack<scalar_t>(c, x, w, h0, c0, masks, res, go, ghy, gcy, gres, grad_input,
-                               dhx, dcx, gw, sched, poison, need_grad_input, zone, rmasks);
+      backward_stack<scalar_t>(c, a.x, a.w, a.h0, a.c0, a.masks, res, go, ghy, gcy, gres,
+                               grad_input, dhx, dcx, gw, sched, poison, need_grad_input, a.zone,
+                               a.rmasks);
     });
   }
   const auto out_t = input.scalar_type();
