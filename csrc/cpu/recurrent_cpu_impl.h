@@ -909,6 +909,8 @@ class ForwardWeights {
   const bool fill;
 };
 
+namespace {
+
 // One step of a forward time loop for a thread's Part: the input product
 // (p.x), the recurrent product, the gates, the projection and the outputs.
 // h_cur is h_{t-1}, h_next receives h_t.
@@ -1014,6 +1016,8 @@ struct ForwardStep {
   }
 };
 
+}  // namespace
+
 template <typename T, bool Pairs = false>
 void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* keep) {
   const int64_t H = p.H, P = p.P, B = p.B;
@@ -1024,11 +1028,13 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
   // Pairs pack two bfloat16 values in each float slot: half the bytes.
   const int64_t work = int64_t(B) * GH * P;
   const LoopTeam lt = loop_team(B, work, p.T, GH * P, Pairs ? sizeof(T) / 2 : sizeof(T), st.ln);
-  ForwardWeights<T> w(p, keep, (lt.nt > 1 && !lt.by_rows) || st.rb ? H : GH, Pairs);
+  const int nt = lt.nt;  // (a lambda must not capture LoopTeam or Part, internal types)
+  const bool by_rows = lt.by_rows;
+  ForwardWeights<T> w(p, keep, (nt > 1 && !by_rows) || st.rb ? H : GH, Pairs);
 
-  run_team(lt.nt, [&](int tid, int team, StepBarrier& barrier) {
+  run_team(nt, [&](int tid, int team, StepBarrier& barrier) {
     w.pack(tid, team, barrier);
-    const Part pt = part_of(lt.by_rows, B, H, P, tid, team, PackedB<T>::NB);
+    const Part pt = part_of(by_rows, B, H, P, tid, team, PackedB<T>::NB);
     const ForwardStep<T> step{st, w, pt, barrier};
     T* h_cur = h_a.data();
     T* h_next = h_b.data();
