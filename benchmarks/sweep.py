@@ -142,7 +142,8 @@ def heatmap(rows, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line, with --quick expanded and the cells and device checked."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", choices=["standard", "quick", "full"], default="standard")
     ap.add_argument("--quick", action="store_true", help="same as --grid quick --repeats 1 --min-run-time 0.05")
@@ -161,32 +162,63 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.grid, args.repeats, args.min_run_time = "quick", 1, 0.05
-    cells = tuple(c.strip() for c in args.cells.split(","))
-    if any(c not in CELLS for c in cells):
+    args.cells = tuple(c.strip() for c in args.cells.split(","))
+    if any(c not in CELLS for c in args.cells):
         ap.error(f"--cells: choose from {CELLS}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    return args
 
-    fastcells = C.import_fastcells()
-    C.set_tf32(args.tf32)
-    threads = C.set_threads(args.threads)
-    device = args.device
-    machine = C.machine_info(device)
+
+def points_of(args) -> list[dict]:
+    """The grid's shapes, without bfloat16 under --no-bf16."""
     pts = grid(args.grid)
     if args.no_bf16:
         pts = [p for p in pts if p["dtype"] != "bfloat16"]
     if args.grid == "quick":
         for p in pts:
             p["block"] = "quick"
-    n_meas = len(pts) * len(cells) * len(MODES)
-    print(f"sweep ({args.grid}) | {C.machine_line(machine)} | {device} | {len(pts)} shapes x {len(cells)} cells x "
-          f"2 modes = {n_meas} pairs, {args.repeats} rounds, blocked_autorange({args.min_run_time}s)", flush=True)
+    return pts
+
+
+def measure_shape(fastcells, p: dict, args, threads: int, bar) -> list[dict]:
+    """Both modes of every cell at one shape: torch.nn and fastcells interleaved."""
+    device = args.device
+    dtype = C.dtype_of(p["dtype"])
+    D = 2 if p["bidirectional"] else 1
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(p["T"], p["B"], p["I"], generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    g = torch.randn(p["T"], p["B"], D * p["H"], generator=gen, dtype=torch.float64).to(device=device,
+                                                                                          dtype=dtype)
+    rows = []
+    for cell in args.cells:
+        ref, new = make_pair(fastcells, cell, p, device)
+        with torch.no_grad():
+            diff = (ref(x)[0].float() - new(x)[0].float()).abs().max().item()
+        s_ref, s_new = stmts_for(ref, x, g), stmts_for(new, x, g)
+        for mode in MODES:
+            res = C.interleaved({"torch.nn": s_ref[mode], "fastcells": s_new[mode]}, args.repeats,
+                                args.min_run_time, threads, device)
+            row = {**p, "cell": cell, "mode": mode,
+                   "torch.nn_ms": C.summary([v * 1e3 for v in res["torch.nn"]]),
+                   "fastcells_ms": C.summary([v * 1e3 for v in res["fastcells"]]),
+                   "speedup": C.ratio_summary(res["torch.nn"], res["fastcells"]),
+                   "max_abs_output_diff": diff}
+            rows.append(row)
+            bar.set_description(f"{cell} {label(p)} {p['dtype']} {mode}: x{row['speedup']['median']:.2f}")
+            bar.update(1)
+        del ref, new
+    return rows
+
+
+def measure(fastcells, pts: list[dict], args, threads: int) -> tuple[list[dict], int]:
+    """Every shape in order, until --max-minutes: (rows, shapes not measured)."""
     from tqdm import tqdm
 
     rows = []
     t_start = time.time()
-    skipped = 0
-    with tqdm(total=n_meas, file=sys.stderr, unit="pair", mininterval=1.0) as bar:
+    with tqdm(total=len(pts) * len(args.cells) * len(MODES), file=sys.stderr, unit="pair",
+              mininterval=1.0) as bar:
         for i, p in enumerate(pts):
             # The first shape always runs: a limit checked before it would
             # depend on how long start-up took (the progress bar alone can
@@ -195,33 +227,13 @@ def main(argv: list[str] | None = None) -> int:
                 skipped = len(pts) - i
                 print(f"\n--max-minutes {args.max_minutes}: stopping with {skipped} of {len(pts)} shapes "
                       "not measured", file=sys.stderr, flush=True)
-                break
-            dtype = C.dtype_of(p["dtype"])
-            D = 2 if p["bidirectional"] else 1
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(p["T"], p["B"], p["I"], generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-            g = torch.randn(p["T"], p["B"], D * p["H"], generator=gen, dtype=torch.float64).to(device=device,
-                                                                                                  dtype=dtype)
-            for cell in cells:
-                ref, new = make_pair(fastcells, cell, p, device)
-                with torch.no_grad():
-                    diff = (ref(x)[0].float() - new(x)[0].float()).abs().max().item()
-                s_ref, s_new = stmts_for(ref, x, g), stmts_for(new, x, g)
-                for mode in MODES:
-                    res = C.interleaved({"torch.nn": s_ref[mode], "fastcells": s_new[mode]}, args.repeats,
-                                        args.min_run_time, threads, device)
-                    row = {**p, "cell": cell, "mode": mode,
-                           "torch.nn_ms": C.summary([v * 1e3 for v in res["torch.nn"]]),
-                           "fastcells_ms": C.summary([v * 1e3 for v in res["fastcells"]]),
-                           "speedup": C.ratio_summary(res["torch.nn"], res["fastcells"]),
-                           "max_abs_output_diff": diff}
-                    rows.append(row)
-                    bar.set_description(f"{cell} {label(p)} {p['dtype']} {mode}: x{row['speedup']['median']:.2f}")
-                    bar.update(1)
-                del ref, new
-    elapsed = time.time() - t_start
+                return rows, skipped
+            rows += measure_shape(fastcells, p, args, threads, bar)
+    return rows, 0
 
-    # geometric means and slow points
+
+def geomeans(rows: list[dict], cells) -> dict:
+    """Geometric-mean speed-up (and range) per cell, mode and dtype."""
     geo = {}
     for dt in sorted({r["dtype"] for r in rows}):
         for cell in cells:
@@ -231,10 +243,33 @@ def main(argv: list[str] | None = None) -> int:
                 if sel:
                     geo[f"{cell}/{mode}/{dt}"] = {"geomean": C.geomean(sel), "min": min(sel), "max": max(sel),
                                                   "n": len(sel)}
-    slower = [r for r in rows if r["speedup"]["median"] < 1.0]
-    slower_forecast = [r for r in slower if r["H"] <= FORECAST_MAX_H and r["dtype"] == "float32"]
+    return geo
 
-    # markdown
+
+def speedup_table(rows: list[dict], cells, dt: str) -> str:
+    """One dtype's speed-ups: a line per shape, a column per cell and mode."""
+    shapes = []
+    for r in rows:
+        if r["dtype"] == dt and label(r) not in shapes:
+            shapes.append(label(r))
+    header = ["T,B,I,H"] + [f"{c.upper()} {m}" for c in cells for m in MODES] + ["torch.nn ms (LSTM f+b)"]
+    body = []
+    for s in shapes:
+        line = [s]
+        for c in cells:
+            for m in MODES:
+                hit = [r for r in rows if r["dtype"] == dt and label(r) == s and r["cell"] == c and r["mode"] == m]
+                line.append(f"{hit[0]['speedup']['median']:.2f}x" if hit else "")
+        ref_ms = [r for r in rows if r["dtype"] == dt and label(r) == s and r["mode"] == "fwd+bwd"]
+        line.append(C.fmt_ms(ref_ms[0]["torch.nn_ms"]["median"] / 1e3) if ref_ms else "")
+        body.append(line)
+    return C.md_table(header, body)
+
+
+def markdown(rows: list[dict], geo: dict, slower: list[dict], args, machine: dict, elapsed: float,
+             n_points: int, skipped: int) -> str:
+    """The results as markdown: geometric means, a table per dtype, the slower points."""
+    cells, device = args.cells, args.device
     md = [f"# fastcells vs torch.nn sweep ({device}, grid `{args.grid}`)\n\n",
           f"Machine: {C.machine_line(machine)}; load average at start {machine.get('loadavg_1_5_15')}. "
           f"Speed-up = torch.nn time / fastcells time, median of {args.repeats} interleaved rounds of "
@@ -242,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
           f"marked). Below 1.00x fastcells is slower. Run time {elapsed / 60:.1f} min.\n\n"]
     if skipped:
         md.append(f"**Incomplete grid:** stopped by --max-minutes {args.max_minutes} with {skipped} of "
-                  f"{len(pts)} shapes not measured; the tables below hold the {len(pts) - skipped} that were.\n\n")
+                  f"{n_points} shapes not measured; the tables below hold the {n_points - skipped} that were.\n\n")
     md.append("## Geometric-mean speed-up per cell\n\n")
     md.append(C.md_table(["cell", "dtype", "fwd", "fwd+bwd", "all", "min", "max"],
                          [[c.upper(), dt, f"{geo[f'{c}/fwd/{dt}']['geomean']:.2f}x",
@@ -252,22 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                           if f"{c}/all/{dt}" in geo]))
     for dt in sorted({r["dtype"] for r in rows}):
         md.append(f"\n## Speed-up, {dt}\n\n")
-        shapes = []
-        for r in rows:
-            if r["dtype"] == dt and label(r) not in shapes:
-                shapes.append(label(r))
-        header = ["T,B,I,H"] + [f"{c.upper()} {m}" for c in cells for m in MODES] + ["torch.nn ms (LSTM f+b)"]
-        body = []
-        for s in shapes:
-            line = [s]
-            for c in cells:
-                for m in MODES:
-                    hit = [r for r in rows if r["dtype"] == dt and label(r) == s and r["cell"] == c and r["mode"] == m]
-                    line.append(f"{hit[0]['speedup']['median']:.2f}x" if hit else "")
-            ref_ms = [r for r in rows if r["dtype"] == dt and label(r) == s and r["mode"] == "fwd+bwd"]
-            line.append(C.fmt_ms(ref_ms[0]["torch.nn_ms"]["median"] / 1e3) if ref_ms else "")
-            body.append(line)
-        md.append(C.md_table(header, body))
+        md.append(speedup_table(rows, cells, dt))
     md.append("\n## Where fastcells is slower than torch.nn\n\n")
     if slower:
         md.append(C.md_table(["cell", "T,B,I,H", "dtype", "mode", "torch.nn ms", "fastcells ms", "speed-up"],
@@ -277,7 +297,28 @@ def main(argv: list[str] | None = None) -> int:
                               for r in slower]))
     else:
         md.append("Nowhere in this grid.\n")
-    md_text = "".join(md)
+    return "".join(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    fastcells = C.import_fastcells()
+    C.set_tf32(args.tf32)
+    threads = C.set_threads(args.threads)
+    device = args.device
+    machine = C.machine_info(device)
+    pts = points_of(args)
+    n_meas = len(pts) * len(args.cells) * len(MODES)
+    print(f"sweep ({args.grid}) | {C.machine_line(machine)} | {device} | {len(pts)} shapes x {len(args.cells)} cells x "
+          f"2 modes = {n_meas} pairs, {args.repeats} rounds, blocked_autorange({args.min_run_time}s)", flush=True)
+    t_start = time.time()
+    rows, skipped = measure(fastcells, pts, args, threads)
+    elapsed = time.time() - t_start
+
+    geo = geomeans(rows, args.cells)
+    slower = [r for r in rows if r["speedup"]["median"] < 1.0]
+    slower_forecast = [r for r in slower if r["H"] <= FORECAST_MAX_H and r["dtype"] == "float32"]
+    md_text = markdown(rows, geo, slower, args, machine, elapsed, len(pts), skipped)
     print()
     print(md_text)
     verdict = "PASS" if not slower_forecast else "FAIL"
@@ -291,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "sweep",
         "machine": machine,
         "config": {"grid": args.grid, "device": device, "threads": threads, "repeats": args.repeats,
-                   "min_run_time_s": args.min_run_time, "cells": list(cells), "elapsed_s": elapsed,
+                   "min_run_time_s": args.min_run_time, "cells": list(args.cells), "elapsed_s": elapsed,
                    "shapes_total": len(pts), "shapes_not_measured": skipped,
                    "layout": "(T, B, I), batch_first=False",
                    "method": "torch.utils.benchmark.Timer.blocked_autorange medians; torch.nn and fastcells "
