@@ -104,7 +104,8 @@ def measure(stmts_ref, stmts_new, args, device) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line, with --quick expanded and the device checked."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
@@ -121,78 +122,86 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.grid_repeats, args.min_run_time = 2, 1, 0.05
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
+    return args
 
-    fastcells = C.import_fastcells()
-    C.set_tf32(args.tf32)
-    threads = C.set_threads(args.threads)
-    dtype, device = C.dtype_of(args.dtype), args.device
-    machine = C.machine_info(device)
-    print(f"airline_speed | {C.machine_line(machine)} | {device} {args.dtype} | "
-          f"{args.repeats} rounds x blocked_autorange({args.min_run_time}s)", flush=True)
-    rows = []
 
-    def report(group, cell, T, B, I, H, layers, what, r, target=None):
+class Report:
+    """The measured rows, each printed as it arrives; a target is judged on
+    CPU float32 runs only."""
+
+    def __init__(self, device: str, dtype: str):
+        self.device, self.dtype, self.rows = device, dtype, []
+
+    def add(self, group, cell, T, B, I, H, layers, what, r, target=None):
         row = {"group": group, "cell": cell, "T": T, "B": B, "I": I, "H": H, "layers": layers, "what": what, **r}
-        if target is not None and device == "cpu" and args.dtype == "float32":
+        if target is not None and self.device == "cpu" and self.dtype == "float32":
             row["target"] = target
             row["pass"] = r["speedup"]["median"] >= target
-        rows.append(row)
+        self.rows.append(row)
         sp = r["speedup"]
         tag = "" if "pass" not in row else (f"  target >= {target:g}x: " + ("PASS" if row["pass"] else "FAIL"))
         print(f"{group:8s} {cell:4s} T={T:3d} B={B:3d} I={I:3d} H={H:3d} L={layers} {what:11s} "
               f"nn {r['torch.nn_ms']['median']:9.3f} ms  fc {r['fastcells_ms']['median']:9.3f} ms  "
               f"x{sp['median']:7.2f} [{sp['min']:.2f}-{sp['max']:.2f}]{tag}", flush=True)
 
-    # 1. the airline model
+
+def airline_rows(fastcells, cell: str, args, dtype, rep: Report) -> None:
+    """The airline model: forward, forward+backward and a training epoch (for the
+    LSTM also its fixed-cost and bound rows)."""
+    device = args.device
     T, B, I, H = AIRLINE
-    for cell in ("lstm", "gru"):
-        ref, new = make_pair(fastcells, cell, I, H, 2, dtype, device)
-        g = torch.Generator().manual_seed(0)
-        x = torch.rand(T, B, I, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-        y = torch.rand(T, B, 1, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-        gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-        f_ref, fb_ref = C.module_stmts(ref, x, gy)
-        f_new, fb_new = C.module_stmts(new, x, gy)
-        report("airline", cell, T, B, I, H, 2, "fwd", measure(f_ref, f_new, args, device))
-        report("airline", cell, T, B, I, H, 2, "fwd+bwd", measure(fb_ref, fb_new, args, device),
-               AIRLINE_TARGETS[(cell, "fwd+bwd")])
-        if cell == "lstm":
-            # The fixed cost of one fastcells fwd+bwd call: the same module on one
-            # step (T=1), timed against torch.nn on the whole sequence. Its ratio is
-            # the speed-up fastcells would reach if its 112 steps cost nothing.
-            _, fb_one = C.module_stmts(new, x[:1], gy[:1])
-            report("airline", cell, 1, B, I, H, 2, "fixed", measure(fb_ref, fb_one, args, device))
-        ref_e, new_e = make_pair(fastcells, cell, I, H, 2, dtype, device)
-        report("airline", cell, T, B, I, H, 2, "epoch",
-               measure(epoch_stmt(ref_e, x, y, H), epoch_stmt(new_e, x, y, H), args, device),
-               AIRLINE_TARGETS[(cell, "epoch")])
-        if cell == "lstm":
-            # Bounds on the epoch ratio: fastcells' epoch on one step, and an epoch whose
-            # RNN costs nothing, each against torch.nn's epoch on all 112 steps.
-            ref_b, new_b = make_pair(fastcells, cell, I, H, 2, dtype, device)
-            report("airline", cell, 1, B, I, H, 2, "epoch fixed",
-                   measure(epoch_stmt(ref_b, x, y, H), epoch_stmt(new_b, x[:1], y[:1], H), args, device))
-            ref_f, _ = make_pair(fastcells, cell, I, H, 2, dtype, device)
-            free = FreeRNN(ref_f, T, B, H)
-            report("airline", cell, T, B, I, H, 2, "epoch bound",
-                   measure(epoch_stmt(ref_f, x, y, H), epoch_stmt(free, x, y, H), args, device))
+    ref, new = make_pair(fastcells, cell, I, H, 2, dtype, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(T, B, I, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    y = torch.rand(T, B, 1, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    f_ref, fb_ref = C.module_stmts(ref, x, gy)
+    f_new, fb_new = C.module_stmts(new, x, gy)
+    rep.add("airline", cell, T, B, I, H, 2, "fwd", measure(f_ref, f_new, args, device))
+    rep.add("airline", cell, T, B, I, H, 2, "fwd+bwd", measure(fb_ref, fb_new, args, device),
+            AIRLINE_TARGETS[(cell, "fwd+bwd")])
+    if cell == "lstm":
+        # The fixed cost of one fastcells fwd+bwd call: the same module on one
+        # step (T=1), timed against torch.nn on the whole sequence. Its ratio is
+        # the speed-up fastcells would reach if its 112 steps cost nothing.
+        _, fb_one = C.module_stmts(new, x[:1], gy[:1])
+        rep.add("airline", cell, 1, B, I, H, 2, "fixed", measure(fb_ref, fb_one, args, device))
+    ref_e, new_e = make_pair(fastcells, cell, I, H, 2, dtype, device)
+    rep.add("airline", cell, T, B, I, H, 2, "epoch",
+            measure(epoch_stmt(ref_e, x, y, H), epoch_stmt(new_e, x, y, H), args, device),
+            AIRLINE_TARGETS[(cell, "epoch")])
+    if cell == "lstm":
+        # Bounds on the epoch ratio: fastcells' epoch on one step, and an epoch whose
+        # RNN costs nothing, each against torch.nn's epoch on all 112 steps.
+        ref_b, new_b = make_pair(fastcells, cell, I, H, 2, dtype, device)
+        rep.add("airline", cell, 1, B, I, H, 2, "epoch fixed",
+                measure(epoch_stmt(ref_b, x, y, H), epoch_stmt(new_b, x[:1], y[:1], H), args, device))
+        ref_f, _ = make_pair(fastcells, cell, I, H, 2, dtype, device)
+        free = FreeRNN(ref_f, T, B, H)
+        rep.add("airline", cell, T, B, I, H, 2, "epoch bound",
+                measure(epoch_stmt(ref_f, x, y, H), epoch_stmt(free, x, y, H), args, device))
 
-    # 2. single-layer grid
-    if not args.skip_grid:
-        grid_args = copy.copy(args)
-        grid_args.repeats = args.grid_repeats
-        for (T, B, I, H) in GRID:
-            for cell in ("lstm", "gru"):
-                ref, new = make_pair(fastcells, cell, I, H, 1, dtype, device)
-                g = torch.Generator().manual_seed(0)
-                x = torch.randn(T, B, I, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-                gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-                f_ref, fb_ref = C.module_stmts(ref, x, gy)
-                f_new, fb_new = C.module_stmts(new, x, gy)
-                report("grid", cell, T, B, I, H, 1, "fwd", measure(f_ref, f_new, grid_args, device), GRID_TARGET)
-                report("grid", cell, T, B, I, H, 1, "fwd+bwd", measure(fb_ref, fb_new, grid_args, device),
-                       GRID_TARGET)
 
+def grid_rows(fastcells, args, dtype, rep: Report) -> None:
+    """The single-layer grid: forward and forward+backward, LSTM and GRU."""
+    device = args.device
+    grid_args = copy.copy(args)
+    grid_args.repeats = args.grid_repeats
+    for (T, B, I, H) in GRID:
+        for cell in ("lstm", "gru"):
+            ref, new = make_pair(fastcells, cell, I, H, 1, dtype, device)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(T, B, I, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+            gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+            f_ref, fb_ref = C.module_stmts(ref, x, gy)
+            f_new, fb_new = C.module_stmts(new, x, gy)
+            rep.add("grid", cell, T, B, I, H, 1, "fwd", measure(f_ref, f_new, grid_args, device), GRID_TARGET)
+            rep.add("grid", cell, T, B, I, H, 1, "fwd+bwd", measure(fb_ref, fb_new, grid_args, device),
+                    GRID_TARGET)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as one markdown table, with each target's verdict."""
     header = ["group", "cell", "T,B,I,H", "layers", "measure", "torch.nn ms", "fastcells ms",
               "speed-up (min-max)", "target"]
     md_rows = []
@@ -204,19 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         md_rows.append([r["group"], r["cell"].upper(), f"{r['T']},{r['B']},{r['I']},{r['H']}", r["layers"], r["what"],
                         C.fmt_ms(r["torch.nn_ms"]["median"] / 1e3), C.fmt_ms(r["fastcells_ms"]["median"] / 1e3),
                         f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})", tgt])
-    table = C.md_table(header, md_rows)
-    n_fail = sum(1 for r in rows if r.get("pass") is False)
-    n_tgt = sum(1 for r in rows if "pass" in r)
-    print()
-    print(table)
-    if n_tgt:
-        print(f"targets: {n_tgt - n_fail}/{n_tgt} PASS" + (f", {n_fail} FAIL" if n_fail else ""))
+    return C.md_table(header, md_rows)
 
-    stem = f"airline_speed_{C.device_tag(device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
-    out = {
+
+def results(rows: list[dict], args, machine: dict, threads: int, n_tgt: int, n_fail: int) -> dict:
+    """The JSON record: machine, configuration and method, rows, targets met."""
+    return {
         "benchmark": "airline_speed",
         "machine": machine,
-        "config": {"device": device, "dtype": args.dtype, "threads": threads, "repeats": args.repeats,
+        "config": {"device": args.device, "dtype": args.dtype, "threads": threads, "repeats": args.repeats,
                    "grid_repeats": args.grid_repeats, "min_run_time_s": args.min_run_time,
                    "method": "torch.utils.benchmark.Timer.blocked_autorange medians; torch.nn and fastcells "
                              "alternate A B / B A each round; speed-up = torch.nn / fastcells per round",
@@ -233,8 +238,35 @@ def main(argv: list[str] | None = None) -> int:
         "targets_passed": n_tgt - n_fail,
         "targets_total": n_tgt,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    fastcells = C.import_fastcells()
+    C.set_tf32(args.tf32)
+    threads = C.set_threads(args.threads)
+    dtype, device = C.dtype_of(args.dtype), args.device
+    machine = C.machine_info(device)
+    print(f"airline_speed | {C.machine_line(machine)} | {device} {args.dtype} | "
+          f"{args.repeats} rounds x blocked_autorange({args.min_run_time}s)", flush=True)
+    rep = Report(device, args.dtype)
+    for cell in ("lstm", "gru"):
+        airline_rows(fastcells, cell, args, dtype, rep)
+    if not args.skip_grid:
+        grid_rows(fastcells, args, dtype, rep)
+    rows = rep.rows
+
+    table = markdown_table(rows)
+    n_fail = sum(1 for r in rows if r.get("pass") is False)
+    n_tgt = sum(1 for r in rows if "pass" in r)
+    print()
+    print(table)
+    if n_tgt:
+        print(f"targets: {n_tgt - n_fail}/{n_tgt} PASS" + (f", {n_fail} FAIL" if n_fail else ""))
+
+    stem = f"airline_speed_{C.device_tag(device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     args.out.mkdir(parents=True, exist_ok=True)
-    C.write_json(args.out / f"{stem}.json", out)
+    C.write_json(args.out / f"{stem}.json", results(rows, args, machine, threads, n_tgt, n_fail))
     with open(args.out / f"{stem}.md", "w", encoding="utf-8") as f:
         f.write(f"# fastcells vs torch.nn: speed targets of the airline model ({device}, {args.dtype})\n\n")
         f.write(f"Machine: {C.machine_line(machine)}. Medians of {args.repeats} (airline) / {args.grid_repeats} "
