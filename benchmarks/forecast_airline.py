@@ -112,11 +112,10 @@ def agree_until(a: list[float], b: list[float], rtol: float = 1e-4) -> int:
     return min(len(a), len(b))
 
 
-def run_cell(cell: str, fastcells, args, data, progress, data64=None) -> dict:
-    x, y, n_train, lo, hi = data
+def models_with_same_weights(cell: str, fastcells, args):
+    """(torch.nn model, fastcells model, their initial state_dict), seeded by --seed."""
     dtype, device = C.dtype_of(args.dtype), args.device
     nn_cls, fc_cls = rnn_classes(fastcells, cell)
-
     torch.manual_seed(args.seed)
     ref = Forecaster(nn_cls).to(device=device, dtype=dtype)
     new = Forecaster(fc_cls).to(device=device, dtype=dtype)
@@ -124,9 +123,11 @@ def run_cell(cell: str, fastcells, args, data, progress, data64=None) -> dict:
     new.load_state_dict(init_state)
     init_diff = max((a - b).abs().max().item() for a, b in zip(ref.state_dict().values(), new.state_dict().values()))
     assert init_diff == 0.0, "initial weights differ"
+    return ref, new, init_state
 
-    xt, yt = x[:n_train], y[:n_train]
-    sides = {"torch.nn": Trainer(ref, xt, yt), "fastcells": Trainer(new, xt, yt)}
+
+def train_interleaved(sides: dict, args, progress) -> None:
+    """--epochs epochs of each side, in chunks of --chunk that alternate A B / B A."""
     names = list(sides)
     done = 0
     chunk = max(1, args.chunk)
@@ -135,37 +136,77 @@ def run_cell(cell: str, fastcells, args, data, progress, data64=None) -> dict:
         n = min(chunk, args.epochs - done)
         for name in (names if k % 2 == 0 else names[::-1]):
             for _ in range(n):
-                sides[name].epoch(device)
+                sides[name].epoch(args.device)
             progress.update(n)
         done += n
         k += 1
 
+
+def side_result(tr, x, y, n_train: int, lo: float, hi: float) -> tuple[dict, torch.Tensor]:
+    """One side's epoch times, losses and forecast errors, and its predictions
+    (normalised) over every step."""
+    tr.model.eval()
+    with torch.no_grad():
+        p = tr.model(x).reshape(-1).double().cpu()
+    tr.model.train()
+    actual = y.reshape(-1).double().cpu()
+    p_pass = p * (hi - lo) + lo
+    a_pass = actual * (hi - lo) + lo
+    test_rmse = math.sqrt(((p_pass[n_train:] - a_pass[n_train:]) ** 2).mean().item())
+    train_rmse = math.sqrt(((p_pass[:n_train] - a_pass[:n_train]) ** 2).mean().item())
+    # The first epoch carries one-off costs (allocations, lazy init); report it apart.
+    steady = tr.times[1:] if len(tr.times) > 1 else tr.times
+    s = C.summary(steady)
+    return {
+        "ms_per_epoch": {k2: (v * 1e3 if k2 != "n" else v) for k2, v in s.items()},
+        "first_epoch_ms": tr.times[0] * 1e3,
+        "total_train_s": sum(tr.times),
+        "final_train_loss": tr.losses[-1],
+        "train_rmse_passengers": train_rmse,
+        "test_rmse_passengers": test_rmse,
+        "loss_every_100": tr.losses[99::100],
+        "predictions_passengers": [round(v, 4) for v in p_pass.tolist()],
+    }, p
+
+
+def float64_reference(cell: str, fastcells, args, init_state, data64, n_train: int, lo: float,
+                      hi: float, sides: dict, preds: dict, progress) -> dict:
+    """Float32 noise floor of this training run: Adam at lr 0.1 for many epochs
+    amplifies rounding differences, so both float32 runs are compared with
+    torch.nn in float64 from the same initial weights (untimed)."""
+    device = args.device
+    nn_cls, _ = rnn_classes(fastcells, cell)
+    x64, y64 = data64[0], data64[1]
+    truth = Forecaster(nn_cls).to(device=device, dtype=torch.float64)
+    truth.load_state_dict({k: v.double() for k, v in init_state.items()})
+    tr64 = Trainer(truth, x64[:n_train], y64[:n_train])
+    for _ in range(args.epochs):
+        tr64.epoch(device)
+        progress.update(1)
+    truth.eval()
+    with torch.no_grad():
+        p64 = truth(x64).reshape(-1).cpu()
+    fp64 = {"final_train_loss": tr64.losses[-1],
+            "test_rmse_passengers": math.sqrt(((p64[n_train:] - y64.reshape(-1).cpu()[n_train:]) ** 2).mean().item())
+            * (hi - lo)}
+    for name in ("torch.nn", "fastcells"):
+        fp64[f"max_abs_pred_diff_passengers_{name}_float32"] = (preds[name] - p64).abs().max().item() * (hi - lo)
+        fp64[f"loss_curves_agree_epochs_{name}_float32"] = agree_until(sides[name].losses, tr64.losses)
+    return fp64
+
+
+def run_cell(cell: str, fastcells, args, data, progress, data64=None) -> dict:
+    """Both sides of one cell trained from the same weights, compared."""
+    x, y, n_train, lo, hi = data
+    ref, new, init_state = models_with_same_weights(cell, fastcells, args)
+    xt, yt = x[:n_train], y[:n_train]
+    sides = {"torch.nn": Trainer(ref, xt, yt), "fastcells": Trainer(new, xt, yt)}
+    train_interleaved(sides, args, progress)
+
     out = {"cell": cell}
     preds = {}
     for name, tr in sides.items():
-        tr.model.eval()
-        with torch.no_grad():
-            p = tr.model(x).reshape(-1).double().cpu()
-        tr.model.train()
-        preds[name] = p
-        actual = y.reshape(-1).double().cpu()
-        p_pass = p * (hi - lo) + lo
-        a_pass = actual * (hi - lo) + lo
-        test_rmse = math.sqrt(((p_pass[n_train:] - a_pass[n_train:]) ** 2).mean().item())
-        train_rmse = math.sqrt(((p_pass[:n_train] - a_pass[:n_train]) ** 2).mean().item())
-        # The first epoch carries one-off costs (allocations, lazy init); report it apart.
-        steady = tr.times[1:] if len(tr.times) > 1 else tr.times
-        s = C.summary(steady)
-        out[name] = {
-            "ms_per_epoch": {k2: (v * 1e3 if k2 != "n" else v) for k2, v in s.items()},
-            "first_epoch_ms": tr.times[0] * 1e3,
-            "total_train_s": sum(tr.times),
-            "final_train_loss": tr.losses[-1],
-            "train_rmse_passengers": train_rmse,
-            "test_rmse_passengers": test_rmse,
-            "loss_every_100": tr.losses[99::100],
-            "predictions_passengers": [round(v, 4) for v in p_pass.tolist()],
-        }
+        out[name], preds[name] = side_result(tr, x, y, n_train, lo, hi)
     r, f = sides["torch.nn"], sides["fastcells"]
     steady_r, steady_f = r.times[1:] or r.times, f.times[1:] or f.times
     out["speedup_median_epoch"] = C.summary(steady_r)["median"] / C.summary(steady_f)["median"]
@@ -176,27 +217,10 @@ def run_cell(cell: str, fastcells, args, data, progress, data64=None) -> dict:
     out["max_abs_loss_curve_diff"] = max(abs(a - b) for a, b in zip(r.losses, f.losses))
     out["loss_curves_agree_epochs"] = agree_until(r.losses, f.losses)
     if data64 is not None:
-        # Float32 noise floor of this training run: Adam at lr 0.1 for many epochs
-        # amplifies rounding differences, so compare both float32 runs with torch.nn
-        # in float64 from the same initial weights (untimed).
-        x64, y64 = data64[0], data64[1]
-        truth = Forecaster(nn_cls).to(device=device, dtype=torch.float64)
-        truth.load_state_dict({k: v.double() for k, v in init_state.items()})
-        tr64 = Trainer(truth, x64[:n_train], y64[:n_train])
-        for _ in range(args.epochs):
-            tr64.epoch(device)
-            progress.update(1)
-        truth.eval()
-        with torch.no_grad():
-            p64 = truth(x64).reshape(-1).cpu()
-        fp64 = {"final_train_loss": tr64.losses[-1],
-                "test_rmse_passengers": math.sqrt(((p64[n_train:] - y64.reshape(-1).cpu()[n_train:]) ** 2).mean().item())
-                * (hi - lo)}
-        for name in ("torch.nn", "fastcells"):
-            fp64[f"max_abs_pred_diff_passengers_{name}_float32"] = (preds[name] - p64).abs().max().item() * (hi - lo)
-            fp64[f"loss_curves_agree_epochs_{name}_float32"] = agree_until(sides[name].losses, tr64.losses)
-        out["torch_nn_float64_reference"] = fp64
-    out["target_epoch_speedup"] = TARGETS.get(cell) if device == "cpu" and args.dtype == "float32" else None
+        out["torch_nn_float64_reference"] = float64_reference(cell, fastcells, args, init_state, data64,
+                                                              n_train, lo, hi, sides, preds, progress)
+    out["target_epoch_speedup"] = (TARGETS.get(cell) if args.device == "cpu" and args.dtype == "float32"
+                                   else None)
     return out, preds
 
 
@@ -235,7 +259,8 @@ def plot(results: list[dict], preds: dict, data, path: Path, title: str) -> None
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
+    """(parser, arguments), the cells checked and expanded into args.cells."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--cell", default="lstm,gru", help="lstm, gru, rnn, all, or a comma list (default lstm,gru)")
@@ -253,11 +278,51 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.dtype == "float64":
         args.float64_reference = False
-
-    cells = CELLS if args.cell == "all" else tuple(c.strip() for c in args.cell.split(","))
-    bad = [c for c in cells if c not in CELLS]
+    args.cells = CELLS if args.cell == "all" else tuple(c.strip() for c in args.cell.split(","))
+    bad = [c for c in args.cells if c not in CELLS]
     if bad:
         ap.error(f"--cell: unknown cell {bad}; choose from lstm, gru, rnn, all")
+    return ap, args
+
+
+def summary_table(results: list[dict]) -> str:
+    """Both sides of every cell: epoch times, speed-up, loss and errors."""
+    header = ["implementation", "cell", "ms/epoch median [IQR]", "total train s", "speed-up",
+              "final train loss", "test RMSE (passengers)", "max |pred diff| (passengers)"]
+    rows = []
+    for r in results:
+        for name in ("torch.nn", "fastcells"):
+            s = r[name]
+            m = s["ms_per_epoch"]
+            rows.append([
+                name, r["cell"], f"{m['median']:.3f} [{m['p25']:.3f}-{m['p75']:.3f}]", f"{s['total_train_s']:.2f}",
+                "1.00x" if name == "torch.nn" else f"{r['speedup_median_epoch']:.2f}x",
+                f"{s['final_train_loss']:.6f}", f"{s['test_rmse_passengers']:.2f}",
+                "" if name == "torch.nn" else f"{r['max_abs_pred_diff_passengers']:.3g}",
+            ])
+    return C.md_table(header, rows)
+
+
+def print_verdicts(results: list[dict]) -> None:
+    """The float64 noise floor and the epoch targets, one line each."""
+    for r in results:
+        f64 = r.get("torch_nn_float64_reference")
+        if f64:
+            print(f"{r['cell']}: loss curves torch.nn vs fastcells agree (rtol 1e-4) for {r['loss_curves_agree_epochs']} "
+                  f"epochs; max |pred diff| vs torch.nn float64: torch.nn "
+                  f"{f64['max_abs_pred_diff_passengers_torch.nn_float32']:.3g}, fastcells "
+                  f"{f64['max_abs_pred_diff_passengers_fastcells_float32']:.3g} (thousand passengers); "
+                  f"float64 test RMSE {f64['test_rmse_passengers']:.2f}")
+    for r in results:
+        tgt = r["target_epoch_speedup"]
+        if tgt:
+            verdict = "PASS" if r["speedup_median_epoch"] >= tgt else "FAIL"
+            print(f"target {r['cell']}: epoch speed-up {r['speedup_median_epoch']:.2f}x vs >= {tgt}x -> {verdict}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
+    cells = args.cells
     fastcells, threads = C.start_training_run(ap, args)
     from tqdm import tqdm
 
@@ -276,34 +341,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
             preds[cell] = p
 
-    header = ["implementation", "cell", "ms/epoch median [IQR]", "total train s", "speed-up",
-              "final train loss", "test RMSE (passengers)", "max |pred diff| (passengers)"]
-    rows = []
-    for r in results:
-        for name in ("torch.nn", "fastcells"):
-            s = r[name]
-            m = s["ms_per_epoch"]
-            rows.append([
-                name, r["cell"], f"{m['median']:.3f} [{m['p25']:.3f}-{m['p75']:.3f}]", f"{s['total_train_s']:.2f}",
-                "1.00x" if name == "torch.nn" else f"{r['speedup_median_epoch']:.2f}x",
-                f"{s['final_train_loss']:.6f}", f"{s['test_rmse_passengers']:.2f}",
-                "" if name == "torch.nn" else f"{r['max_abs_pred_diff_passengers']:.3g}",
-            ])
-    table = C.md_table(header, rows)
+    table = summary_table(results)
     print(table)
-    for r in results:
-        f64 = r.get("torch_nn_float64_reference")
-        if f64:
-            print(f"{r['cell']}: loss curves torch.nn vs fastcells agree (rtol 1e-4) for {r['loss_curves_agree_epochs']} "
-                  f"epochs; max |pred diff| vs torch.nn float64: torch.nn "
-                  f"{f64['max_abs_pred_diff_passengers_torch.nn_float32']:.3g}, fastcells "
-                  f"{f64['max_abs_pred_diff_passengers_fastcells_float32']:.3g} (thousand passengers); "
-                  f"float64 test RMSE {f64['test_rmse_passengers']:.2f}")
-    for r in results:
-        tgt = r["target_epoch_speedup"]
-        if tgt:
-            verdict = "PASS" if r["speedup_median_epoch"] >= tgt else "FAIL"
-            print(f"target {r['cell']}: epoch speed-up {r['speedup_median_epoch']:.2f}x vs >= {tgt}x -> {verdict}")
+    print_verdicts(results)
 
     stem = f"airline_{C.device_tag(args.device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     out = {
