@@ -116,26 +116,35 @@ def evaluate(model: nn.Module, data: Data, batch: int = 256) -> tuple[dict, torc
     return {"mae_kw": err.abs().mean().item(), "rmse_kw": math.sqrt((err ** 2).mean().item())}, p, secs
 
 
-def run_config(cell: str, hidden: int, fastcells, data: Data, args, progress) -> tuple[dict, dict]:
-    dtype, device = C.dtype_of(args.dtype), args.device
-    name = {"lstm": "LSTM", "gru": "GRU"}[cell]
-    torch.manual_seed(args.seed)
-    ref = DayAhead(getattr(nn, name), data.input_size, hidden).to(device=device, dtype=dtype)
-    new = DayAhead(getattr(fastcells, name), data.input_size, hidden).to(device=device, dtype=dtype)
-    new.load_state_dict(copy.deepcopy(ref.state_dict()))
-    sides = {"torch.nn": ref, "fastcells": new}
+def batches_per_epoch(data: Data, args) -> int:
+    """Training batches per epoch: every window, or --max-batches of them."""
+    n = len(data.train_starts) // args.batch
+    return min(n, args.max_batches) if args.max_batches else n
+
+
+def timed_step(m, opt, loss_fn, x, y, device: str) -> tuple[float, float]:
+    """One training step (zero_grad, forward, loss, backward, Adam): (seconds, loss)."""
+    C.sync(device)
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    loss = loss_fn(m(x), y)
+    loss.backward()
+    opt.step()
+    C.sync(device)
+    return time.perf_counter() - t0, float(loss.detach())
+
+
+def train_sides(sides: dict, data: Data, args, progress) -> dict:
+    """--epochs epochs of both sides on the same batches, their steps alternating
+    A B / B A by batch; per side: step times, epoch times, training losses and
+    the validation metrics after each epoch."""
     opts = {k: torch.optim.Adam(m.parameters(), lr=args.lr) for k, m in sides.items()}
     loss_fn = nn.MSELoss()
-    step_times = {k: [] for k in sides}
-    epoch_times = {k: [] for k in sides}
-    train_loss = {k: [] for k in sides}
-    val_hist = {k: [] for k in sides}
+    hist = {s: {"step": [], "epoch": [], "loss": [], "val": []} for s in sides}
     gen = torch.Generator().manual_seed(args.seed)
-    n_batches = len(data.train_starts) // args.batch
-    if args.max_batches:
-        n_batches = min(n_batches, args.max_batches)
+    n_batches = batches_per_epoch(data, args)
     k = 0
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         perm = data.train_starts[torch.randperm(len(data.train_starts), generator=gen)]
         ep = {s: 0.0 for s in sides}
         ep_loss = {s: 0.0 for s in sides}
@@ -144,37 +153,42 @@ def run_config(cell: str, hidden: int, fastcells, data: Data, args, progress) ->
             order = list(sides) if k % 2 == 0 else list(sides)[::-1]
             k += 1
             for s in order:
-                m, opt = sides[s], opts[s]
-                C.sync(device)
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                loss = loss_fn(m(x), y)
-                loss.backward()
-                opt.step()
-                C.sync(device)
-                dt = time.perf_counter() - t0
-                step_times[s].append(dt)
+                dt, loss = timed_step(sides[s], opts[s], loss_fn, x, y, args.device)
+                hist[s]["step"].append(dt)
                 ep[s] += dt
-                ep_loss[s] += float(loss.detach())
+                ep_loss[s] += loss
             progress.update(1)
         for s in sides:
-            epoch_times[s].append(ep[s])
-            train_loss[s].append(ep_loss[s] / n_batches)
-            metrics, _, _ = evaluate(sides[s], data)
-            val_hist[s].append(metrics)
+            hist[s]["epoch"].append(ep[s])
+            hist[s]["loss"].append(ep_loss[s] / n_batches)
+            hist[s]["val"].append(evaluate(sides[s], data)[0])
+    return hist
 
-    out = {"cell": cell, "hidden": hidden, "batches_per_epoch": n_batches}
+
+def run_config(cell: str, hidden: int, fastcells, data: Data, args, progress) -> tuple[dict, dict]:
+    """Both sides of one cell and hidden size trained from the same weights, compared."""
+    dtype, device = C.dtype_of(args.dtype), args.device
+    name = {"lstm": "LSTM", "gru": "GRU"}[cell]
+    torch.manual_seed(args.seed)
+    ref = DayAhead(getattr(nn, name), data.input_size, hidden).to(device=device, dtype=dtype)
+    new = DayAhead(getattr(fastcells, name), data.input_size, hidden).to(device=device, dtype=dtype)
+    new.load_state_dict(copy.deepcopy(ref.state_dict()))
+    sides = {"torch.nn": ref, "fastcells": new}
+    hist = train_sides(sides, data, args, progress)
+
+    out = {"cell": cell, "hidden": hidden, "batches_per_epoch": batches_per_epoch(data, args)}
     preds = {}
     for s, m in sides.items():
         metrics, p, val_s = evaluate(m, data)
         preds[s] = p
-        st = step_times[s][1:] if len(step_times[s]) > 1 else step_times[s]
+        steps = hist[s]["step"]
+        st = steps[1:] if len(steps) > 1 else steps
         out[s] = {
-            "epoch_s": epoch_times[s],
+            "epoch_s": hist[s]["epoch"],
             "step_ms": {kk: (v * 1e3 if kk != "n" else v) for kk, v in C.summary(st).items()},
-            "first_step_ms": step_times[s][0] * 1e3,
-            "train_loss_per_epoch": train_loss[s],
-            "val_per_epoch": val_hist[s],
+            "first_step_ms": steps[0] * 1e3,
+            "train_loss_per_epoch": hist[s]["loss"],
+            "val_per_epoch": hist[s]["val"],
             "val_mae_kw": metrics["mae_kw"],
             "val_rmse_kw": metrics["rmse_kw"],
             "val_inference_s": val_s,
@@ -224,7 +238,8 @@ def plot(results, preds, data: Data, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
+    """(parser, arguments), with args.cells and args.hiddens as lists."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-batches", type=int, default=100, help="training batches per epoch (0: all)")
@@ -240,30 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=C.RESULTS)
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    cells = [c.strip() for c in args.cells.split(",")]
-    hiddens = [int(h) for h in args.hidden.split(",")]
-    if any(c not in ("lstm", "gru") for c in cells):
+    args.cells = [c.strip() for c in args.cells.split(",")]
+    args.hiddens = [int(h) for h in args.hidden.split(",")]
+    if any(c not in ("lstm", "gru") for c in args.cells):
         ap.error("--cells: choose from lstm, gru")
-    fastcells, threads = C.start_training_run(ap, args)
-    data = Data(C.dtype_of(args.dtype), args.device)
-    machine = C.machine_info(args.device)
-    print(f"electricity day-ahead | {C.machine_line(machine)} | {args.device} {args.dtype} | "
-          f"{len(data.train_starts)} train windows, {len(data.val_starts)} validation days | "
-          f"split at {data.ts.iloc[data.split]:%Y-%m-%d %H:%M}", flush=True)
-    from tqdm import tqdm
+    return ap, args
 
-    configs = [(c, h) for h in hiddens for c in cells]
-    n_batches = len(data.train_starts) // args.batch
-    if args.max_batches:
-        n_batches = min(n_batches, args.max_batches)
-    results, preds = [], {}
-    with tqdm(total=len(configs) * args.epochs * n_batches, unit="batch", file=sys.stderr, mininterval=1.0) as bar:
-        for cell, hidden in configs:
-            bar.set_description(f"{cell} H={hidden}")
-            res, p = run_config(cell, hidden, fastcells, data, args, bar)
-            results.append(res)
-            preds[(cell, hidden)] = p
 
+def summary_table(results: list[dict]) -> str:
+    """Every configuration: epoch and step times, speed-up, validation errors."""
     header = ["cell", "hidden", "torch.nn s/epoch", "fastcells s/epoch", "speed-up", "step ms nn [IQR]",
               "step ms fc [IQR]", "val MAE kW nn / fc", "val RMSE kW nn / fc", "max |pred diff| kW"]
     rows = []
@@ -275,15 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"{b['step_ms']['median']:.1f} [{b['step_ms']['p25']:.1f}-{b['step_ms']['p75']:.1f}]",
                      f"{a['val_mae_kw']:.1f} / {b['val_mae_kw']:.1f}", f"{a['val_rmse_kw']:.1f} / {b['val_rmse_kw']:.1f}",
                      f"{r['max_abs_val_pred_diff_kw']:.3g}"])
-    table = C.md_table(header, rows)
-    print(table)
-    for r in results:
-        tgt = r["target_epoch_speedup"]
-        if tgt:
-            verdict = "PASS" if r["speedup_epoch"] >= tgt else "FAIL"
-            print(f"target {r['cell']} H={r['hidden']}: epoch speed-up {r['speedup_epoch']:.2f}x vs >= {tgt:g}x "
-                  f"-> {verdict}")
+    return C.md_table(header, rows)
 
+
+def write_outputs(results, preds, table: str, data: Data, args, machine: dict, threads: int,
+                  n_batches: int) -> None:
+    """JSON, markdown and (unless --no-plot) the figure under --out."""
     stem = f"electricity_{C.device_tag(args.device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     cfg = {"lookback_h": LOOKBACK, "horizon_h": HORIZON, "input_size": data.input_size, "layers": 2,
            "batch": args.batch, "epochs": args.epochs, "batches_per_epoch": n_batches,
@@ -308,6 +305,37 @@ def main(argv: list[str] | None = None) -> int:
              f"Electricity, first validation week, day-ahead forecasts ({args.epochs} epochs x {n_batches} batches): "
              f"{C.machine_line(machine)}")
     print(f"wrote {args.out / stem}.json, .md" + ("" if args.no_plot else ", .png"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
+    fastcells, threads = C.start_training_run(ap, args)
+    data = Data(C.dtype_of(args.dtype), args.device)
+    machine = C.machine_info(args.device)
+    print(f"electricity day-ahead | {C.machine_line(machine)} | {args.device} {args.dtype} | "
+          f"{len(data.train_starts)} train windows, {len(data.val_starts)} validation days | "
+          f"split at {data.ts.iloc[data.split]:%Y-%m-%d %H:%M}", flush=True)
+    from tqdm import tqdm
+
+    configs = [(c, h) for h in args.hiddens for c in args.cells]
+    n_batches = batches_per_epoch(data, args)
+    results, preds = [], {}
+    with tqdm(total=len(configs) * args.epochs * n_batches, unit="batch", file=sys.stderr, mininterval=1.0) as bar:
+        for cell, hidden in configs:
+            bar.set_description(f"{cell} H={hidden}")
+            res, p = run_config(cell, hidden, fastcells, data, args, bar)
+            results.append(res)
+            preds[(cell, hidden)] = p
+
+    table = summary_table(results)
+    print(table)
+    for r in results:
+        tgt = r["target_epoch_speedup"]
+        if tgt:
+            verdict = "PASS" if r["speedup_epoch"] >= tgt else "FAIL"
+            print(f"target {r['cell']} H={r['hidden']}: epoch speed-up {r['speedup_epoch']:.2f}x vs >= {tgt:g}x "
+                  f"-> {verdict}")
+    write_outputs(results, preds, table, data, args, machine, threads, n_batches)
     return 0
 
 
