@@ -953,9 +953,11 @@ struct ForwardStep {
       return;
     }
     if (pt.u1 <= pt.u0) return;
-    for (int64_t g = 0; g < st.G; ++g)
-      w.w_ih_t.mm(M, w.w_ih_t.panel_at(g * st.H + pt.u0), w.w_ih_t.panel_at(g * st.H + pt.u1 - 1) + 1,
-                  xt, p.ld_x, 1, g0, GH, false, p.x_bias);
+    for (int64_t g = 0; g < st.G; ++g) {
+      const int64_t first = w.w_ih_t.panel_at(g * st.H + pt.u0);
+      const int64_t last = w.w_ih_t.panel_at(g * st.H + pt.u1 - 1);
+      w.w_ih_t.mm(M, first, last + 1, xt, p.ld_x, 1, g0, GH, false, p.x_bias);
+    }
   }
 
   // The recurrent product's operand: h_{t-1}, or h_{t-1} * m with recurrent
@@ -1045,7 +1047,8 @@ void recurrent_forward(const kernels::LayerForwardParams<T>& p, ForwardPack<T>* 
     }
     if (!pt.sync || tid == 0) {  // final states of this thread's rows (all rows: tid 0)
       std::copy(h_cur + pt.b0 * P, h_cur + pt.b1 * P, p.hy + pt.b0 * P);
-      if (st.lstm) std::copy(st.c.begin() + pt.b0 * H, st.c.begin() + pt.b1 * H, p.cy + pt.b0 * H);
+      if (st.lstm)
+        std::copy(st.c.begin() + pt.b0 * H, st.c.begin() + pt.b1 * H, p.cy + pt.b0 * H);
     }
   }, loop_key(false, work, p.T));
   w.finish();
