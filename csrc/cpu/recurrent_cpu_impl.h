@@ -921,7 +921,7 @@ struct ForwardStep {
   const Part& pt;
   StepBarrier& barrier;
 
-  void run(int t, const T* h_cur, T* h_next) const {
+  __attribute__((always_inline)) void run(int t, const T* h_cur, T* h_next) const {
     const auto& p = st.p;
     const int64_t P = st.P;
     const int64_t M = p.batch_sizes[t], row0 = p.row_offsets[t];
@@ -942,7 +942,7 @@ struct ForwardStep {
 
   // x_t W_ih^T + bias: the columns this thread's product and gates use
   // (W_ih^T in one segment per gate when the units are split, as W_hh^T).
-  void input_product(int64_t M, int64_t row0, int64_t b1) const {
+  __attribute__((always_inline)) void input_product(int64_t M, int64_t row0, int64_t b1) const {
     const auto& p = st.p;
     const int64_t GH = st.GH, b0 = pt.b0;
     const T* xt = p.x + row0 * p.ld_x;
@@ -963,7 +963,7 @@ struct ForwardStep {
   // The recurrent product's operand: h_{t-1}, or h_{t-1} * m with recurrent
   // dropout (this thread's rows, or its columns of every row, which every
   // thread's product then reads).
-  const T* operand(int64_t M, int64_t b1, const T* h_cur) const {
+  __attribute__((always_inline)) const T* operand(int64_t M, int64_t b1, const T* h_cur) const {
     const auto& p = st.p;
     if (!p.rmask) return h_cur;
     const int64_t P = st.P, r0 = pt.sync ? 0 : pt.b0, r1 = pt.sync ? M : b1;
@@ -977,7 +977,7 @@ struct ForwardStep {
   // Recurrent product of gates [g0, g1) for this thread's rows, or its units
   // of those gates; x (ld ldx) is h_{t-1} or r * h_{t-1}. GRU and the
   // LayerNorm cells take it apart (st.rec), the others onto the gates.
-  void product(int64_t M, int64_t row0, int64_t b1, int64_t g0, int64_t g1, const T* x,
+  __attribute__((always_inline)) void product(int64_t M, int64_t row0, int64_t b1, int64_t g0, int64_t g1, const T* x,
                int64_t ldx) const {
     const bool apart = st.gru || st.ln;
     const int64_t H = st.H, GH = st.GH, b0 = pt.b0;
@@ -992,7 +992,7 @@ struct ForwardStep {
 
   // All gates at once, or for the reset-before GRU r and z first, then n
   // from (r * h_{t-1}) W_hn^T.
-  void recurrent_products(int64_t M, int64_t row0, int64_t b1, const T* hx) const {
+  __attribute__((always_inline)) void recurrent_products(int64_t M, int64_t row0, int64_t b1, const T* hx) const {
     if (!st.rb) {
       product(M, row0, b1, 0, st.G, hx, st.P);
       return;
@@ -1006,7 +1006,7 @@ struct ForwardStep {
   }
 
   // h_t (after zoneout) into the output rows of this step.
-  void outputs(int64_t row0, int64_t b1, const T* h_cur, T* h_next) const {
+  __attribute__((always_inline)) void outputs(int64_t row0, int64_t b1, const T* h_cur, T* h_next) const {
     const auto& p = st.p;
     const int64_t P = st.P;
     const int64_t j0 = st.proj ? pt.c0 : pt.u0, j1 = st.proj ? pt.c1 : pt.u1;
