@@ -123,6 +123,11 @@ def device_tag(device: str) -> str:
     return f"cpu_{fastcells.cpu_isa()}"
 
 
+def result_stem(name: str, device: str, dtype: str) -> str:
+    """<name>_<device tag>, with _<dtype> unless the run is float32."""
+    return f"{name}_{device_tag(device)}" + ("" if dtype == "float32" else f"_{dtype}")
+
+
 def machine_line(m: dict) -> str:
     s = f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}"
     if m.get("cpu_isa"):
@@ -201,6 +206,21 @@ def interleaved(
 def ratio_summary(ref: Sequence[float], new: Sequence[float]) -> dict:
     """Speed-up ref/new per round (both measured in the same round), summarised."""
     return summary([a / b for a, b in zip(ref, new)])
+
+
+def pair_summary(res: dict[str, list[float]]) -> dict:
+    """torch.nn and fastcells per-round seconds (from ``interleaved``) as
+    millisecond summaries and their speed-up."""
+    return {
+        "torch.nn_ms": summary([v * 1e3 for v in res["torch.nn"]]),
+        "fastcells_ms": summary([v * 1e3 for v in res["fastcells"]]),
+        "speedup": ratio_summary(res["torch.nn"], res["fastcells"]),
+    }
+
+
+def summary_ms(seconds: Sequence[float]) -> dict:
+    """``summary`` of a sample in seconds, its values (not the count) in milliseconds."""
+    return {k: (v * 1e3 if k != "n" else v) for k, v in summary(seconds).items()}
 
 
 def module_stmts(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):

@@ -43,6 +43,7 @@ GRID_TARGET = 1.0  # never slower
 
 
 def make_pair(fastcells, cell: str, I: int, H: int, layers: int, dtype, device):
+    """torch.nn's and fastcells' module of `cell`, with the same weights."""
     return C.make_pair(fastcells, cell, I, H, device, dtype, num_layers=layers)
 
 
@@ -64,6 +65,7 @@ class FreeRNN(nn.Module):
         self.zero_grads = [torch.zeros_like(p) for p in self.params]
 
     def forward(self, x: torch.Tensor):
+        """The precomputed output, every parameter's gradient preset to zeros."""
         for p, g in zip(self.params, self.zero_grads):
             p.grad = g
         return (self.out,)
@@ -95,13 +97,10 @@ def epoch_stmt(m: nn.Module, x: torch.Tensor, y: torch.Tensor, H: int):
 
 
 def measure(stmts_ref, stmts_new, args, device) -> dict:
+    """torch.nn's and fastcells' statement timed interleaved: their times and speed-up."""
     res = C.interleaved({"torch.nn": stmts_ref, "fastcells": stmts_new}, args.repeats, args.min_run_time,
                         torch.get_num_threads(), device)
-    return {
-        "torch.nn_ms": C.summary([v * 1e3 for v in res["torch.nn"]]),
-        "fastcells_ms": C.summary([v * 1e3 for v in res["fastcells"]]),
-        "speedup": C.ratio_summary(res["torch.nn"], res["fastcells"]),
-    }
+    return C.pair_summary(res)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -133,6 +132,7 @@ class Report:
         self.device, self.dtype, self.rows = device, dtype, []
 
     def add(self, group, cell, T, B, I, H, layers, what, r, target=None):
+        """Record one measurement `r` (with its target, if judged) and print it."""
         row = {"group": group, "cell": cell, "T": T, "B": B, "I": I, "H": H, "layers": layers, "what": what, **r}
         if target is not None and self.device == "cpu" and self.dtype == "float32":
             row["target"] = target
@@ -240,31 +240,22 @@ def results(rows: list[dict], args, machine: dict, threads: int, n_tgt: int, n_f
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    fastcells = C.import_fastcells()
-    C.set_tf32(args.tf32)
-    threads = C.set_threads(args.threads)
-    dtype, device = C.dtype_of(args.dtype), args.device
-    machine = C.machine_info(device)
-    print(f"airline_speed | {C.machine_line(machine)} | {device} {args.dtype} | "
-          f"{args.repeats} rounds x blocked_autorange({args.min_run_time}s)", flush=True)
-    rep = Report(device, args.dtype)
+def measure_all(fastcells, args) -> list[dict]:
+    """Every row: the airline model for each cell, then the grid unless --skip-grid."""
+    dtype = C.dtype_of(args.dtype)
+    rep = Report(args.device, args.dtype)
     for cell in ("lstm", "gru"):
         airline_rows(fastcells, cell, args, dtype, rep)
     if not args.skip_grid:
         grid_rows(fastcells, args, dtype, rep)
-    rows = rep.rows
+    return rep.rows
 
-    table = markdown_table(rows)
-    n_fail = sum(1 for r in rows if r.get("pass") is False)
-    n_tgt = sum(1 for r in rows if "pass" in r)
-    print()
-    print(table)
-    if n_tgt:
-        print(f"targets: {n_tgt - n_fail}/{n_tgt} PASS" + (f", {n_fail} FAIL" if n_fail else ""))
 
-    stem = f"airline_speed_{C.device_tag(device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+def write_outputs(rows: list[dict], table: str, args, machine: dict, threads: int, n_tgt: int,
+                  n_fail: int) -> None:
+    """JSON and markdown under --out."""
+    device = args.device
+    stem = C.result_stem("airline_speed", device, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     C.write_json(args.out / f"{stem}.json", results(rows, args, machine, threads, n_tgt, n_fail))
     with open(args.out / f"{stem}.md", "w", encoding="utf-8") as f:
@@ -273,6 +264,27 @@ def main(argv: list[str] | None = None) -> int:
                 f"(grid) interleaved rounds of blocked_autorange; speed-up = torch.nn / fastcells.\n\n")
         f.write(table)
     print(f"wrote {args.out / (stem + '.json')} and {stem}.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every row, print the table and the targets met, write the results."""
+    args = parse_args(argv)
+    fastcells = C.import_fastcells()
+    C.set_tf32(args.tf32)
+    threads = C.set_threads(args.threads)
+    machine = C.machine_info(args.device)
+    print(f"airline_speed | {C.machine_line(machine)} | {args.device} {args.dtype} | "
+          f"{args.repeats} rounds x blocked_autorange({args.min_run_time}s)", flush=True)
+    rows = measure_all(fastcells, args)
+
+    table = markdown_table(rows)
+    n_fail = sum(1 for r in rows if r.get("pass") is False)
+    n_tgt = sum(1 for r in rows if "pass" in r)
+    print()
+    print(table)
+    if n_tgt:
+        print(f"targets: {n_tgt - n_fail}/{n_tgt} PASS" + (f", {n_fail} FAIL" if n_fail else ""))
+    write_outputs(rows, table, args, machine, threads, n_tgt, n_fail)
     return 0
 
 

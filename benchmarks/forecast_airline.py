@@ -51,7 +51,7 @@ class Forecaster(nn.Module):
         self.output = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (T, B, I) -> (T, B, 1)
+        """A prediction on every step: (T, B, I) -> (T, B, 1)."""
         y, _ = self.rnn(x)
         t, b, h = y.shape
         return self.output(y.reshape(-1, h)).view(t, b, -1)
@@ -77,6 +77,7 @@ def make_data(dtype: torch.dtype, device: str):
 
 
 def rnn_classes(fastcells, cell: str) -> tuple[type, type]:
+    """torch.nn's and fastcells' module class of `cell`."""
     name = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[cell]
     return getattr(nn, name), getattr(fastcells, name)
 
@@ -93,6 +94,7 @@ class Trainer:
         self.losses: list[float] = []
 
     def epoch(self, device: str) -> None:
+        """One training step on the whole training set, its wall time and loss recorded."""
         t0 = time.perf_counter()
         self.opt.zero_grad()
         pred = self.model(self.x)
@@ -156,9 +158,8 @@ def side_result(tr, x, y, n_train: int, lo: float, hi: float) -> tuple[dict, tor
     train_rmse = math.sqrt(((p_pass[:n_train] - a_pass[:n_train]) ** 2).mean().item())
     # The first epoch carries one-off costs (allocations, lazy init); report it apart.
     steady = tr.times[1:] if len(tr.times) > 1 else tr.times
-    s = C.summary(steady)
     return {
-        "ms_per_epoch": {k2: (v * 1e3 if k2 != "n" else v) for k2, v in s.items()},
+        "ms_per_epoch": C.summary_ms(steady),
         "first_epoch_ms": tr.times[0] * 1e3,
         "total_train_s": sum(tr.times),
         "final_train_loss": tr.losses[-1],
@@ -195,7 +196,7 @@ def float64_reference(cell: str, fastcells, args, init_state, data64, n_train: i
     return fp64
 
 
-def run_cell(cell: str, fastcells, args, data, progress, data64=None) -> dict:
+def run_cell(cell: str, fastcells, args, data, progress, data64=None) -> tuple[dict, dict]:
     """Both sides of one cell trained from the same weights, compared."""
     x, y, n_train, lo, hi = data
     ref, new, init_state = models_with_same_weights(cell, fastcells, args)
@@ -225,6 +226,7 @@ def run_cell(cell: str, fastcells, args, data, progress, data64=None) -> dict:
 
 
 def plot(results: list[dict], preds: dict, data, path: Path, title: str) -> None:
+    """Actual, fitted and forecast passengers of both sides, a panel per cell."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,32 +322,26 @@ def print_verdicts(results: list[dict]) -> None:
             print(f"target {r['cell']}: epoch speed-up {r['speedup_median_epoch']:.2f}x vs >= {tgt}x -> {verdict}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap, args = parse_args(argv)
-    cells = args.cells
-    fastcells, threads = C.start_training_run(ap, args)
+def train_cells(fastcells, args, data) -> tuple[list[dict], dict]:
+    """Every cell in turn, with the float64 reference unless it is off: (results, predictions by cell)."""
     from tqdm import tqdm
-
-    data = make_data(C.dtype_of(args.dtype), args.device)
-    machine = C.machine_info(args.device)
-    print(f"airline forecaster | {C.machine_line(machine)} | {args.device} {args.dtype} | "
-          f"X {tuple(data[0].shape)}, train {data[2]} steps | {args.epochs} epochs", flush=True)
 
     results, preds = [], {}
     data64 = make_data(torch.float64, args.device) if args.float64_reference else None
-    with tqdm(total=(3 if data64 else 2) * args.epochs * len(cells), unit="epoch", file=sys.stderr,
+    with tqdm(total=(3 if data64 else 2) * args.epochs * len(args.cells), unit="epoch", file=sys.stderr,
               disable=args.no_progress, mininterval=0.5) as progress:
-        for cell in cells:
+        for cell in args.cells:
             progress.set_description(cell)
             res, p = run_cell(cell, fastcells, args, data, progress, data64)
             results.append(res)
             preds[cell] = p
+    return results, preds
 
-    table = summary_table(results)
-    print(table)
-    print_verdicts(results)
 
-    stem = f"airline_{C.device_tag(args.device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+def write_outputs(results: list[dict], preds: dict, table: str, data, args, machine: dict,
+                  threads: int) -> None:
+    """JSON and (unless --no-plot) the figure under --out."""
+    stem = C.result_stem("airline", args.device, args.dtype)
     out = {
         "benchmark": "forecast_airline",
         "machine": machine,
@@ -353,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             "epochs": args.epochs, "look_back": LOOK_BACK, "hidden": HIDDEN, "layers": LAYERS, "lr": LR,
             "optimizer": "Adam", "loss": "MSELoss", "x_shape": list(data[0].shape), "n_train": data[2],
             "n_test": data[0].shape[0] - data[2], "device": args.device, "dtype": args.dtype, "threads": threads,
-            "seed": args.seed, "interleave_chunk_epochs": args.chunk, "cells": list(cells),
+            "seed": args.seed, "interleave_chunk_epochs": args.chunk, "cells": list(args.cells),
             "timing": "wall time per epoch (zero_grad, forward, loss, backward, Adam step); "
                       "first epoch excluded from the median and reported apart",
         },
@@ -367,6 +363,22 @@ def main(argv: list[str] | None = None) -> int:
              f"Airline passengers, 2-layer hidden-{HIDDEN} nets, {args.epochs} epochs, "
              f"{args.device} {args.dtype}: {C.machine_line(machine)}")
     print(f"wrote {args.out / (stem + '.json')}" + ("" if args.no_plot else f" and {stem}.png"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train both sides of every cell, print the comparison and the targets, write the results."""
+    ap, args = parse_args(argv)
+    fastcells, threads = C.start_training_run(ap, args)
+    data = make_data(C.dtype_of(args.dtype), args.device)
+    machine = C.machine_info(args.device)
+    print(f"airline forecaster | {C.machine_line(machine)} | {args.device} {args.dtype} | "
+          f"X {tuple(data[0].shape)}, train {data[2]} steps | {args.epochs} epochs", flush=True)
+    results, preds = train_cells(fastcells, args, data)
+
+    table = summary_table(results)
+    print(table)
+    print_verdicts(results)
+    write_outputs(results, preds, table, data, args, machine, threads)
     return 0
 
 

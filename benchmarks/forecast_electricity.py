@@ -53,7 +53,7 @@ class DayAhead(nn.Module):
         self.head = nn.Linear(hidden, HORIZON)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (T, B, I) -> (B, 24)
+        """The next 24 hours from the last step's state: (T, B, I) -> (B, 24)."""
         y, _ = self.rnn(x)
         return self.head(y[-1])
 
@@ -165,6 +165,25 @@ def train_sides(sides: dict, data: Data, args, progress) -> dict:
     return hist
 
 
+def side_result(m: nn.Module, hist: dict, data: Data) -> tuple[dict, torch.Tensor]:
+    """One side's epoch and step times, losses and validation errors, and its
+    validation forecasts (kW)."""
+    metrics, p, val_s = evaluate(m, data)
+    steps = hist["step"]
+    # The first step carries one-off costs (allocations, lazy init); report it apart.
+    st = steps[1:] if len(steps) > 1 else steps
+    return {
+        "epoch_s": hist["epoch"],
+        "step_ms": C.summary_ms(st),
+        "first_step_ms": steps[0] * 1e3,
+        "train_loss_per_epoch": hist["loss"],
+        "val_per_epoch": hist["val"],
+        "val_mae_kw": metrics["mae_kw"],
+        "val_rmse_kw": metrics["rmse_kw"],
+        "val_inference_s": val_s,
+    }, p
+
+
 def run_config(cell: str, hidden: int, fastcells, data: Data, args, progress) -> tuple[dict, dict]:
     """Both sides of one cell and hidden size trained from the same weights, compared."""
     dtype, device = C.dtype_of(args.dtype), args.device
@@ -179,20 +198,7 @@ def run_config(cell: str, hidden: int, fastcells, data: Data, args, progress) ->
     out = {"cell": cell, "hidden": hidden, "batches_per_epoch": batches_per_epoch(data, args)}
     preds = {}
     for s, m in sides.items():
-        metrics, p, val_s = evaluate(m, data)
-        preds[s] = p
-        steps = hist[s]["step"]
-        st = steps[1:] if len(steps) > 1 else steps
-        out[s] = {
-            "epoch_s": hist[s]["epoch"],
-            "step_ms": {kk: (v * 1e3 if kk != "n" else v) for kk, v in C.summary(st).items()},
-            "first_step_ms": steps[0] * 1e3,
-            "train_loss_per_epoch": hist[s]["loss"],
-            "val_per_epoch": hist[s]["val"],
-            "val_mae_kw": metrics["mae_kw"],
-            "val_rmse_kw": metrics["rmse_kw"],
-            "val_inference_s": val_s,
-        }
+        out[s], preds[s] = side_result(m, hist[s], data)
     r, f = out["torch.nn"], out["fastcells"]
     out["speedup_epoch"] = sum(r["epoch_s"]) / sum(f["epoch_s"])
     out["speedup_epoch_per_epoch"] = [a / b for a, b in zip(r["epoch_s"], f["epoch_s"])]
@@ -204,6 +210,7 @@ def run_config(cell: str, hidden: int, fastcells, data: Data, args, progress) ->
 
 
 def plot(results, preds, data: Data, path: Path, title: str) -> None:
+    """The first validation week's forecasts of both sides against the actual load, a panel per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,7 +288,7 @@ def summary_table(results: list[dict]) -> str:
 def write_outputs(results, preds, table: str, data: Data, args, machine: dict, threads: int,
                   n_batches: int) -> None:
     """JSON, markdown and (unless --no-plot) the figure under --out."""
-    stem = f"electricity_{C.device_tag(args.device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    stem = C.result_stem("electricity", args.device, args.dtype)
     cfg = {"lookback_h": LOOKBACK, "horizon_h": HORIZON, "input_size": data.input_size, "layers": 2,
            "batch": args.batch, "epochs": args.epochs, "batches_per_epoch": n_batches,
            "train_windows": len(data.train_starts), "val_forecasts": len(data.val_starts), "lr": args.lr,
@@ -307,18 +314,11 @@ def write_outputs(results, preds, table: str, data: Data, args, machine: dict, t
     print(f"wrote {args.out / stem}.json, .md" + ("" if args.no_plot else ", .png"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap, args = parse_args(argv)
-    fastcells, threads = C.start_training_run(ap, args)
-    data = Data(C.dtype_of(args.dtype), args.device)
-    machine = C.machine_info(args.device)
-    print(f"electricity day-ahead | {C.machine_line(machine)} | {args.device} {args.dtype} | "
-          f"{len(data.train_starts)} train windows, {len(data.val_starts)} validation days | "
-          f"split at {data.ts.iloc[data.split]:%Y-%m-%d %H:%M}", flush=True)
+def train_configs(fastcells, data: Data, args, n_batches: int) -> tuple[list[dict], dict]:
+    """Every (cell, hidden) in turn: (results, validation forecasts by configuration)."""
     from tqdm import tqdm
 
     configs = [(c, h) for h in args.hiddens for c in args.cells]
-    n_batches = batches_per_epoch(data, args)
     results, preds = [], {}
     with tqdm(total=len(configs) * args.epochs * n_batches, unit="batch", file=sys.stderr, mininterval=1.0) as bar:
         for cell, hidden in configs:
@@ -326,15 +326,34 @@ def main(argv: list[str] | None = None) -> int:
             res, p = run_config(cell, hidden, fastcells, data, args, bar)
             results.append(res)
             preds[(cell, hidden)] = p
+    return results, preds
 
-    table = summary_table(results)
-    print(table)
+
+def print_verdicts(results: list[dict]) -> None:
+    """The epoch speed-up targets, one line each."""
     for r in results:
         tgt = r["target_epoch_speedup"]
         if tgt:
             verdict = "PASS" if r["speedup_epoch"] >= tgt else "FAIL"
             print(f"target {r['cell']} H={r['hidden']}: epoch speed-up {r['speedup_epoch']:.2f}x vs >= {tgt:g}x "
                   f"-> {verdict}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train both sides of every configuration, print the comparison and the targets, write the results."""
+    ap, args = parse_args(argv)
+    fastcells, threads = C.start_training_run(ap, args)
+    data = Data(C.dtype_of(args.dtype), args.device)
+    machine = C.machine_info(args.device)
+    print(f"electricity day-ahead | {C.machine_line(machine)} | {args.device} {args.dtype} | "
+          f"{len(data.train_starts)} train windows, {len(data.val_starts)} validation days | "
+          f"split at {data.ts.iloc[data.split]:%Y-%m-%d %H:%M}", flush=True)
+    n_batches = batches_per_epoch(data, args)
+    results, preds = train_configs(fastcells, data, args, n_batches)
+
+    table = summary_table(results)
+    print(table)
+    print_verdicts(results)
     write_outputs(results, preds, table, data, args, machine, threads, n_batches)
     return 0
 

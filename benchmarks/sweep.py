@@ -48,10 +48,12 @@ FORECAST_MAX_H = 256  # the "forecasting regime" of the issue's target
 
 
 def point(T, B, I, H, layers=1, bidir=False, dtype="float32", block="A"):
+    """One shape of the grid, with the block (table) it belongs to."""
     return {"T": T, "B": B, "I": I, "H": H, "layers": layers, "bidirectional": bidir, "dtype": dtype, "block": block}
 
 
 def grid(name: str) -> list[dict]:
+    """The shapes of grid `name` (standard, quick or full), in measurement order."""
     if name == "quick":
         return [point(112, B, 16, H) for B in (1, 64) for H in (16, 128)]
     if name == "full":
@@ -78,15 +80,18 @@ def grid(name: str) -> list[dict]:
 
 
 def make_pair(fastcells, cell, p, device):
+    """torch.nn's and fastcells' module of `cell` at shape `p`, with the same weights."""
     return C.make_pair(fastcells, cell, p["I"], p["H"], device, C.dtype_of(p["dtype"]),
                        num_layers=p["layers"], bidirectional=p["bidirectional"])
 
 
 def stmts_for(m, x, g):
+    """The module's statements to time, by mode."""
     return dict(zip(("fwd", "fwd+bwd"), C.module_stmts(m, x, g)))
 
 
 def label(p) -> str:
+    """A shape as the tables show it: T,B,I,H, then L<layers> and bi where they apply."""
     s = f"{p['T']},{p['B']},{p['I']},{p['H']}"
     if p["layers"] > 1:
         s += f" L{p['layers']}"
@@ -95,7 +100,30 @@ def label(p) -> str:
     return s
 
 
+def heat_panel(ax, sel: list[dict], cell: str, mode: str, Bs: list[int], Hs: list[int], norm):
+    """One cell and mode of the heat map: log2 speed-up over B x H, each square labelled."""
+    import numpy as np
+
+    grid_ = np.full((len(Bs), len(Hs)), np.nan)
+    for r in sel:
+        if r["cell"] == cell and r["mode"] == mode:
+            grid_[Bs.index(r["B"]), Hs.index(r["H"])] = r["speedup"]["median"]
+    im = ax.imshow(np.log2(grid_), cmap="RdBu", norm=norm, aspect="auto")
+    for a in range(len(Bs)):
+        for b in range(len(Hs)):
+            if np.isfinite(grid_[a, b]):
+                v = grid_[a, b]
+                ax.text(b, a, f"{v:.1f}" if v >= 1 else f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(Hs)), [str(h) for h in Hs], fontsize=7)
+    ax.set_yticks(range(len(Bs)), [str(b) for b in Bs], fontsize=7)
+    ax.set_xlabel("H", fontsize=8)
+    ax.set_ylabel("B", fontsize=8)
+    ax.set_title(f"{cell.upper()} {mode}", fontsize=9)
+    return im
+
+
 def heatmap(rows, path: Path, title: str) -> None:
+    """The float32 heat-map block's speed-ups as a figure, a panel per cell and mode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,22 +145,7 @@ def heatmap(rows, path: Path, title: str) -> None:
     im = None
     for i, mode in enumerate(MODES):
         for j, cell in enumerate(cells):
-            ax = axes[i, j]
-            grid_ = np.full((len(Bs), len(Hs)), np.nan)
-            for r in sel:
-                if r["cell"] == cell and r["mode"] == mode:
-                    grid_[Bs.index(r["B"]), Hs.index(r["H"])] = r["speedup"]["median"]
-            im = ax.imshow(np.log2(grid_), cmap="RdBu", norm=norm, aspect="auto")
-            for a in range(len(Bs)):
-                for b in range(len(Hs)):
-                    if np.isfinite(grid_[a, b]):
-                        v = grid_[a, b]
-                        ax.text(b, a, f"{v:.1f}" if v >= 1 else f"{v:.2f}", ha="center", va="center", fontsize=7)
-            ax.set_xticks(range(len(Hs)), [str(h) for h in Hs], fontsize=7)
-            ax.set_yticks(range(len(Bs)), [str(b) for b in Bs], fontsize=7)
-            ax.set_xlabel("H", fontsize=8)
-            ax.set_ylabel("B", fontsize=8)
-            ax.set_title(f"{cell.upper()} {mode}", fontsize=9)
+            im = heat_panel(axes[i, j], sel, cell, mode, Bs, Hs, norm)
     cbar = fig.colorbar(im, ax=axes, shrink=0.8)
     ticks = [t for t in range(-int(lim), int(lim) + 1)]
     cbar.set_ticks(ticks, labels=[f"{2.0 ** t:g}x" for t in ticks])
@@ -199,11 +212,7 @@ def measure_shape(fastcells, p: dict, args, threads: int, bar) -> list[dict]:
         for mode in MODES:
             res = C.interleaved({"torch.nn": s_ref[mode], "fastcells": s_new[mode]}, args.repeats,
                                 args.min_run_time, threads, device)
-            row = {**p, "cell": cell, "mode": mode,
-                   "torch.nn_ms": C.summary([v * 1e3 for v in res["torch.nn"]]),
-                   "fastcells_ms": C.summary([v * 1e3 for v in res["fastcells"]]),
-                   "speedup": C.ratio_summary(res["torch.nn"], res["fastcells"]),
-                   "max_abs_output_diff": diff}
+            row = {**p, "cell": cell, "mode": mode, **C.pair_summary(res), "max_abs_output_diff": diff}
             rows.append(row)
             bar.set_description(f"{cell} {label(p)} {p['dtype']} {mode}: x{row['speedup']['median']:.2f}")
             bar.update(1)
@@ -300,7 +309,49 @@ def markdown(rows: list[dict], geo: dict, slower: list[dict], args, machine: dic
     return "".join(md)
 
 
+def verdict(slower_forecast: list[dict], skipped: int) -> str:
+    """PASS or FAIL on the forecasting regime; no PASS for an incomplete grid."""
+    if skipped and not slower_forecast:
+        return "incomplete grid, no verdict"
+    return "PASS" if not slower_forecast else "FAIL"
+
+
+def results(rows: list[dict], geo: dict, slower: list[dict], slower_forecast: list[dict], args,
+            machine: dict, threads: int, elapsed: float, n_points: int, skipped: int) -> dict:
+    """The JSON record: machine, configuration and method, geometric means, slower points, rows."""
+    device = args.device
+    return {
+        "benchmark": "sweep",
+        "machine": machine,
+        "config": {"grid": args.grid, "device": device, "threads": threads, "repeats": args.repeats,
+                   "min_run_time_s": args.min_run_time, "cells": list(args.cells), "elapsed_s": elapsed,
+                   "shapes_total": n_points, "shapes_not_measured": skipped,
+                   "layout": "(T, B, I), batch_first=False",
+                   "method": "torch.utils.benchmark.Timer.blocked_autorange medians; torch.nn and fastcells "
+                             "alternate A B / B A each round; speed-up = torch.nn / fastcells per round",
+                   "reference": "torch.nn on CUDA (cuDNN)" if device == "cuda" else "torch.nn on CPU"},
+        "geomean_speedup": geo,
+        "slower_than_torch_nn": [{"cell": r["cell"], "shape": label(r), "dtype": r["dtype"], "mode": r["mode"],
+                                  "speedup": r["speedup"]["median"]} for r in slower],
+        "forecast_regime_pass": (not slower_forecast) if not skipped else (False if slower_forecast else None),
+        "rows": rows,
+    }
+
+
+def write_outputs(out: dict, md_text: str, args, machine: dict, elapsed: float) -> None:
+    """JSON, markdown and heat map under --out, named by --name or the device and grid."""
+    device = args.device
+    stem = args.name or (f"sweep_{C.device_tag(device)}" + ("_quick" if args.grid == "quick" else ""))
+    args.out.mkdir(parents=True, exist_ok=True)
+    C.write_json(args.out / f"{stem}.json", out)
+    (args.out / f"{stem}.md").write_text(md_text, encoding="utf-8")
+    heatmap(out["rows"], args.out / f"{stem}_heatmap.png",
+            f"fastcells speed-up over torch.nn, T=112, I=16, 1 layer, float32 ({device}): {C.machine_line(machine)}")
+    print(f"wrote {args.out / stem}.json, .md, _heatmap.png ({elapsed / 60:.1f} min)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Measure the grid, print the tables and the verdict, write the results."""
     args = parse_args(argv)
     fastcells = C.import_fastcells()
     C.set_tf32(args.tf32)
@@ -321,35 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     md_text = markdown(rows, geo, slower, args, machine, elapsed, len(pts), skipped)
     print()
     print(md_text)
-    verdict = "PASS" if not slower_forecast else "FAIL"
-    if skipped and not slower_forecast:
-        verdict = "incomplete grid, no verdict"
     print(f"forecasting regime (float32, H <= {FORECAST_MAX_H}): {len(slower_forecast)} point(s) slower than "
-          f"torch.nn -> {verdict}")
-
-    stem = args.name or (f"sweep_{C.device_tag(device)}" + ("_quick" if args.grid == "quick" else ""))
-    out = {
-        "benchmark": "sweep",
-        "machine": machine,
-        "config": {"grid": args.grid, "device": device, "threads": threads, "repeats": args.repeats,
-                   "min_run_time_s": args.min_run_time, "cells": list(args.cells), "elapsed_s": elapsed,
-                   "shapes_total": len(pts), "shapes_not_measured": skipped,
-                   "layout": "(T, B, I), batch_first=False",
-                   "method": "torch.utils.benchmark.Timer.blocked_autorange medians; torch.nn and fastcells "
-                             "alternate A B / B A each round; speed-up = torch.nn / fastcells per round",
-                   "reference": "torch.nn on CUDA (cuDNN)" if device == "cuda" else "torch.nn on CPU"},
-        "geomean_speedup": geo,
-        "slower_than_torch_nn": [{"cell": r["cell"], "shape": label(r), "dtype": r["dtype"], "mode": r["mode"],
-                                  "speedup": r["speedup"]["median"]} for r in slower],
-        "forecast_regime_pass": (not slower_forecast) if not skipped else (False if slower_forecast else None),
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    C.write_json(args.out / f"{stem}.json", out)
-    (args.out / f"{stem}.md").write_text(md_text, encoding="utf-8")
-    heatmap(rows, args.out / f"{stem}_heatmap.png",
-            f"fastcells speed-up over torch.nn, T=112, I=16, 1 layer, float32 ({device}): {C.machine_line(machine)}")
-    print(f"wrote {args.out / stem}.json, .md, _heatmap.png ({elapsed / 60:.1f} min)")
+          f"torch.nn -> {verdict(slower_forecast, skipped)}")
+    out = results(rows, geo, slower, slower_forecast, args, machine, threads, elapsed, len(pts), skipped)
+    write_outputs(out, md_text, args, machine, elapsed)
     return 0
 
 
